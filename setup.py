@@ -1,0 +1,23 @@
+from setuptools import find_packages, setup
+
+# torch and megatron-core are pinned and installed by tools/install.sh (megatron-core 0.19.2
+# must be installed with --ignore-requires-python on Python 3.11, which setup.py cannot express).
+setup(
+    name="megatron_ntp",
+    version="0.1.0",
+    description="Pretraining with a generalized (shaped) next-token loss on megatron-core",
+    packages=find_packages(include=["megatron_ntp", "megatron_ntp.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "torch==2.13.0",
+        "numpy<3",
+        "pyyaml",
+        "sentencepiece",
+        "tokenizers",
+        "matplotlib",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-timeout"],
+    },
+    entry_points={"console_scripts": ["megatron-ntp=megatron_ntp.cli:main"]},
+)
