@@ -175,7 +175,7 @@ def _check_options(opts: PreprocessOptions) -> None:
 class _Progress:
     """Progress lines: documents, tokens, tokens/s, bytes read and an ETA from bytes read."""
 
-    def __init__(self, interval: int, total_bytes: int, stream=sys.stderr) -> None:
+    def __init__(self, interval: int, total_bytes: int, stream) -> None:
         self.interval, self.total_bytes, self.stream = interval, max(total_bytes, 1), stream
         self.start = time.perf_counter()
         self.next_at = interval
@@ -234,8 +234,10 @@ def _sigterm_as_exception(signum, frame):
     raise Interrupted(f"received signal {signum}")
 
 
-def preprocess(opts: PreprocessOptions, stream=sys.stderr) -> PreprocessSummary:
+def preprocess(opts: PreprocessOptions, stream=None) -> PreprocessSummary:
     """Run the conversion; returns the summary (also written beside the output).
+
+    Progress lines go to ``stream`` (default: sys.stderr).
 
     Raises the first error (FileNotFoundError, PermissionError, ValueError, BadInputError with
     --strict, KeyboardInterrupt, Interrupted) after removing partial output and writing the
@@ -273,7 +275,7 @@ def preprocess(opts: PreprocessOptions, stream=sys.stderr) -> PreprocessSummary:
         for key in opts.json_keys:
             writers.append(_Writer(opts.output_prefix, key, dtype))
         total_bytes = sum(os.path.getsize(p) for p in inputs)
-        progress = _Progress(opts.log_interval, total_bytes, stream)
+        progress = _Progress(opts.log_interval, total_bytes, stream or sys.stderr)
         chunks = jsonl.iter_chunks(inputs, opts.chunk_bytes)
         results = _results_in_order(opts, chunks, tokenizer.encoder_spec, encode_options)
         for chunk, result in results:
