@@ -1,0 +1,88 @@
+"""The top-k set K, found without sorting whole rows, the same at every tensor-parallel size.
+
+Tie rule: tokens are ranked by (logit descending, global token id ascending). This is a total
+order, so K (its first min(k, V) tokens) is unique and does not depend on the sharding.
+K is described by a per-token threshold (kth_value, kth_index): token j is in K iff
+    z_j > kth_value  or  (z_j == kth_value and j <= kth_index),
+so membership can be recomputed elementwise anywhere without storing a [N, V] mask.
+
+Selection on one shard (no full sort, no topk over the whole row):
+  1. block maxima: the row cut into blocks of BLOCK tokens, one max per block (one cheap pass);
+  2. the k best blocks under the same total order on (block max, block id); they contain the
+     shard's top k tokens: a token outside them is beaten by the best token of each of the k
+     chosen blocks (greater value, or equal value and lower id since blocks are contiguous);
+  3. the top k among those k * BLOCK candidates.
+Across shards, the global top k lies within the union of the shards' top k, which are
+all-gathered (k values and ids per rank and token: O(k * TP) communication).
+"""
+
+import torch
+
+BLOCK = 32
+
+
+def kth_threshold(values: torch.Tensor, ids: torch.Tensor, k: int):
+    """Threshold of the first k entries of each row under the total order.
+
+    Args:
+        values: [N, C] candidate logits, each row in ascending id order.
+        ids: [N, C] (or broadcastable) ids of the candidates, ascending along each row.
+        k: 1 <= k <= C.
+    Returns:
+        kth_value [N], kth_index [N]: the k-th entry's logit and id.
+    """
+    kth_value = torch.kthvalue(values, values.shape[-1] - k + 1, dim=-1).values
+    above = values > kth_value[:, None]
+    ties = values == kth_value[:, None]
+    ties_needed = k - above.sum(-1)  # >= 1: the lowest-id ties complete K
+    last_tie = ties & (ties.cumsum(-1) == ties_needed[:, None])
+    position = last_tie.to(torch.uint8).argmax(-1, keepdim=True)
+    return kth_value, ids.expand_as(values).gather(-1, position).squeeze(-1)
+
+
+def is_member(values, ids, kth_value, kth_index):
+    """Membership in K for entries (values, ids) given the [N] threshold."""
+    kth_value, kth_index = kth_value[:, None], kth_index[:, None]
+    return (values > kth_value) | ((values == kth_value) & (ids <= kth_index))
+
+
+def _select(values: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, k] positions (ascending) of each row's first k entries under the total order."""
+    kth_value, kth_index = kth_threshold(values, ids, k)
+    member = is_member(values, ids, kth_value, kth_index)
+    positions = member.nonzero()[:, 1]
+    if positions.numel() != values.shape[0] * k:
+        raise FloatingPointError("the shaped loss got NaN logits: the top-k set is undefined")
+    return positions.view(values.shape[0], k)
+
+
+def shard_topk(logits: torch.Tensor, k: int):
+    """The shard's own top min(k, V_local) tokens under the total order.
+
+    Args:
+        logits: [N, V_local] (float32 or float64).
+        k: >= 1.
+    Returns:
+        values [N, k'] and local ids [N, k'] (ascending), k' = min(k, V_local).
+    """
+    n, vocab = logits.shape
+    k = min(k, vocab)
+    if 2 * k * BLOCK >= vocab:  # small shard: select over the whole row
+        ids = torch.arange(vocab, device=logits.device)
+        positions = _select(logits, ids[None, :], k)
+        return logits.gather(-1, positions), positions
+
+    full = vocab // BLOCK
+    block_max = logits[:, : full * BLOCK].view(n, full, BLOCK).amax(-1)  # [N, full]
+    if full * BLOCK < vocab:  # a shorter last block
+        block_max = torch.cat([block_max, logits[:, full * BLOCK :].amax(-1, keepdim=True)], -1)
+    block_ids = torch.arange(block_max.shape[1], device=logits.device)
+    blocks = _select(block_max, block_ids[None, :], k)  # [N, k] ascending
+    offsets = torch.arange(BLOCK, device=logits.device)
+    candidate_ids = (blocks[:, :, None] * BLOCK + offsets).view(n, k * BLOCK)  # ascending
+    in_range = candidate_ids < vocab  # the last block may be short
+    candidates = logits.gather(-1, candidate_ids.clamp(max=vocab - 1))
+    # Out-of-range slots get -inf and ids >= vocab: they rank after every real token.
+    candidates = candidates.masked_fill(~in_range, float("-inf"))
+    positions = _select(candidates, candidate_ids, k)
+    return candidates.gather(-1, positions), candidate_ids.gather(-1, positions)

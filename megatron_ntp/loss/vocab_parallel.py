@@ -1,0 +1,173 @@
+"""The shaped loss over a vocabulary sharded across tensor-parallel ranks.
+
+Rank r of the tensor-parallel group holds logits for the contiguous global ids
+[r * V_local, (r + 1) * V_local) (megatron-core's convention). Stages:
+
+  forward  1. shard top-k (megatron_ntp/loss/topk.py), then ONE all-gather of k (value, id)
+              pairs per token and rank -> global max m and the global K threshold;
+              with k = 0, ONE all-reduce(MAX) of the row maxima instead.
+           2. pass 1 over the shard (megatron_ntp/loss/passes.py) -> [N, 4] sums, plus the
+              target logit; ONE all-reduce(SUM) of these [N, 5] values.
+           3. per-token algebra (megatron_ntp/loss/token_terms.py) -> loss, stats, W.
+           4. pass 2 writes the gradient p * W - w, the only thing kept for backward.
+  backward no collectives: the kept gradient is scaled by the incoming per-token gradient.
+
+Communication per token: k * TP value/id pairs + 5 values, never O(V).
+"""
+
+import torch
+import torch.distributed as dist
+
+from megatron_ntp.loss import passes
+from megatron_ntp.loss.config import ShapedLossConfig
+from megatron_ntp.loss.token_terms import TokenTerms, combine_token_sums
+from megatron_ntp.loss.topk import is_member, kth_threshold, shard_topk
+
+
+def _group_rank_size(tp_group):
+    if tp_group is None:
+        return 0, 1
+    return dist.get_rank(tp_group), dist.get_world_size(tp_group)
+
+
+def _all_gather_rows(tensor: torch.Tensor, tp_group, world: int) -> torch.Tensor:
+    """[N, C, ...] on each rank -> [N, world * C, ...], rank-major along dim 1."""
+    if world == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(parts, tensor.contiguous(), group=tp_group)
+    return torch.cat(parts, dim=1)
+
+
+def _all_reduce(tensor: torch.Tensor, op, tp_group, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(tensor, op=op, group=tp_group)
+    return tensor
+
+
+class ShardForward:
+    """Forward stages 1-3 on one logits shard; also used chunk by chunk by the fused path.
+
+    Attributes after construction (N = tokens):
+        terms: TokenTerms of [N] tensors (global over the vocabulary).
+        kth_value, kth_local_index: [N] threshold of K in this shard's local ids.
+        target_local: [N] target id local to this shard; target_here: [N] bool, target in shard.
+    """
+
+    def __init__(self, logits: torch.Tensor, target: torch.Tensor, cfg: ShapedLossConfig, tp_group):
+        # logits: [N, V_local] float32/float64; target: [N] int64 global ids
+        rank, world = _group_rank_size(tp_group)
+        vocab_local = logits.shape[-1]
+        vocab_start = rank * vocab_local
+        valid = (target >= 0) & (target < vocab_local * world)
+
+        if cfg.topk > 0:
+            values, local_ids = shard_topk(logits, cfg.topk)  # [N, k']
+            # values and ids travel together as float64 (exact for fp32 values and ids < 2**53)
+            packed = torch.stack([values.double(), (local_ids + vocab_start).double()], dim=-1)
+            gathered = _all_gather_rows(packed, tp_group, world)  # [N, world * k', 2]
+            candidates = gathered[..., 0].to(logits.dtype)
+            candidate_ids = gathered[..., 1].long()
+            logit_max = candidates.amax(-1)
+            k = min(cfg.topk, candidates.shape[-1])
+            kth_value, kth_index = kth_threshold(candidates, candidate_ids, k)
+        else:  # K is empty
+            logit_max = _all_reduce(logits.amax(-1), dist.ReduceOp.MAX, tp_group, world)
+            kth_value = torch.full_like(logit_max, float("inf"))
+            kth_index = torch.full_like(target, -1)
+
+        self.kth_value = kth_value
+        self.kth_local_index = kth_index - vocab_start
+        self.target_local = target - vocab_start
+        self.target_here = valid & (self.target_local >= 0) & (self.target_local < vocab_local)
+        safe_local = torch.where(self.target_here, self.target_local, 0)[:, None]
+        target_logit = torch.where(self.target_here, logits.gather(-1, safe_local)[:, 0], 0.0)
+
+        sums = passes.token_sums(logits, logit_max, self.kth_value, self.kth_local_index)
+        sums = torch.cat([sums, target_logit[:, None]], dim=-1)  # [N, 5]
+        sums = _all_reduce(sums, dist.ReduceOp.SUM, tp_group, world)
+        target_in_topk = is_member(sums[:, 4:], target[:, None], kth_value, kth_index)[:, 0]
+        self.terms: TokenTerms = combine_token_sums(cfg, logit_max, sums, target_in_topk, valid)
+
+    def gradient(self, logits: torch.Tensor, inplace: bool) -> torch.Tensor:
+        """[N, V_local] d loss / d logits for this shard (stage 4); into `logits` if inplace."""
+        grad = passes.gradient(logits, self.terms, self.kth_value, self.kth_local_index, inplace)
+        rows = self.target_here.nonzero()[:, 0]
+        grad[rows, self.target_local[rows]] = self.terms.target_grad[rows]
+        return grad
+
+
+def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """bf16/fp16/fp32 logits are computed in fp32; float64 in float64 (for gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_inputs(logits: torch.Tensor, target: torch.Tensor, what: str = "logits"):
+    if not logits.is_floating_point():
+        raise TypeError(f"{what} must be a floating-point tensor, got dtype {logits.dtype}")
+    if target.dtype != torch.int64:
+        raise TypeError(f"target must be int64 token ids, got dtype {target.dtype}")
+    if tuple(target.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"target shape {tuple(target.shape)} must equal {what} shape without its last "
+            f"dimension, {tuple(logits.shape[:-1])}"
+        )
+
+
+class _VocabParallelShapedLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, cfg, tp_group, overwrite_logits):
+        shard = logits.reshape(-1, logits.shape[-1]).to(compute_dtype_for(logits.dtype))
+        # A converted (or reshaped) copy is ours, so the gradient may be written into it.
+        owned = shard.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr()
+        fwd = ShardForward(shard, target.reshape(-1), cfg, tp_group)
+        ctx.grad = fwd.gradient(shard, inplace=owned or overwrite_logits)  # [N, V_local]
+        ctx.logits_shape, ctx.logits_dtype = logits.shape, logits.dtype
+        terms = fwd.terms
+        outputs = [t.view(target.shape) for t in (terms.loss, terms.ce, terms.entropy, terms.topk_mass)]
+        ctx.mark_non_differentiable(*outputs[1:])
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused_stat_grads):
+        grad = ctx.grad
+        if grad is None:
+            raise RuntimeError("backward through vocab_parallel_shaped_loss twice is not supported")
+        ctx.grad = None
+        grad.mul_(grad_loss.reshape(-1, 1).to(grad.dtype))
+        return grad.view(ctx.logits_shape).to(ctx.logits_dtype), None, None, None, None
+
+
+def vocab_parallel_shaped_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    cfg: ShapedLossConfig,
+    tp_group=None,
+    *,
+    overwrite_logits: bool = False,
+):
+    """Per-token shaped loss on a vocabulary-parallel logits shard.
+
+    Args:
+        logits: [..., V_local], this rank's contiguous vocabulary shard (rank r holds global ids
+            [r * V_local, (r + 1) * V_local)); the whole vocabulary when tp_group is None.
+            bf16/fp16 are computed in fp32, float64 in float64.
+        target: [...] int64 global token ids; ids outside [0, V) (e.g. -100) are ignored:
+            loss 0, gradient 0, stats 0.
+        cfg: the knobs (ShapedLossConfig).
+        tp_group: the tensor-parallel process group, or None.
+        overwrite_logits: write the gradient into the logits' storage (float32/float64 logits),
+            as megatron-core's cross-entropy does, saving one [N, V_local] buffer. The caller
+            must not read the logits afterwards. Lower-precision logits are always upcast into
+            a fresh buffer, which is reused for the gradient.
+    Returns:
+        loss: [...] surrogate loss (float32, or float64), whose backward is p * W - w.
+        stats: {"ce", "entropy", "topk_mass"} as [...] tensors from the same reductions.
+    Collectives (tp_group of size > 1): forward one all-gather of [N, k, 2] (or one
+    all-reduce(MAX) of [N] when topk == 0) and one all-reduce(SUM) of [N, 5]; backward none.
+    """
+    check_inputs(logits, target)
+    loss, ce, entropy, topk_mass = _VocabParallelShapedLoss.apply(
+        logits, target, cfg, tp_group, overwrite_logits
+    )
+    return loss, {"ce": ce, "entropy": entropy, "topk_mass": topk_mass}
