@@ -47,7 +47,8 @@ class DataConfig:
     """Stop attention across end-of-document tokens inside a sample."""
 
     eod_mask_loss: bool = False
-    """Give no loss to predictions whose label is the end-of-document token."""
+    """No loss where the input token is the end-of-document token, i.e. on predicting the next
+    document's first token across the boundary (megatron-core masks by input token, not label)."""
 
     def __post_init__(self) -> None:
         self.validate()

@@ -204,6 +204,26 @@ def test_failure_midway_leaves_no_output(error, workers, small_corpus, spm_model
     assert summary["outputs"] == {} and "stop" in summary["error"]
 
 
+def test_sigterm_unwinds_like_ctrl_c(small_corpus, spm_model, tmp_path, monkeypatch):
+    """SIGTERM (Slurm's cancel) raises Interrupted in the main process: same cleanup."""
+    import signal
+
+    original_add = preprocess_module._Writer.add
+
+    def add_then_terminate(self, tokens, lengths):
+        original_add(self, tokens, lengths)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(preprocess_module._Writer, "add", add_then_terminate)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(preprocess_module.Interrupted):
+        preprocess(options([small_corpus], tmp_path / "out", spm_model, workers=2,
+                           chunk_bytes=8192))
+    assert signal.getsignal(signal.SIGTERM) is handler_before  # restored
+    assert leftover_outputs(tmp_path) == []
+    assert json.loads(open(summary_path(str(tmp_path / "out"))).read())["status"] == "interrupted"
+
+
 def test_failure_keeps_previous_output_intact(small_corpus, spm_model, tmp_path, monkeypatch):
     preprocess(options([small_corpus], tmp_path / "out", spm_model))
     paths = output_paths(str(tmp_path / "out"), "text")
@@ -272,3 +292,37 @@ def test_cli(small_corpus, spm_model, tmp_path, capsys):
         f.write(b"{broken\n")
     assert main(argv[:1] + [str(tmp_path / "bad.jsonl")] + argv[2:] + ["--strict"]) == 1
     assert f"bad.jsonl:301: not_json" in capsys.readouterr().err
+
+
+def test_ctrl_c_on_the_tool_leaves_no_output(spm_model, tmp_path):
+    """SIGINT to the whole process group (what Ctrl-C does) while workers run: exit 130, and
+    neither final nor temporary .bin/.idx files remain."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from megatron_ntp.data.sample_corpus import write_sample_corpus
+
+    corpus = tmp_path / "big.jsonl"
+    write_sample_corpus(str(corpus), max_bytes=3_000_000)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(root, "tools", "preprocess_data.py"), "--input",
+         str(corpus), "--output-prefix", str(tmp_path / "out"), "--tokenizer-type",
+         "sentencepiece", "--tokenizer-model", spm_model, "--workers", "2",
+         "--chunk-bytes", "4096"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # Wait for the temporary .bin (created once setup is done, just before encoding starts).
+    deadline = time.monotonic() + 120
+    while not any(".bin.tmp" in n for n in os.listdir(tmp_path)):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert leftover_outputs(tmp_path) == []
+    assert json.loads(open(summary_path(str(tmp_path / "out"))).read())["status"] == "interrupted"
