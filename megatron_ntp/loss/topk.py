@@ -21,39 +21,55 @@ import torch
 BLOCK = 32
 
 
-def kth_threshold(values: torch.Tensor, ids: torch.Tensor, k: int):
-    """Threshold of the first k entries of each row under the total order.
+def _first_k_exact(values: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, k] ascending positions of the first k entries, ties resolved by a running count."""
+    kth_value = torch.topk(values, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    above = values > kth_value
+    ties = values == kth_value
+    ties_needed = k - above.sum(-1, keepdim=True)  # >= 1: the lowest-id ties complete K
+    member = above | (ties & (ties.cumsum(-1) <= ties_needed))
+    positions = member.nonzero()[:, 1]
+    if positions.numel() != values.shape[0] * k:
+        raise FloatingPointError("the shaped loss got NaN logits: the top-k set is undefined")
+    return positions.view(values.shape[0], k)
+
+
+def select_first_k(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of each row's first k entries under the total order.
 
     Args:
-        values: [N, C] candidate logits, each row in ascending id order.
-        ids: [N, C] (or broadcastable) ids of the candidates, ascending along each row.
+        values: [N, C] with ids ascending along each row (so position order is id order).
         k: 1 <= k <= C.
     Returns:
-        kth_value [N], kth_index [N]: the k-th entry's logit and id.
+        [N, k] positions, ascending.
+    torch.topk is exact except for which of several entries equal to the k-th value it keeps;
+    only rows where it had to choose among such ties are redone with the exact tie rule.
     """
-    kth_value = torch.kthvalue(values, values.shape[-1] - k + 1, dim=-1).values
-    above = values > kth_value[:, None]
-    ties = values == kth_value[:, None]
-    ties_needed = k - above.sum(-1)  # >= 1: the lowest-id ties complete K
-    last_tie = ties & (ties.cumsum(-1) == ties_needed[:, None])
-    position = last_tie.to(torch.uint8).argmax(-1, keepdim=True)
-    return kth_value, ids.expand_as(values).gather(-1, position).squeeze(-1)
+    top_values, positions = torch.topk(values, k, dim=-1, sorted=False)
+    kth_value = top_values.amin(-1, keepdim=True)
+    ambiguous = (values == kth_value).sum(-1) > (top_values == kth_value).sum(-1)
+    if ambiguous.any():
+        rows = ambiguous.nonzero()[:, 0]
+        positions[rows] = _first_k_exact(values[rows], k)
+    return positions.sort(-1).values
+
+
+def kth_threshold(values: torch.Tensor, ids: torch.Tensor, k: int):
+    """Threshold (kth_value [N], kth_index [N]) of the first k entries under the total order.
+
+    values [N, C] and ids [N, C] with ids ascending along each row; 1 <= k <= C.
+    """
+    positions = select_first_k(values, k)
+    top_values, top_ids = values.gather(-1, positions), ids.gather(-1, positions)
+    kth_value = top_values.amin(-1)
+    kth_index = torch.where(top_values == kth_value[:, None], top_ids, -1).amax(-1)
+    return kth_value, kth_index
 
 
 def is_member(values, ids, kth_value, kth_index):
     """Membership in K for entries (values, ids) given the [N] threshold."""
     kth_value, kth_index = kth_value[:, None], kth_index[:, None]
     return (values > kth_value) | ((values == kth_value) & (ids <= kth_index))
-
-
-def _select(values: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
-    """[N, k] positions (ascending) of each row's first k entries under the total order."""
-    kth_value, kth_index = kth_threshold(values, ids, k)
-    member = is_member(values, ids, kth_value, kth_index)
-    positions = member.nonzero()[:, 1]
-    if positions.numel() != values.shape[0] * k:
-        raise FloatingPointError("the shaped loss got NaN logits: the top-k set is undefined")
-    return positions.view(values.shape[0], k)
 
 
 def shard_topk(logits: torch.Tensor, k: int):
@@ -68,21 +84,19 @@ def shard_topk(logits: torch.Tensor, k: int):
     n, vocab = logits.shape
     k = min(k, vocab)
     if 2 * k * BLOCK >= vocab:  # small shard: select over the whole row
-        ids = torch.arange(vocab, device=logits.device)
-        positions = _select(logits, ids[None, :], k)
+        positions = select_first_k(logits, k)
         return logits.gather(-1, positions), positions
 
     full = vocab // BLOCK
     block_max = logits[:, : full * BLOCK].view(n, full, BLOCK).amax(-1)  # [N, full]
     if full * BLOCK < vocab:  # a shorter last block
         block_max = torch.cat([block_max, logits[:, full * BLOCK :].amax(-1, keepdim=True)], -1)
-    block_ids = torch.arange(block_max.shape[1], device=logits.device)
-    blocks = _select(block_max, block_ids[None, :], k)  # [N, k] ascending
+    blocks = select_first_k(block_max, k)  # [N, k] ascending
     offsets = torch.arange(BLOCK, device=logits.device)
     candidate_ids = (blocks[:, :, None] * BLOCK + offsets).view(n, k * BLOCK)  # ascending
     in_range = candidate_ids < vocab  # the last block may be short
     candidates = logits.gather(-1, candidate_ids.clamp(max=vocab - 1))
     # Out-of-range slots get -inf and ids >= vocab: they rank after every real token.
     candidates = candidates.masked_fill(~in_range, float("-inf"))
-    positions = _select(candidates, candidate_ids, k)
+    positions = select_first_k(candidates, k)
     return candidates.gather(-1, positions), candidate_ids.gather(-1, positions)
