@@ -5,7 +5,8 @@ Submodules are imported on first use, because megatron-core's import costs about
 sample corpus and config need none of it:
 
 - ``DataConfig`` (config): the data section of the config tree.
-- ``build_datasets`` (datasets): train/valid/test GPTDatasets from a DataConfig.
+- ``build_datasets``, ``build_tokenizer_from_config`` (datasets): train/valid/test GPTDatasets
+  and the tokenizer from a DataConfig.
 - ``build_tokenizer`` (tokenizer): sentencepiece or tokenizer.json as a megatron-core tokenizer.
 - ``preprocess``, ``PreprocessOptions`` (preprocess): JSONL -> .bin/.idx.
 - ``train_sentencepiece`` (train_tokenizer): a sentencepiece BPE model from JSONL.
@@ -18,6 +19,7 @@ _EXPORTS = {
     "DataConfig": "config",
     "parse_blend": "config",
     "build_datasets": "datasets",
+    "build_tokenizer_from_config": "datasets",
     "build_tokenizer": "tokenizer",
     "preprocess": "preprocess",
     "PreprocessOptions": "preprocess",

@@ -31,6 +31,16 @@ def _check_prefixes(prefixes: List[str]) -> None:
                     f"(looked for {path}); run tools/preprocess_data.py first")
 
 
+def build_tokenizer_from_config(cfg: DataConfig):
+    """The tokenizer named by ``cfg.tokenizer_type`` and ``cfg.tokenizer_model``."""
+    from megatron_ntp.data.tokenizer import build_tokenizer
+
+    if not cfg.tokenizer_model:
+        raise ValueError(f"data.tokenizer_model is not set (data.tokenizer_type is "
+                         f"{cfg.tokenizer_type!r}); name the tokenizer model file")
+    return build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model)
+
+
 def gpt_dataset_config(cfg: DataConfig, tokenizer) -> GPTDatasetConfig:
     """The GPTDatasetConfig for ``cfg`` (the tokenizer gives vocab_size, eod, pad, identifiers)."""
     cfg.validate()

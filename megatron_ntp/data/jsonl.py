@@ -28,7 +28,7 @@ BAD_REASONS = (
     "not_object",      # valid JSON, but not an object ({...})
     "missing_key",     # the object lacks a --json-keys key
     "not_string",      # the key's value is not a string (null, number, list, ...)
-    "empty_document",  # the text encodes to zero tokens ("" or only whitespace)
+    "empty_document",  # the text is "" or only whitespace, or encodes to zero tokens
 )
 
 
@@ -193,6 +193,11 @@ def _parse_lines(lines: List[bytes], keys: Tuple[str, ...], first_of_file: bool)
             # JSON may spell an unpaired surrogate as "\ud800"; it has no UTF-8 form.
             if b"\\u" in line and _has_lone_surrogate(value):
                 problem = ("invalid_utf8", key, "an unpaired surrogate escape (\\ud800-\\udfff)")
+                break
+            # Checked on the text, not only on the tokens: a tokenizer that adds a BOS would
+            # otherwise turn "" into a one-token document.
+            if not value.strip():
+                problem = ("empty_document", key, "empty text" if not value else "only whitespace")
                 break
             values.append(value)
         if problem:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_ntp.data.config import DataConfig
-from megatron_ntp.data.datasets import build_datasets
+from megatron_ntp.data.datasets import build_datasets, build_tokenizer_from_config
 from megatron_ntp.data.preprocess import PreprocessOptions, preprocess
 
 SEQ = 32
@@ -92,6 +92,14 @@ def test_reset_position_ids(two_prefixes, spm_model, spm_tokenizer, tmp_path):
             assert sample["position_ids"][end + 1] == 0
             assert sample["attention_mask"][0, end + 1, end]  # True: masked, a new document
     assert found
+
+
+def test_tokenizer_from_config(two_prefixes, spm_model, spm_tokenizer, tmp_path):
+    tokenizer = build_tokenizer_from_config(config(two_prefixes, tmp_path, spm_model))
+    assert tokenizer.unique_identifiers == spm_tokenizer.unique_identifiers
+    assert tokenizer.tokenize("some text") == spm_tokenizer.tokenize("some text")
+    with pytest.raises(ValueError, match="data.tokenizer_model is not set"):
+        build_tokenizer_from_config(DataConfig())
 
 
 def test_errors(two_prefixes, spm_model, spm_tokenizer, tmp_path):

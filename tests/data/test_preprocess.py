@@ -84,8 +84,10 @@ BAD_LINES = {
     "not_string": b'{"text": null}\n',
     "empty_document": b'{"text": ""}\n',
     "whitespace_document": b'{"text": " \\n\\t "}\n',
+    "zero_token_document": b'{"text": "\\u200b\\u007f"}\n',  # sentencepiece drops both
 }
-REASON = {"surrogate": "invalid_utf8", "whitespace_document": "empty_document"}
+REASON = {"surrogate": "invalid_utf8", "whitespace_document": "empty_document",
+          "zero_token_document": "empty_document"}
 GOOD = b'{"text": "A good document about files."}\n'
 
 
