@@ -8,7 +8,13 @@ Public API:
 """
 
 from megatron_ntp.loss.config import ShapedLossConfig
+from megatron_ntp.loss.fused import fused_linear_shaped_loss
 from megatron_ntp.loss.reference import reference_shaped_loss
 from megatron_ntp.loss.vocab_parallel import vocab_parallel_shaped_loss
 
-__all__ = ["ShapedLossConfig", "reference_shaped_loss", "vocab_parallel_shaped_loss"]
+__all__ = [
+    "ShapedLossConfig",
+    "fused_linear_shaped_loss",
+    "reference_shaped_loss",
+    "vocab_parallel_shaped_loss",
+]
