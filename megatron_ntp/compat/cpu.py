@@ -1,0 +1,289 @@
+"""Every CPU workaround for megatron-core 0.19.x, in one place.
+
+megatron-core assumes CUDA: it calls torch.cuda.* unconditionally, hard-codes device="cuda",
+asserts tensor type names such as 'torch.cuda.FloatTensor', and hands tensors to collectives
+that NCCL accepts but gloo rejects. `apply_cpu_patches()` makes the code paths this project
+uses (GPTModel with the local spec, TP/PP/EP/SP, MoE dispatchers, pipeline schedules, DDP and
+the distributed optimizer) run on CPU torch with gloo. Each patch names the megatron-core
+function it answers and is kept as narrow as the call site allows.
+
+The patches are applied only when CUDA is absent; on a GPU machine `apply_cpu_patches()` does
+nothing, so the GPU path is megatron-core unmodified. Nothing else in the project should know
+about these patches: call `apply_cpu_patches()` (megatron_ntp.parallel does) before building a
+model and forget about it.
+"""
+
+import contextlib
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_applied = False
+
+
+def cpu_patches_applied() -> bool:
+    """True once `apply_cpu_patches()` has patched this process."""
+    return _applied
+
+
+def apply_cpu_patches() -> bool:
+    """Patch megatron-core (and torch.cuda) for CPU-only torch; idempotent.
+
+    Returns True when the patches are active in this process, False when CUDA is available
+    (then nothing is touched, not even an import of megatron-core).
+    """
+    global _applied
+    if torch.cuda.is_available():
+        return False
+    if _applied:
+        return True
+    _patch_torch_cuda_queries()
+    _patch_streams_and_events()
+    _patch_rng_tracker()
+    _patch_torch_norm_for_sequence_parallel()
+    _patch_alltoall_split_sizes()
+    _patch_uneven_first_dim_collectives()
+    _enter_cuda_to_cpu_mode()
+    _applied = True
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.cuda.current_device / synchronize
+# ---------------------------------------------------------------------------------------------
+def _patch_torch_cuda_queries():
+    # About 130 megatron-core sites allocate with `device=torch.cuda.current_device()`
+    # (e.g. utils.GlobalMemoryBuffer.get_tensor used by DotProductAttention,
+    # tensor_parallel/mappings.py _gather_along_first_dim, distributed/param_and_grad_buffer.py).
+    # A device string works wherever an index would, so answer "cpu".
+    torch.cuda.current_device = lambda: "cpu"
+    # pipeline_parallel/schedules.py, optimizer/distrib_optimizer.py and the MoE dispatchers
+    # synchronize around timers and DtoH copies; there is nothing to wait for on CPU.
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+
+
+# ---------------------------------------------------------------------------------------------
+# Streams and events
+# ---------------------------------------------------------------------------------------------
+class _FakeEvent:
+    """Stands in for torch.cuda.Event: CPU work is already ordered, so every wait is a no-op."""
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def wait(self, *args, **kwargs):
+        pass
+
+    def query(self):
+        return True
+
+
+class _FakeStream:
+    """Stands in for torch.cuda.Stream (one stream: the CPU executes in program order)."""
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return _FakeEvent()
+
+    def synchronize(self):
+        pass
+
+
+def _patch_streams_and_events():
+    # transformer/moe/token_dispatcher.py MoEAlltoAllTokenDispatcher.__init__ creates
+    # torch.cuda.Stream() and records events around its DtoH copies of split sizes;
+    # pipeline_parallel/schedules.py and distributed/ use current_stream()/stream(...).
+    stream = _FakeStream()
+    torch.cuda.Stream = lambda *args, **kwargs: stream
+    torch.cuda.current_stream = lambda *args, **kwargs: stream
+    torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
+    torch.cuda.Event = lambda *args, **kwargs: _FakeEvent()
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG tracker on the CPU generator
+# ---------------------------------------------------------------------------------------------
+def _patch_rng_tracker():
+    # tensor_parallel/random.py: CudaRNGStatesTracker.add() seeds and reads the CUDA generator
+    # (torch.cuda.get_rng_state), and fork() swaps CUDA generator states. On CPU the generator
+    # that dropout and CPU initialisation draw from is the CPU default generator, so the tracker
+    # keeps CPU generator states instead. initialize_rng_tracker() (called by
+    # model_parallel_cuda_manual_seed) instantiates the module-level name CudaRNGStatesTracker,
+    # so rebinding that name installs the CPU tracker for every later seed call.
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    cuda_tracker_cls = mcore_random.CudaRNGStatesTracker
+    default_name = mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME
+
+    class CPURNGStatesTracker(cuda_tracker_cls):
+        """CudaRNGStatesTracker with the same API, forking the CPU default generator."""
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name=default_name):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            outer_state = torch.get_rng_state()
+            outer_name = self._current_state_name
+            if outer_name != "default-rng":
+                self.states_[outer_name] = outer_state
+            torch.set_rng_state(self.states_[name])
+            self._current_state_name = name
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                if outer_name != "default-rng":
+                    outer_state = self.states_[outer_name]
+                torch.set_rng_state(outer_state)
+                self._current_state_name = outer_name
+
+    mcore_random.CudaRNGStatesTracker = CPURNGStatesTracker
+    # A tracker created before the patch (e.g. by an earlier import-time call) is replaced too.
+    mcore_random.initialize_rng_tracker(force_reset=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequence parallelism with the torch norm of the local spec
+# ---------------------------------------------------------------------------------------------
+def _patch_torch_norm_for_sequence_parallel():
+    # transformer/torch_norm.py WrappedTorchNorm.__new__ asserts `not config.sequence_parallel`
+    # because torch's norm does not tag its weights. The norm itself is the same with SP (it
+    # normalises each token independently); what SP needs is that its weight gradients, computed
+    # on a sequence shard, are summed over the TP group. distributed/finalize_model_grads.py
+    # _allreduce_layernorm_grads does that for parameters with `sequence_parallel = True`, which
+    # is what Apex/TE norms set. So: build with SP off, then tag the parameters.
+    from megatron.core.transformer import torch_norm
+
+    original_new = torch_norm.WrappedTorchNorm.__new__
+
+    def new_with_sequence_parallel(cls, config, hidden_size, eps=1e-5, *args, **kwargs):
+        sequence_parallel = config.sequence_parallel
+        config.sequence_parallel = False
+        try:
+            norm = original_new(cls, config, hidden_size, eps, *args, **kwargs)
+        finally:
+            config.sequence_parallel = sequence_parallel
+        for param in norm.parameters():
+            param.sequence_parallel = sequence_parallel
+        return norm
+
+    torch_norm.WrappedTorchNorm.__new__ = new_with_sequence_parallel
+
+
+# ---------------------------------------------------------------------------------------------
+# Alltoall MoE dispatcher: split sizes for gloo
+# ---------------------------------------------------------------------------------------------
+def _patch_alltoall_split_sizes():
+    # transformer/moe/token_dispatcher.py MoEAlltoAllTokenDispatcher.preprocess passes its split
+    # sizes through moe_utils.maybe_move_tensor_to_cpu(as_numpy=True), which converts only CUDA
+    # tensors. On CPU a torch tensor then reaches dist.all_to_all_single(input_split_sizes=...),
+    # which gloo rejects (TypeError): convert CPU tensors to numpy too when asked for numpy.
+    from megatron.core.transformer.moe import token_dispatcher
+
+    original = token_dispatcher.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
+# ---------------------------------------------------------------------------------------------
+# Uneven all-gather / reduce-scatter along the first dimension on gloo
+# ---------------------------------------------------------------------------------------------
+def _patch_uneven_first_dim_collectives():
+    # tensor_parallel/mappings.py _gather_along_first_dim / _reduce_scatter_along_first_dim with
+    # output/input_split_sizes (used by the alltoall dispatcher when the expert-TP group has more
+    # than one rank) call all_gather / reduce_scatter on differently sized tensors; gloo supports
+    # neither. Only the uneven case is rerouted: pad to the largest split and all-gather, or
+    # all-reduce the whole tensor and keep this rank's slice. The even case is untouched.
+    from megatron.core.tensor_parallel import mappings
+
+    original_gather = mappings._gather_along_first_dim
+    original_reduce_scatter = mappings._reduce_scatter_along_first_dim
+
+    def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return original_gather(input_, group, output_split_sizes, use_global_buffer)
+        longest = max(output_split_sizes)
+        padded = input_.new_zeros((longest,) + tuple(input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        gathered = [torch.empty_like(padded) for _ in range(group.size())]
+        torch.distributed.all_gather(gathered, padded, group=group)
+        return torch.cat([g[:n] for g, n in zip(gathered, output_split_sizes)], dim=0)
+
+    def _reduce_scatter_along_first_dim(
+        input_, group, input_split_sizes=None, use_global_buffer=False
+    ):
+        if input_split_sizes is None or group.size() == 1:
+            return original_reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        summed = input_.clone().contiguous()
+        torch.distributed.all_reduce(summed, group=group)
+        return torch.split(summed, list(input_split_sizes), dim=0)[group.rank()].contiguous()
+
+    mappings._gather_along_first_dim = _gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = _reduce_scatter_along_first_dim
+
+
+# ---------------------------------------------------------------------------------------------
+# Hard-coded device="cuda", .cuda(), and tensor type names
+# ---------------------------------------------------------------------------------------------
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments to CPU for every torch call made while it is active.
+
+    Answers about 60 hard-coded `device="cuda"` / `.cuda()` sites, e.g.
+    pipeline_parallel/schedules.py forward_backward_no_pipelining
+    (torch.zeros([], dtype=torch.int, device="cuda")), optimizer/clip_grads.py
+    (torch.tensor([0.0], device="cuda")), distributed/param_and_grad_buffer.py.
+    Costs a Python call per torch function (measured ~3.5% of a tiny model's step).
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # optimizer/clip_grads.py clip_grad_by_total_norm_fp32 asserts
+            # grad.type() == 'torch.cuda.FloatTensor'; optimizer/optimizer.py
+            # Float16OptimizerWithFloat16Params and optimizer/distrib_optimizer.py branch on
+            # 'torch.cuda.{Half,BFloat16,Float}Tensor' and raise on anything else. Only the
+            # no-argument form (the type-name query) is answered with the CUDA name.
+            name = func(*args)
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu") + tuple(args[2:])
+        return func(*args, **kwargs)
+
+
+def _enter_cuda_to_cpu_mode():
+    # Entered once and never exited: the hard-coded sites are spread over the whole training
+    # step (schedules, DDP buffers, optimizer), so a scoped context would have to wrap the
+    # caller's entire program anyway.
+    _CudaToCpuMode().__enter__()

@@ -1,0 +1,213 @@
+"""Cross-field checks of a config, run before any process group starts.
+
+validate_config() resolves what is derived (the data-parallel size, the step count) and
+raises one ConfigError listing every problem found; each line names the fields and their
+values, so a bad launch fails in seconds on the login node instead of minutes into a job.
+"""
+
+import dataclasses
+import math
+import os
+
+from megatron_ntp.config.load import ConfigError, suggestion
+from megatron_ntp.config.schema import Config, KnobSchedule
+from megatron_ntp.loss import ShapedLossConfig
+from megatron_ntp.models.counting import padded_vocab_size
+
+TRANSFORMER_IMPLS = ("local", "transformer_engine")
+FP8_FORMATS = ("", "e4m3", "hybrid")
+FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
+DISPATCHERS = ("alltoall", "allgather")
+LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
+RECOMPUTE = ("none", "selective", "full")
+DECAY_STYLES = ("linear", "cosine", "minus_sqrt")
+# Loss knobs that may follow a schedule: the real-valued fields of ShapedLossConfig.
+SCHEDULABLE_KNOBS = tuple(f.name for f in dataclasses.fields(ShapedLossConfig) if f.type in (float, "float"))
+
+
+def validate_config(config: Config, world_size: int | None = None) -> Config:
+    """Check `config` and return it with derived fields filled in.
+
+    world_size: the number of ranks (default: $WORLD_SIZE when set). It derives
+    parallel.data = world_size / (tensor * pipeline) when parallel.data is 0, and must agree
+    with it otherwise. Without either, the data-parallel size is taken as 1.
+    """
+    errors: list[str] = []
+    if world_size is None and os.environ.get("WORLD_SIZE"):
+        world_size = int(os.environ["WORLD_SIZE"])
+    config = _resolve_data_parallel(config, world_size, errors)
+    _check_model(config, errors)
+    _check_parallel(config, errors)
+    config = _check_train(config, errors)
+    _check_loss_schedule(config, errors)
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    return config
+
+
+def _positive(errors, **named):
+    for name, value in named.items():
+        if value <= 0:
+            errors.append(f"{name.replace('__', '.')}={value} must be positive")
+
+
+def _choice(errors, name, value, allowed):
+    if value not in allowed:
+        errors.append(f"{name}={value!r} must be one of {', '.join(map(repr, allowed))}")
+
+
+def _resolve_data_parallel(config: Config, world_size, errors) -> Config:
+    p = config.parallel
+    _positive(errors, parallel__tensor=p.tensor, parallel__pipeline=p.pipeline,
+              parallel__virtual_pipeline=p.virtual_pipeline, parallel__expert=p.expert,
+              parallel__expert_tensor=p.expert_tensor)
+    if p.data < 0:
+        errors.append(f"parallel.data={p.data} must be positive (or 0 = derived)")
+    if errors:
+        return config
+    model_parallel = p.tensor * p.pipeline
+    data = p.data
+    if world_size is not None:
+        if world_size % model_parallel:
+            errors.append(f"world size {world_size} must be a multiple of parallel.tensor * "
+                          f"parallel.pipeline = {p.tensor} * {p.pipeline} = {model_parallel}")
+            return config
+        derived = world_size // model_parallel
+        if data and data != derived:
+            errors.append(f"parallel.data={data} disagrees with world size {world_size} / "
+                          f"(parallel.tensor * parallel.pipeline = {model_parallel}) = {derived}")
+        data = derived
+    return dataclasses.replace(config, parallel=dataclasses.replace(p, data=data or 1))
+
+
+def _check_model(config: Config, errors):
+    m = config.model
+    _positive(errors, model__num_layers=m.num_layers, model__hidden_size=m.hidden_size,
+              model__num_attention_heads=m.num_attention_heads,
+              model__num_query_groups=m.num_query_groups, model__kv_channels=m.kv_channels,
+              model__vocab_size=m.vocab_size,
+              model__make_vocab_size_divisible_by=m.make_vocab_size_divisible_by)
+    if m.num_query_groups > 0 and m.num_attention_heads % m.num_query_groups:
+        errors.append(f"model.num_query_groups={m.num_query_groups} must divide "
+                      f"model.num_attention_heads={m.num_attention_heads}")
+    if m.num_experts < 0:
+        errors.append(f"model.num_experts={m.num_experts} must be >= 0 (0 = dense)")
+    if m.num_experts > 0:
+        _positive(errors, model__moe_ffn_hidden_size=m.moe_ffn_hidden_size,
+                  model__moe_router_topk=m.moe_router_topk)
+        if m.moe_router_topk > m.num_experts:
+            errors.append(f"model.moe_router_topk={m.moe_router_topk} must be <= "
+                          f"model.num_experts={m.num_experts}")
+        _choice(errors, "model.moe_token_dispatcher", m.moe_token_dispatcher, DISPATCHERS)
+        _choice(errors, "model.moe_load_balancing", m.moe_load_balancing, LOAD_BALANCING)
+    else:
+        _positive(errors, model__ffn_hidden_size=m.ffn_hidden_size)
+    _choice(errors, "model.transformer_impl", m.transformer_impl, TRANSFORMER_IMPLS)
+    _choice(errors, "model.fp8", m.fp8, FP8_FORMATS)
+    _choice(errors, "model.fp8_recipe", m.fp8_recipe, FP8_RECIPES)
+    if m.fp8 and m.transformer_impl != "transformer_engine":
+        errors.append(f"model.fp8={m.fp8!r} needs model.transformer_impl='transformer_engine' "
+                      f"(got {m.transformer_impl!r})")
+
+
+def _check_parallel(config: Config, errors):
+    m, p = config.model, config.parallel
+    sizes = (m.num_attention_heads, m.num_query_groups, m.num_layers, m.vocab_size,
+             m.make_vocab_size_divisible_by, p.tensor, p.pipeline, p.virtual_pipeline,
+             p.expert, p.expert_tensor, p.data)
+    if min(sizes) <= 0:  # reported already; the divisibility checks below need positive sizes
+        return
+    for name, value in (("num_attention_heads", m.num_attention_heads),
+                        ("num_query_groups", m.num_query_groups)):
+        if value % p.tensor:
+            errors.append(f"parallel.tensor={p.tensor} must divide model.{name}={value}")
+    if m.num_experts == 0 and m.ffn_hidden_size % p.tensor:
+        errors.append(f"parallel.tensor={p.tensor} must divide "
+                      f"model.ffn_hidden_size={m.ffn_hidden_size}")
+    padded = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, p.tensor)
+    if padded % p.tensor:  # holds by construction; kept as the stated invariant
+        errors.append(f"parallel.tensor={p.tensor} must divide the padded vocabulary {padded}")
+    chunks = p.pipeline * p.virtual_pipeline
+    if m.num_layers % chunks:
+        errors.append(f"model.num_layers={m.num_layers} must be a multiple of parallel.pipeline "
+                      f"* parallel.virtual_pipeline = {p.pipeline} * {p.virtual_pipeline}")
+    if p.virtual_pipeline > 1 and p.pipeline == 1:
+        errors.append(f"parallel.virtual_pipeline={p.virtual_pipeline} needs parallel.pipeline > 1")
+    if p.expert > 1 or p.expert_tensor > 1:
+        if m.num_experts == 0:
+            errors.append(f"parallel.expert={p.expert} / parallel.expert_tensor={p.expert_tensor}"
+                          f" need an MoE model (model.num_experts=0)")
+        elif m.num_experts % p.expert:
+            errors.append(f"parallel.expert={p.expert} must divide "
+                          f"model.num_experts={m.num_experts}")
+        # megatron-core forms expert groups inside each pipeline stage's tensor*data ranks.
+        if (p.tensor * p.data) % (p.expert * p.expert_tensor):
+            errors.append(f"parallel.expert * parallel.expert_tensor = {p.expert} * "
+                          f"{p.expert_tensor} must divide parallel.tensor * parallel.data = "
+                          f"{p.tensor} * {p.data}")
+    if m.num_experts and p.expert_tensor > 1 and m.moe_ffn_hidden_size % p.expert_tensor:
+        errors.append(f"parallel.expert_tensor={p.expert_tensor} must divide "
+                      f"model.moe_ffn_hidden_size={m.moe_ffn_hidden_size}")
+    if p.sequence_parallel and p.tensor == 1:
+        errors.append("parallel.sequence_parallel=true needs parallel.tensor > 1")
+    if m.num_experts and p.expert > 1 and p.tensor > 1 and not p.sequence_parallel:
+        # megatron-core asserts this in TransformerConfig.__post_init__.
+        errors.append(f"parallel.expert={p.expert} with parallel.tensor={p.tensor} needs "
+                      f"parallel.sequence_parallel=true")
+    _choice(errors, "parallel.recompute", p.recompute, RECOMPUTE)
+    if p.recompute == "full":
+        layers_per_stage = m.num_layers // chunks
+        if not 1 <= p.recompute_num_layers <= layers_per_stage:
+            errors.append(f"parallel.recompute_num_layers={p.recompute_num_layers} must be "
+                          f"between 1 and the layers per pipeline chunk ({layers_per_stage})")
+
+
+def _check_train(config: Config, errors) -> Config:
+    t, p = config.train, config.parallel
+    seq = config.data.seq_length
+    _positive(errors, train__lr=t.lr, train__global_batch_tokens=t.global_batch_tokens,
+              train__micro_batch_size=t.micro_batch_size)
+    if t.min_lr < 0 or t.min_lr > t.lr:
+        errors.append(f"train.min_lr={t.min_lr} must be between 0 and train.lr={t.lr}")
+    for name in ("lr_warmup_steps", "lr_decay_steps", "steps", "token_budget", "eval_interval",
+                 "eval_steps", "clip_grad", "weight_decay"):
+        if getattr(t, name) < 0:
+            errors.append(f"train.{name}={getattr(t, name)} must be >= 0")
+    _choice(errors, "train.lr_decay_style", t.lr_decay_style, DECAY_STYLES)
+    if min(t.global_batch_tokens, t.micro_batch_size, p.data) <= 0:
+        return config  # reported already
+    per_step = t.micro_batch_size * seq * p.data
+    if t.global_batch_tokens % per_step:
+        errors.append(
+            f"train.global_batch_tokens={t.global_batch_tokens} must be a multiple of "
+            f"train.micro_batch_size * data.seq_length * parallel.data = {t.micro_batch_size} * "
+            f"{seq} * {p.data} = {per_step}")
+    steps = t.steps
+    if t.steps and t.token_budget:
+        errors.append(f"set train.steps={t.steps} or train.token_budget={t.token_budget}, "
+                      f"not both")
+    elif not t.steps and t.token_budget:
+        steps = math.ceil(t.token_budget / t.global_batch_tokens)
+    if steps and t.lr_warmup_steps + t.lr_decay_steps > steps:
+        errors.append(f"train.lr_warmup_steps={t.lr_warmup_steps} + train.lr_decay_steps="
+                      f"{t.lr_decay_steps} exceed the {steps} training steps")
+    return dataclasses.replace(config, train=dataclasses.replace(t, steps=steps))
+
+
+def _check_loss_schedule(config: Config, errors):
+    for knob, ramp in config.train.loss_schedule.items():
+        path = f"train.loss_schedule.{knob}"
+        if knob not in SCHEDULABLE_KNOBS:
+            errors.append(f"unknown loss knob {path!r}{suggestion(knob, SCHEDULABLE_KNOBS, 'train.loss_schedule')}")
+            continue
+        if ramp.begin_step < 0 or ramp.end_step < ramp.begin_step:
+            errors.append(f"{path}: need 0 <= begin_step <= end_step, got begin_step="
+                          f"{ramp.begin_step}, end_step={ramp.end_step}")
+        for end in ("start", "end"):
+            try:
+                dataclasses.replace(config.loss, **{knob: getattr(ramp, end)})
+            except ValueError as err:
+                errors.append(f"{path}.{end}={getattr(ramp, end)!r}: {err}")
+
+
+__all__ = ["validate_config", "KnobSchedule"]

@@ -1,0 +1,278 @@
+"""Parameters, FLOPs and per-GPU memory of a Qwen3-style GPT as megatron-core builds it.
+
+Pure arithmetic on the config (no torch, no megatron-core), so `megatron-ntp plan` answers
+for an H100 layout on a laptop. Parameter counts are exact for megatron-core's GPTModel (the
+tests compare them with the built model's numel, per rank, at TP = 2 and EP = 2); FLOPs and
+memory are estimates whose assumptions are stated on each function.
+
+Shapes: h = hidden_size, q = num_attention_heads * kv_channels (query width),
+kv = num_query_groups * kv_channels, f = ffn_hidden_size, E experts of width fm, top-k routing,
+V = the padded vocabulary.
+"""
+
+from dataclasses import dataclass
+
+GIB = 2**30
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int = 128, tensor: int = 1) -> int:
+    """Megatron's padding: the next multiple of divisible_by * tensor (so each TP rank holds an
+    equal slice that is a multiple of divisible_by)."""
+    multiple = divisible_by * tensor
+    return -(-vocab_size // multiple) * multiple
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ParamCounts:
+    """Whole-model parameter counts (all ranks together)."""
+
+    total: int
+    """Every parameter, embeddings and output layer included (the convention of the names)."""
+    active: int
+    """Parameters one token passes through: total with only top-k of the E experts."""
+    embedding: int
+    """Input embedding, V * h."""
+    output: int
+    """Output layer, V * h (0 when tied to the embedding)."""
+
+    @property
+    def total_non_embedding(self) -> int:
+        return self.total - self.embedding - self.output
+
+    @property
+    def active_non_embedding(self) -> int:
+        return self.active - self.embedding - self.output
+
+
+def _attention_params(m, tensor: int = 1) -> int:
+    """One layer's attention block per TP rank: input norm, QKV, QK-norm, output projection."""
+    q = m.num_attention_heads * m.kv_channels
+    kv = m.num_query_groups * m.kv_channels
+    qk_norm = 2 * m.kv_channels if m.qk_layernorm else 0  # replicated over TP
+    return m.hidden_size + m.hidden_size * (q + 2 * kv) // tensor + q * m.hidden_size // tensor + qk_norm
+
+
+def _mlp_params(m, tensor: int = 1, experts: int | None = None, expert_tensor: int = 1) -> int:
+    """One layer's MLP block per rank: pre-MLP norm plus the dense SwiGLU (gate, up, down), or
+    the router plus `experts` local experts (all of them by default)."""
+    h = m.hidden_size
+    if m.num_experts == 0:
+        return h + 3 * h * m.ffn_hidden_size // tensor
+    experts = m.num_experts if experts is None else experts
+    router = m.num_experts * h  # replicated on every rank
+    return h + router + experts * 3 * h * m.moe_ffn_hidden_size // expert_tensor
+
+
+def count_params(m, tensor: int = 1) -> ParamCounts:
+    """Total and active parameters of ModelConfig `m` (the vocabulary padded for `tensor`)."""
+    vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tensor)
+    embedding = vocab * m.hidden_size
+    output = 0 if m.tie_embeddings else embedding
+    final_norm = m.hidden_size
+    attention = _attention_params(m)
+    total = embedding + output + final_norm + m.num_layers * (attention + _mlp_params(m))
+    if m.num_experts:
+        active_mlp = _mlp_params(m, experts=m.moe_router_topk)
+    else:
+        active_mlp = _mlp_params(m)
+    active = embedding + output + final_norm + m.num_layers * (attention + active_mlp)
+    return ParamCounts(total=total, active=active, embedding=embedding, output=output)
+
+
+@dataclass(frozen=True)
+class RankParams:
+    """Parameters held by one rank of one pipeline stage."""
+
+    dense: int
+    """Parameters replicated over the data-parallel group (all but the routed experts)."""
+    expert: int
+    """Routed-expert parameters, replicated over the smaller expert-data-parallel group."""
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.expert
+
+
+def params_per_rank(m, p, stage: int = 0) -> RankParams:
+    """Parameters on one rank of pipeline stage `stage` for ModelConfig `m`, ParallelConfig `p`.
+
+    Layers split evenly over stages; the embedding lives on the first stage, the final norm and
+    output layer on the last (a tied embedding is duplicated there when pipeline > 1, as
+    megatron-core does). Norms and the router are replicated over TP.
+    """
+    tensor, pipeline = p.tensor, p.pipeline
+    vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tensor)
+    layers = m.num_layers // pipeline
+    dense = layers * _attention_params(m, tensor)
+    expert = 0
+    if m.num_experts:
+        local_experts = m.num_experts // p.expert
+        dense += layers * _mlp_params(m, experts=0)
+        expert = layers * local_experts * 3 * m.hidden_size * m.moe_ffn_hidden_size // p.expert_tensor
+    else:
+        dense += layers * _mlp_params(m, tensor)
+    shard = vocab * m.hidden_size // tensor
+    if stage == 0:
+        dense += shard
+    if stage == pipeline - 1:
+        dense += m.hidden_size  # final norm
+        if not m.tie_embeddings or pipeline > 1:
+            dense += shard
+    return RankParams(dense=dense, expert=expert)
+
+
+# --------------------------------------------------------------------------------------------
+# FLOPs
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FlopsPerToken:
+    """Training FLOPs per token (forward + backward = 3 x forward), one matmul = 2 FLOPs per MAC."""
+
+    matmul: int
+    """6 * the active matmul parameters (linear layers, router, output layer; not the
+    embedding lookup)."""
+    attention: int
+    """Scores and weighted sum: 3 * 2 * 2 * layers * q * seq_length / 2 (causal: each query
+    attends to half the sequence on average)."""
+    recompute: int
+    """Extra forward FLOPs of activation recomputation (full: one forward of the layers;
+    selective: the attention core)."""
+
+    @property
+    def model(self) -> int:
+        """FLOPs the model needs (the MFU numerator)."""
+        return self.matmul + self.attention
+
+    @property
+    def hardware(self) -> int:
+        """FLOPs executed, recomputation included."""
+        return self.model + self.recompute
+
+
+def flops_per_token(m, seq_length: int, recompute: str = "none") -> FlopsPerToken:
+    h = m.hidden_size
+    q = m.num_attention_heads * m.kv_channels
+    kv = m.num_query_groups * m.kv_channels
+    vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by)
+    per_layer = h * (q + 2 * kv) + q * h
+    if m.num_experts:
+        per_layer += m.num_experts * h + m.moe_router_topk * 3 * h * m.moe_ffn_hidden_size
+    else:
+        per_layer += 3 * h * m.ffn_hidden_size
+    layers_forward = 2 * m.num_layers * per_layer
+    attention_forward = 2 * m.num_layers * q * seq_length  # 2 matmuls * 2 FLOPs * s/2
+    extra = {"none": 0, "selective": attention_forward,
+             "full": layers_forward + attention_forward}[recompute]
+    return FlopsPerToken(matmul=3 * (layers_forward + 2 * vocab * h),
+                         attention=3 * attention_forward, recompute=extra)
+
+
+# --------------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StageMemory:
+    """Bytes on one GPU of one pipeline stage."""
+
+    stage: int
+    params: int
+    weights: int
+    grads: int
+    optimizer: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.grads + self.optimizer + self.activations
+
+
+def memory_per_gpu(m, p, micro_batch_size: int, seq_length: int,
+                   num_microbatches: int | None = None) -> list[StageMemory]:
+    """Estimated memory of one GPU in each pipeline stage (Megatron mixed precision, Adam).
+
+    Per parameter: bf16 weights (2 B) with fp32 gradient buffer (4 B) and fp32 master weights
+    plus Adam m, v (12 B), or fp32 throughout (4 + 4 + 8 B). The distributed optimizer divides
+    the optimizer term by the data-parallel size (expert parameters: by the expert-data-parallel
+    size); gradients stay whole, as megatron-core's buffers do. FP8 keeps bf16 weights (the FP8
+    copies are transient) and is not counted separately. Activations: see
+    `activation_bytes_per_layer`; the first stage holds `pipeline` micro-batches in flight under
+    1F1B (times 1 + (pp-1)/(pp*vpp) when interleaved), capped by num_microbatches. Excludes
+    the CUDA context, allocator fragmentation and communication buffers (budget ~10-20%).
+    """
+    weight_bytes, grad_bytes, optim_bytes = (2, 4, 12) if m.bf16 else (4, 4, 8)
+    act_bytes = 2 if m.bf16 else 4
+    data = max(p.data, 1)
+    expert_data = max(p.tensor * data // (p.expert * p.expert_tensor), 1)
+    tokens = micro_batch_size * seq_length
+    sp = p.tensor if p.sequence_parallel else 1
+    vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, p.tensor)
+    layer = activation_bytes_per_layer(m, p, micro_batch_size, seq_length, act_bytes)
+    layers = m.num_layers // p.pipeline
+    stages = []
+    for stage in range(p.pipeline):
+        params = params_per_rank(m, p, stage)
+        if p.distributed_optimizer:
+            optimizer = optim_bytes * (params.dense / data + params.expert / expert_data)
+        else:
+            optimizer = optim_bytes * params.total
+        if p.recompute == "full":
+            # Each layer keeps its input; one block of layers is rebuilt at a time in backward.
+            kept = layers * tokens * m.hidden_size * act_bytes // sp
+            per_microbatch = kept + p.recompute_num_layers * layer
+        else:
+            per_microbatch = layers * layer
+        in_flight = 1
+        if p.pipeline > 1:
+            in_flight = p.pipeline - stage
+            if p.virtual_pipeline > 1:
+                in_flight *= 1 + (p.pipeline - 1) / (p.pipeline * p.virtual_pipeline)
+            if num_microbatches:
+                in_flight = min(in_flight, num_microbatches)
+        activations = in_flight * per_microbatch
+        if stage == 0:
+            activations += in_flight * tokens * m.hidden_size * act_bytes // sp  # embedding out
+        if stage == p.pipeline - 1:
+            # Logits of one micro-batch: the output layer's (act dtype) and the loss's fp32 copy.
+            activations += tokens * vocab // p.tensor * (act_bytes + 4)
+        stages.append(StageMemory(
+            stage=stage, params=params.total, weights=weight_bytes * params.total,
+            grads=grad_bytes * params.total, optimizer=int(optimizer),
+            activations=int(activations)))
+    return stages
+
+
+def activation_bytes_per_layer(m, p, micro_batch_size: int, seq_length: int,
+                               act_bytes: int = 2) -> int:
+    """Activations one layer keeps for backward for one micro-batch on one rank.
+
+    Counted tensor by tensor for the pre-norm SwiGLU layer (no dropout): tensors of width h
+    (norm inputs, linear inputs) are sharded by TP only under sequence parallelism; the
+    attention and MLP interiors are sharded by TP. The attention core keeps q, k, v and its
+    output; the local (unfused) attention also keeps the softmax probabilities,
+    heads * seq per token, unless recompute=selective rebuilds them. MoE layers keep the router
+    logits (fp32) and, per routed copy of a token, the permuted input, the expert interior and
+    the expert output (balanced routing assumed).
+    """
+    h = m.hidden_size
+    tp = p.tensor
+    tokens = micro_batch_size * seq_length
+    sp = tp if p.sequence_parallel else 1
+    q = m.num_attention_heads * m.kv_channels
+    kv = m.num_query_groups * m.kv_channels
+    per_token = 4 * h / sp  # input norm, QKV input, pre-MLP norm, MLP/router input
+    if m.qk_layernorm:
+        per_token += (q + kv) / tp
+    per_token += (q + 2 * kv) / tp + q / tp  # q, k, v into attention; attention output
+    if m.transformer_impl == "local" and p.recompute != "selective":
+        per_token += m.num_attention_heads / tp * seq_length  # softmax probabilities
+    per_token += q / tp  # output projection input
+    if m.num_experts:
+        k, fm = m.moe_router_topk, m.moe_ffn_hidden_size
+        per_token += m.num_experts * 4 / act_bytes  # fp32 router logits
+        per_token += k * (2 * h + 3 * fm / p.expert_tensor)  # permuted in, gate/up, act, out
+    else:
+        per_token += 3 * m.ffn_hidden_size / tp  # gate/up outputs, SwiGLU output
+    return int(per_token * tokens * act_bytes)

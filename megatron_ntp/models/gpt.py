@@ -1,0 +1,120 @@
+"""megatron-core's GPTModel built from the config tree (Qwen3-style, local or TE layers).
+
+Why GPTModel and not HybridModel (which megatron-core 0.19 recommends): HybridModel's stock
+layer specs are assembled from Transformer Engine modules, which cannot be imported without a
+GPU, while GPTModel with `get_gpt_layer_local_spec` is the path verified on CPU (TP, PP, EP,
+SP on gloo) and GPTModel with the TE spec is the established GPU path. One model class keeps
+the CPU tests and the GPU runs on the same code.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from megatron_ntp.config.schema import Config
+from megatron_ntp.models.counting import padded_vocab_size
+
+
+def transformer_config(config: Config):
+    """megatron-core TransformerConfig for `config` (validated; parallel.data resolved)."""
+    from megatron.core.transformer import TransformerConfig
+
+    m, p = config.model, config.parallel
+    dtype = torch.bfloat16 if m.bf16 else torch.float32
+    kwargs = dict(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels,
+        ffn_hidden_size=m.ffn_hidden_size or None,
+        # Qwen3: pre-RMSNorm, SwiGLU, no linear biases, QK-norm, no dropout.
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        qk_layernorm=m.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_method_std,
+        bf16=m.bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        # CPU initialisation draws the full master weight from the default generator on every
+        # rank and keeps this rank's slice: identical weights whatever the TP size. On GPU the
+        # per-rank initialisation (faster) is used.
+        use_cpu_initialization=not torch.cuda.is_available(),
+        tensor_model_parallel_size=p.tensor,
+        pipeline_model_parallel_size=p.pipeline,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline if p.virtual_pipeline > 1 else None,
+        expert_model_parallel_size=p.expert,
+        expert_tensor_parallel_size=p.expert_tensor,
+        sequence_parallel=p.sequence_parallel,
+    )
+    if m.num_experts:
+        kwargs.update(
+            num_moe_experts=m.num_experts,
+            moe_ffn_hidden_size=m.moe_ffn_hidden_size,
+            moe_router_topk=m.moe_router_topk,
+            moe_router_load_balancing_type=m.moe_load_balancing,
+            moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+            moe_token_dispatcher_type=m.moe_token_dispatcher,
+            moe_router_dtype="fp32",
+            # Grouped GEMM needs Transformer Engine; the local spec uses SequentialMLP.
+            moe_grouped_gemm=m.transformer_impl == "transformer_engine",
+        )
+    if p.recompute == "selective":
+        kwargs.update(recompute_granularity="selective")
+    elif p.recompute == "full":
+        kwargs.update(recompute_granularity="full", recompute_method="uniform",
+                      recompute_num_layers=p.recompute_num_layers)
+    if m.fp8:
+        kwargs.update(fp8=m.fp8, fp8_recipe=m.fp8_recipe)
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(config: Config):
+    """The layer spec: megatron-core's local (torch) modules or Transformer Engine modules."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    m = config.model
+    num_experts = m.num_experts or None
+    if m.transformer_impl == "transformer_engine":
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts, moe_grouped_gemm=m.num_experts > 0,
+            qk_layernorm=m.qk_layernorm)
+    return gpt_layer_specs.get_gpt_layer_local_spec(
+        num_experts=num_experts, qk_layernorm=m.qk_layernorm, normalization="RMSNorm")
+
+
+def build_gpt_model(config: Config, pre_process: bool | None = None,
+                    post_process: bool | None = None, vp_stage: int | None = None,
+                    model_class=None):
+    """GPTModel (or subclass `model_class`, e.g. one with the shaped loss) for this rank.
+
+    Call after megatron_ntp.parallel.initialize_parallel. pre_process/post_process default to
+    whether this rank is the first/last pipeline stage (for chunk `vp_stage` when interleaved).
+    The vocabulary is padded as counted in megatron_ntp.models.counting.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    m, p = config.model, config.parallel
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    rotary_base = int(m.rotary_base) if float(m.rotary_base).is_integer() else m.rotary_base
+    return (model_class or GPTModel)(
+        config=transformer_config(config),
+        transformer_layer_spec=layer_spec(config),
+        vocab_size=padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, p.tensor),
+        max_sequence_length=config.data.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=m.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=rotary_base,
+        vp_stage=vp_stage,
+    )

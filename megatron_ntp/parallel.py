@@ -1,0 +1,113 @@
+"""Start torch.distributed and megatron-core's parallel state for a parallel layout.
+
+One entry point, `initialize_parallel`, does what every rank must do before building a model:
+join the default process group (NCCL on GPU, gloo on CPU), apply the CPU patches where CUDA is
+absent, create megatron-core's TP/PP/VPP/EP/DP groups and seed the model-parallel RNG tracker.
+`destroy_parallel` undoes it (tests run several layouts in one process).
+"""
+
+import datetime
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_ntp.compat.cpu import apply_cpu_patches
+
+
+def default_backend() -> str:
+    """NCCL when CUDA is available, gloo otherwise."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_process_group(
+    backend: str | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    init_method: str | None = None,
+    timeout_minutes: int = 30,
+) -> None:
+    """Join the default process group unless already joined.
+
+    Without arguments it reads torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT, LOCAL_RANK). On GPU it binds this process to cuda:LOCAL_RANK first, as
+    NCCL requires.
+    """
+    if dist.is_initialized():
+        return
+    backend = backend or default_backend()
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    kwargs = {}
+    if rank is not None:
+        kwargs["rank"] = rank
+    if world_size is not None:
+        kwargs["world_size"] = world_size
+    dist.init_process_group(
+        backend=backend,
+        init_method=init_method,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+        **kwargs,
+    )
+
+
+def initialize_parallel(
+    tensor: int = 1,
+    pipeline: int = 1,
+    virtual_pipeline: int = 1,
+    expert: int = 1,
+    expert_tensor: int = 1,
+    seed: int = 1234,
+    backend: str | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    init_method: str | None = None,
+) -> None:
+    """Process group + megatron-core parallel state + seeds, for one rank.
+
+    The data-parallel size is what is left: world_size / (tensor * pipeline). The layout is
+    expected to be validated already (megatron_ntp.config.validate_config); megatron-core's own
+    asserts are the last line of defence. `virtual_pipeline` is the number of model chunks per
+    pipeline rank (1 = no interleaving). `expert_tensor` is the tensor-parallel size inside
+    experts (1 is the usual choice for fine-grained MoE).
+    """
+    from megatron.core import parallel_state
+
+    apply_cpu_patches()  # no-op with CUDA
+    init_process_group(backend, rank=rank, world_size=world_size, init_method=init_method)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor,
+        pipeline_model_parallel_size=pipeline,
+        virtual_pipeline_model_parallel_size=virtual_pipeline if virtual_pipeline > 1 else None,
+        expert_model_parallel_size=expert,
+        expert_tensor_parallel_size=expert_tensor,
+    )
+    set_seed(seed)
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy, torch and megatron-core's model-parallel RNG tracker.
+
+    As megatron-core's training loop does, the pipeline rank offsets the seed (100 per stage),
+    so different stages draw different dropout masks; tensor-parallel ranks share the default
+    generator (CPU initialisation of full master weights then gives identical weights at any TP)
+    and differ only inside the tracker's model-parallel state.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_parallel() -> None:
+    """Tear down megatron-core's parallel state and the default process group."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
