@@ -7,8 +7,8 @@ preprocess: megatron_ntp.data.preprocess with --workers N on the JSONL file hold
             documents, timed end to end (reading, JSON parsing, validation, encoding, writing the
             .bin/.idx, renaming, the summary file; pool start included).
 
-Rounds alternate raw and preprocess and the best of each is reported, because the machine may be
-shared. Defaults: an 8k sentencepiece BPE model trained on the offline sample corpus, 2 workers.
+Rounds alternate raw and preprocess; the best of each and the median of the per-round ratios are
+reported, because the machine may be shared. Defaults: an 8k sentencepiece BPE model trained on the offline sample corpus, 2 workers.
 
     python benchmarks/preprocess_bench.py [--size 16MB] [--workers 2] [--rounds 3]
 """
@@ -99,18 +99,22 @@ def main():
               f"workers: {args.workers}; cpus: {len(os.sched_getaffinity(0))}")
 
         best_raw = best_pre = 0.0
+        ratios = []
         for round_index in range(args.rounds):
             raw_tokens, raw = raw_throughput(model, texts, args.workers, args.batch_docs)
             pre_tokens, pre = preprocess_throughput(corpus, model, args.workers, work)
             if raw_tokens != pre_tokens:
                 sys.exit(f"token counts differ: raw {raw_tokens} vs preprocess {pre_tokens}")
+            ratios.append(pre / raw)
             print(f"round {round_index + 1}: raw {raw / 1e6:.2f}M tokens/s, "
-                  f"preprocess {pre / 1e6:.2f}M tokens/s ({raw_tokens:,} tokens)")
+                  f"preprocess {pre / 1e6:.2f}M tokens/s, ratio {pre / raw:.3f} "
+                  f"({raw_tokens:,} tokens)")
             best_raw, best_pre = max(best_raw, raw), max(best_pre, pre)
 
     print(f"raw tokenizer, {args.workers} processes: {best_raw / 1e6:.2f}M tokens/s")
     print(f"preprocess, --workers {args.workers}:   {best_pre / 1e6:.2f}M tokens/s")
-    print(f"ratio: {best_pre / best_raw:.3f}")
+    print(f"ratio (best / best): {best_pre / best_raw:.3f}; median of the rounds' ratios: "
+          f"{float(np.median(ratios)):.3f}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -200,34 +202,58 @@ def _format_seconds(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _results_in_order(opts: PreprocessOptions, chunks, encoder_spec, encode_options):
+class WorkerDied(RuntimeError):
+    """A worker process ended abruptly (killed, e.g. by the OOM killer, or crashed)."""
+
+
+def _results_in_order(opts: PreprocessOptions, inputs: List[str], chunks, encoder_spec,
+                      encode_options):
     """Yield (chunk, ChunkResult) in input order, encoding up to a bounded window in parallel."""
     if opts.workers == 1:
         jsonl.init_worker(encoder_spec, encode_options, ignore_signals=False)
         for chunk in chunks:
             yield chunk, jsonl.encode_chunk(chunk)
         return
+    # ProcessPoolExecutor rather than multiprocessing.Pool: when a worker dies, Pool silently
+    # replaces it and waits forever for the lost task; the executor raises BrokenProcessPool.
     # fork: workers start at once and inherit the imported modules (no 5 s megatron-core import).
-    context = multiprocessing.get_context("fork")
-    pool = context.Pool(opts.workers, initializer=jsonl.init_worker,
-                        initargs=(encoder_spec, encode_options))
+    # They are forked before anything is written, and end with os._exit, so they never flush a
+    # copy of the output file's buffer.
+    executor = ProcessPoolExecutor(opts.workers, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=jsonl.init_worker,
+                                   initargs=(encoder_spec, encode_options))
+    finished = False
+    window = collections.deque()  # (chunk without its data, Future), oldest first
+    max_in_flight = 3 * opts.workers  # bounds memory; enough to keep every worker busy
+
+    def oldest():
+        done, future = window.popleft()
+        try:
+            return done, future.result()
+        except BrokenProcessPool:
+            # Every pending chunk fails with the pool, so this is where encoding stopped, not
+            # necessarily the chunk that killed the worker.
+            raise WorkerDied(f"a worker process died unexpectedly (killed, or out of memory?); "
+                             f"input from {inputs[done.file_index]}:{done.first_line} on was not "
+                             f"encoded") from None
+
     try:
-        window = collections.deque()  # (chunk without its data, AsyncResult), oldest first
-        max_in_flight = 3 * opts.workers  # bounds memory; enough to keep every worker busy
         for chunk in chunks:
-            pending = pool.apply_async(jsonl.encode_chunk, (chunk,))
+            future = executor.submit(jsonl.encode_chunk, chunk)
             # Keep only the chunk's location: its data is pickled to a worker in the background.
-            window.append((dataclasses.replace(chunk, data=b""), pending))
+            window.append((dataclasses.replace(chunk, data=b""), future))
             if len(window) >= max_in_flight:
-                done, pending = window.popleft()
-                yield done, pending.get()
+                yield oldest()
         while window:
-            done, pending = window.popleft()
-            yield done, pending.get()
-        pool.close()
-        pool.join()
+            yield oldest()
+        finished = True
     finally:
-        pool.terminate()
+        if not finished:
+            # Failure or interruption: stop busy workers now instead of letting them finish their
+            # chunks. (_processes is private, but has been there since Python 3.2.)
+            for process in list((getattr(executor, "_processes", None) or {}).values()):
+                process.terminate()
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _sigterm_as_exception(signum, frame):
@@ -251,9 +277,7 @@ def preprocess(opts: PreprocessOptions, stream=None) -> PreprocessSummary:
     _check_options(opts)
     inputs = jsonl.resolve_inputs(opts.inputs)
     tokenizer = build_tokenizer(opts.tokenizer_type, opts.tokenizer_model)
-    dtype = DType.optimal_dtype(tokenizer.vocab_size)
-    if tokenizer.vocab_size > np.iinfo(dtype).max + 1:
-        raise ValueError(f"vocabulary of {tokenizer.vocab_size} does not fit {dtype.__name__}")
+    dtype = DType.optimal_dtype(tokenizer.vocab_size)  # uint16 below 65,500 tokens, else int32
     encode_options = jsonl.EncodeOptions(tuple(opts.json_keys), opts.append_eod,
                                          int(tokenizer.eod), dtype)
     summary = PreprocessSummary(
@@ -277,7 +301,8 @@ def preprocess(opts: PreprocessOptions, stream=None) -> PreprocessSummary:
         total_bytes = sum(os.path.getsize(p) for p in inputs)
         progress = _Progress(opts.log_interval, total_bytes, stream or sys.stderr)
         chunks = jsonl.iter_chunks(inputs, opts.chunk_bytes)
-        results = _results_in_order(opts, chunks, tokenizer.encoder_spec, encode_options)
+        results = _results_in_order(opts, inputs, chunks, tokenizer.encoder_spec,
+                                    encode_options)
         for chunk, result in results:
             for offset, reason, key, detail in result.bad:
                 where = f"{inputs[chunk.file_index]}:{chunk.first_line + offset}"
@@ -403,7 +428,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"[preprocess] interrupted ({type(err).__name__}); no output written",
               file=sys.stderr)
         return 130
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RuntimeError) as err:
         print(f"[preprocess] error: {err}", file=sys.stderr)
         return 1
     print(format_report(summary), file=sys.stderr)

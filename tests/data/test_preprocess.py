@@ -206,6 +206,27 @@ def test_failure_midway_leaves_no_output(error, workers, small_corpus, spm_model
     assert summary["outputs"] == {} and "stop" in summary["error"]
 
 
+def _die_on_third_chunk(chunk):
+    """Replaces jsonl.encode_chunk in forked workers: the process vanishes, like an OOM kill."""
+    from megatron_ntp.data import jsonl
+
+    if chunk.index == 2:
+        os._exit(9)
+    return jsonl.encode_chunk.__wrapped__(chunk)
+
+
+def test_dead_worker_fails_the_run_instead_of_hanging(small_corpus, spm_model, tmp_path,
+                                                      monkeypatch):
+    from megatron_ntp.data import jsonl
+
+    _die_on_third_chunk.__wrapped__ = jsonl.encode_chunk
+    monkeypatch.setattr(jsonl, "encode_chunk", _die_on_third_chunk)
+    with pytest.raises(preprocess_module.WorkerDied, match=rf"died .* {re.escape(str(small_corpus))}:\d+ on"):
+        preprocess(options([small_corpus], tmp_path / "out", spm_model, workers=2,
+                           chunk_bytes=8192))
+    assert leftover_outputs(tmp_path) == []
+
+
 def test_sigterm_unwinds_like_ctrl_c(small_corpus, spm_model, tmp_path, monkeypatch):
     """SIGTERM (Slurm's cancel) raises Interrupted in the main process: same cleanup."""
     import signal
