@@ -111,7 +111,7 @@ def build(cls, data, path: str):
     except (ValueError, TypeError) as err:
         # Components validate their own fields in __post_init__ (e.g. ShapedLossConfig); name
         # the section when their message does not.
-        message = str(err)
+        message = str(err).replace(f"{cls.__name__}.", f"{path}." if path else "")
         if path and not message.startswith(path + "."):
             message = f"{path}: {message}"
         raise ConfigError(message) from None
@@ -177,6 +177,8 @@ def convert(value, hint, path: str):
     elif hint is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # YAML read a word such as a blend weight or split as a number
     elif hint is object or hint is typing.Any:
         return value
     raise ConfigError(f"{path}: expected {type_name(hint)}, got {value!r}")

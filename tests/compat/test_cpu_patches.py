@@ -1,0 +1,75 @@
+"""apply_cpu_patches: a no-op when CUDA is reported available, idempotent otherwise.
+
+Each case runs in a fresh interpreter: the patches are process-wide and must not leak into
+the test process (or be hidden by an earlier test having applied them).
+"""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+
+def run_python(code: str) -> str:
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_no_op_when_cuda_is_available():
+    out = run_python("""
+        import sys, torch
+        torch.cuda.is_available = lambda: True
+        originals = (torch.cuda.current_device, torch.cuda.Stream, torch.cuda.synchronize)
+        from megatron_ntp.compat.cpu import apply_cpu_patches, cpu_patches_applied
+        assert apply_cpu_patches() is False
+        assert not cpu_patches_applied()
+        assert (torch.cuda.current_device, torch.cuda.Stream, torch.cuda.synchronize) == originals
+        assert "megatron.core" not in sys.modules  # not even imported
+        from torch.overrides import _get_current_function_mode_stack
+        assert not _get_current_function_mode_stack()
+        print("untouched")
+    """)
+    assert "untouched" in out
+
+
+def test_patches_applied_once_without_cuda_and_rng_tracker_on_cpu():
+    out = run_python("""
+        import torch
+        from megatron_ntp.compat.cpu import apply_cpu_patches
+        assert apply_cpu_patches() is True
+        from megatron.core.tensor_parallel import random as mrandom
+        from megatron.core.transformer.moe import token_dispatcher
+        from torch.overrides import _get_current_function_mode_stack
+        state = (torch.cuda.current_device, mrandom.CudaRNGStatesTracker,
+                 token_dispatcher.maybe_move_tensor_to_cpu)
+        assert apply_cpu_patches() is True
+        assert state == (torch.cuda.current_device, mrandom.CudaRNGStatesTracker,
+                         token_dispatcher.maybe_move_tensor_to_cpu)
+        assert len(_get_current_function_mode_stack()) == 1  # the cuda->cpu mode, entered once
+        assert torch.cuda.current_device() == "cpu"
+        # hard-coded device="cuda" and .cuda() land on the CPU; type names answer as CUDA's
+        x = torch.zeros(2, device="cuda")
+        assert x.device.type == "cpu" and x.cuda() is x and x.to("cuda").device.type == "cpu"
+        assert x.type() == "torch.cuda.FloatTensor" and x.type(torch.float64).dtype == torch.float64
+        # split sizes reach gloo as numpy
+        import numpy
+        assert isinstance(token_dispatcher.maybe_move_tensor_to_cpu(torch.tensor([1, 2]), as_numpy=True), numpy.ndarray)
+        # the RNG tracker forks the CPU generator
+        mrandom.initialize_rng_tracker(force_reset=True)
+        tracker = mrandom.get_cuda_rng_tracker()
+        tracker.add("a", 7)
+        torch.manual_seed(0)
+        outside = torch.get_rng_state()
+        with tracker.fork("a"):
+            first = torch.rand(3)
+        assert torch.equal(torch.get_rng_state(), outside)  # the default stream is untouched
+        with tracker.fork("a"):
+            second = torch.rand(3)
+        assert torch.equal(first, torch.rand(3, generator=torch.Generator().manual_seed(7)))
+        assert not torch.equal(first, second)  # the forked state advances
+        print("patched")
+    """)
+    assert "patched" in out
