@@ -1,0 +1,162 @@
+"""The vocab-parallel loss on 1, 2 and 4 gloo ranks against the full-vocabulary reference."""
+
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_ntp.loss import (
+    ShapedLossConfig,
+    fused_linear_shaped_loss,
+    reference_shaped_loss,
+    vocab_parallel_shaped_loss,
+)
+from tests.distributed import run_distributed
+from tests.loss.cases import SETTINGS, make_inputs, tied_bf16_logits
+
+# V = 1000 exercises the blocked shard selection for small k (V_local 1000/500/250, whose last
+# block is short); V = 28000 exercises it for k = 100 (V_local 7000 at 4 ranks).
+VOCABS = {1000: list(SETTINGS), 28000: ["tail_suppression", "head_preservation", "k1"]}
+
+
+def _shard(tensor, rank, world):
+    return tensor.chunk(world, dim=-1)[rank].contiguous()
+
+
+def _compare(failures, name, got, want, atol, rtol=0.0):
+    if not torch.allclose(got.double(), want.double(), atol=atol, rtol=rtol):
+        err = (got.double() - want.double()).abs().max().item()
+        failures.append(f"{name}: max abs error {err:.3g}")
+
+
+def _check_against_reference(failures, name, logits, target, cfg, group, rank, world, atol, rtol=0.0):
+    shard = _shard(logits, rank, world).requires_grad_()
+    loss, stats = vocab_parallel_shaped_loss(shard, target, cfg, tp_group=group)
+    upstream = torch.linspace(0.5, 1.5, target.numel(), dtype=loss.dtype).view(target.shape)
+    (loss * upstream).sum().backward()
+
+    full = logits.detach().clone().requires_grad_()
+    ref_loss, ref_stats = reference_shaped_loss(full, target, cfg)
+    (ref_loss * upstream).sum().backward()
+
+    _compare(failures, f"{name} loss", loss, ref_loss, atol, rtol)
+    _compare(failures, f"{name} grad", shard.grad, _shard(full.grad, rank, world), atol, rtol)
+    for key in ("ce", "entropy", "topk_mass"):
+        _compare(failures, f"{name} {key}", stats[key], ref_stats[key], atol, rtol)
+    if shard.grad.dtype != logits.dtype:
+        failures.append(f"{name}: grad dtype {shard.grad.dtype} != logits dtype {logits.dtype}")
+
+
+def _record_collectives(log):
+    """Wrap all_gather/all_reduce to log (name, elements) of every call."""
+    originals = {"all_gather": dist.all_gather, "all_reduce": dist.all_reduce}
+
+    def gather(parts, tensor, *a, **k):
+        log.append(("all_gather", sum(p.numel() for p in parts)))
+        return originals["all_gather"](parts, tensor, *a, **k)
+
+    def reduce(tensor, *a, **k):
+        log.append(("all_reduce", tensor.numel()))
+        return originals["all_reduce"](tensor, *a, **k)
+
+    dist.all_gather, dist.all_reduce = gather, reduce
+    return originals
+
+
+def _check_communication(failures, group, rank, world):
+    """Per token: k (value, id) pairs per rank + 5 sums; nothing in backward; never O(V)."""
+    vocab, k = 28000, 100
+    logits, target = make_inputs(vocab, seed=7, dtype=torch.float32)
+    shard = _shard(logits, rank, world).requires_grad_()
+    log = []
+    originals = _record_collectives(log)
+    try:
+        loss, _ = vocab_parallel_shaped_loss(shard, target, SETTINGS["tail_suppression"], group)
+        forward_log = list(log)
+        loss.sum().backward()
+    finally:
+        dist.all_gather, dist.all_reduce = originals["all_gather"], originals["all_reduce"]
+    tokens = target.numel()
+    if world == 1:
+        if log:
+            failures.append(f"collectives at world size 1: {log}")
+        return
+    expected = [("all_gather", tokens * k * world * 2), ("all_reduce", tokens * 5)]
+    if forward_log != expected:
+        failures.append(f"forward collectives {forward_log}, expected {expected}")
+    if log != forward_log:
+        failures.append(f"backward ran collectives: {log[len(forward_log):]}")
+
+
+def _check_megatron_cross_entropy(failures, group, rank, world):
+    """The cross-entropy setting equals megatron-core's vocab_parallel_cross_entropy."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    logits, target = make_inputs(1000, seed=11, dtype=torch.float32)
+    target = target.clamp(0, 999)  # megatron-core has no ignore index
+    ours = _shard(logits, rank, world).requires_grad_()
+    theirs = _shard(logits, rank, world).requires_grad_()
+    loss, _ = vocab_parallel_shaped_loss(ours, target, ShapedLossConfig(), tp_group=group)
+    # megatron-core overwrites its input in place: hand it a clone
+    mcore_loss = vocab_parallel_cross_entropy(theirs.clone(), target, tp_group=group)
+    upstream = torch.rand(target.shape, generator=torch.Generator().manual_seed(3))
+    (loss * upstream).sum().backward()
+    (mcore_loss * upstream).sum().backward()
+    _compare(failures, "megatron CE loss", loss, mcore_loss, atol=1e-5, rtol=1e-6)
+    _compare(failures, "megatron CE grad", ours.grad, theirs.grad, atol=1e-6)
+
+
+def _check_fused(failures, group, rank, world):
+    """Fused output layer + loss equals the unfused path on the full weight."""
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(3, 4, 16, generator=gen, dtype=torch.float64)
+    weight = torch.randn(400, 16, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, 400, (3, 4), generator=gen)
+    target[0, 1] = -100
+    upstream = torch.rand(3, 4, generator=gen, dtype=torch.float64)
+    for name in ("beta_neg_both_lambdas", "head_preservation", "cross_entropy"):
+        cfg = SETTINGS[name]
+        h = hidden.clone().requires_grad_()
+        w = _shard(weight.t(), rank, world).t().contiguous().requires_grad_()
+        loss, stats = fused_linear_shaped_loss(h, w, target, cfg, group, chunk_tokens=5)
+        (loss * upstream).sum().backward()
+        h_ref, w_ref = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        ref_loss, ref_stats = reference_shaped_loss(h_ref @ w_ref.t(), target, cfg)
+        (ref_loss * upstream).sum().backward()
+        _compare(failures, f"fused {name} loss", loss, ref_loss, 1e-12)
+        _compare(failures, f"fused {name} grad hidden", h.grad, h_ref.grad, 1e-12)
+        w_ref_shard = _shard(w_ref.grad.t(), rank, world).t()
+        _compare(failures, f"fused {name} grad weight", w.grad, w_ref_shard, 1e-12)
+        for key in stats:
+            _compare(failures, f"fused {name} {key}", stats[key], ref_stats[key], 1e-12)
+
+
+def _all_checks(rank, world):
+    group = dist.new_group(list(range(world)), timeout=timedelta(seconds=300))
+    failures = []
+    for vocab, names in VOCABS.items():
+        for seed, name in enumerate(names):
+            logits, target = make_inputs(vocab, seed)
+            _check_against_reference(
+                failures, f"V={vocab} {name}", logits, target, SETTINGS[name], group, rank, world,
+                atol=1e-10,
+            )
+    # bf16 logits full of ties: K, loss and gradient as in the reference at every TP size
+    tie_cfg = ShapedLossConfig(beta=-0.25, topk=7, lambda_topk=0.5, lambda_tail=-0.5)
+    for seed, vocab in enumerate((64, 4000)):
+        logits, target = tied_bf16_logits(vocab, seed)
+        _check_against_reference(
+            failures, f"bf16 ties V={vocab}", logits, target, tie_cfg, group, rank, world,
+            atol=1e-6, rtol=1e-6,
+        )
+    _check_communication(failures, group, rank, world)
+    _check_fused(failures, group, rank, world)
+    if world <= 2:
+        _check_megatron_cross_entropy(failures, group, rank, world)
+    assert not failures, f"rank {rank} of {world}:\n" + "\n".join(failures)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_vocab_parallel_matches_reference(world_size):
+    run_distributed(world_size, _all_checks)
