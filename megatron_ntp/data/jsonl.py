@@ -170,7 +170,8 @@ def _parse_lines(lines: List[bytes], keys: Tuple[str, ...], first_of_file: bool)
         try:
             decoded = line.decode("utf-8")
         except UnicodeDecodeError as err:
-            bad.append((offset, "invalid_utf8", "", f"byte {err.start}: {line[err.start:err.start + 4]!r}"))
+            where = f"byte {err.start}: {line[err.start:err.start + 4]!r}"
+            bad.append((offset, "invalid_utf8", "", where))
             continue
         try:
             record = json.loads(decoded)

@@ -50,7 +50,7 @@ class BadInputError(ValueError):
 
 
 class Interrupted(BaseException):
-    """SIGTERM received (e.g. from Slurm): unwinds like KeyboardInterrupt, removing partial output."""
+    """SIGTERM (e.g. Slurm cancelling): unwinds like KeyboardInterrupt, removing partial output."""
 
 
 @dataclass
@@ -306,7 +306,8 @@ def preprocess(opts: PreprocessOptions, stream=None) -> PreprocessSummary:
         for chunk, result in results:
             for offset, reason, key, detail in result.bad:
                 where = f"{inputs[chunk.file_index]}:{chunk.first_line + offset}"
-                what = reason + (f" (key {key!r})" if key else "") + (f": {detail}" if detail else "")
+                what = (reason + (f" (key {key!r})" if key else "")
+                        + (f": {detail}" if detail else ""))
                 if opts.strict:
                     raise BadInputError(f"{where}: {what}")
                 summary.bad_lines[reason] = summary.bad_lines.get(reason, 0) + 1

@@ -35,6 +35,7 @@ _SKIP_DIRS = frozenset({
 _SKIP_FILES = frozenset({"antigravity.py", "this.py", "__phello__.foo.py"})
 _MIN_CHARS = 40  # shorter docstrings ("Return self.") are boilerplate, not prose
 _DEFS = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+_BLOCKS = (ast.stmt, ast.excepthandler, ast.match_case)  # what statement bodies hold
 
 
 def stdlib_dir() -> str:
@@ -71,7 +72,7 @@ def _nested_defs(body: list, prefix: str) -> Iterator[Tuple[str, ast.AST]]:
             continue
         for attr in ("body", "orelse", "finalbody", "handlers", "cases"):
             sub = getattr(stmt, attr, None)
-            if isinstance(sub, list) and sub and isinstance(sub[0], (ast.stmt, ast.excepthandler, ast.match_case)):
+            if isinstance(sub, list) and sub and isinstance(sub[0], _BLOCKS):
                 yield from _nested_defs(sub, prefix)
 
 

@@ -30,7 +30,7 @@ from megatron.core.tokenizers import MegatronTokenizer
 from megatron.core.tokenizers.text.libraries.abstract_tokenizer import MegatronTokenizerTextAbstract
 from megatron.core.tokenizers.text.models import GPTTokenizer
 
-from megatron_ntp.data.tokenizer_types import TOKENIZER_TYPES, canonical_tokenizer_type  # noqa: F401
+from megatron_ntp.data.tokenizer_types import canonical_tokenizer_type
 
 # End-of-document candidates tried, in order, when a tokenizer.json comes without a
 # tokenizer_config.json naming its eos token. Qwen3 and GPT-2 use <|endoftext|>.
@@ -128,8 +128,9 @@ class TokenizerJsonLibrary(MegatronTokenizerTextAbstract):
         return self.tokenizer.decode(ids, skip_special_tokens=remove_special_tokens)
 
     def add_special_tokens(self, special_tokens) -> None:
-        tokens = list(special_tokens.values()) if isinstance(special_tokens, dict) else special_tokens
-        self.tokenizer.add_special_tokens(list(tokens))
+        if isinstance(special_tokens, dict):
+            special_tokens = list(special_tokens.values())
+        self.tokenizer.add_special_tokens(list(special_tokens))
 
     def apply_chat_template(self, *args, **kwargs):
         raise NotImplementedError("chat templates need transformers; not used in pretraining")

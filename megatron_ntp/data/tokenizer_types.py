@@ -1,4 +1,4 @@
-"""Tokenizer type names, kept apart from tokenizer.py so config validation needs no megatron-core."""
+"""Tokenizer type names (no megatron-core import: config validation uses them)."""
 
 # Accepted spellings of --tokenizer-type / data.tokenizer_type: Megatron-LM's class names and
 # short names, mapped to the two backends.
@@ -13,7 +13,7 @@ TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer")
 
 
 def canonical_tokenizer_type(tokenizer_type: str) -> str:
-    """Map a Megatron-style type name to "sentencepiece" or "huggingface" (ValueError if unknown)."""
+    """Map a Megatron-style type name to "sentencepiece" or "huggingface" (else ValueError)."""
     kind = _TYPE_ALIASES.get(str(tokenizer_type).lower())
     if kind is None:
         raise ValueError(

@@ -106,9 +106,10 @@ def test_errors(two_prefixes, spm_model, spm_tokenizer, tmp_path):
     with pytest.raises(ValueError, match="data.blend is not set"):
         build_datasets(DataConfig(), spm_tokenizer, 1, 1, 1)
     missing = str(tmp_path / "missing_text_document")
-    with pytest.raises(FileNotFoundError, match=f"prefix '{missing}' has no missing_text_document.idx"):
-        build_datasets(config(two_prefixes, tmp_path, spm_model, blend=f"1 {two_prefixes[0]} 1 {missing}"),
-                       spm_tokenizer, 1, 1, 1)
+    cfg = config(two_prefixes, tmp_path, spm_model, blend=f"1 {two_prefixes[0]} 1 {missing}")
+    with pytest.raises(FileNotFoundError,
+                       match=f"prefix '{missing}' has no missing_text_document.idx"):
+        build_datasets(cfg, spm_tokenizer, 1, 1, 1)
     with pytest.raises(ValueError, match="train_samples must be a non-negative integer"):
         build_datasets(config(two_prefixes, tmp_path, spm_model), spm_tokenizer, -1, 1, 1)
 

@@ -118,7 +118,8 @@ def test_bad_lines_counted_with_locations(spm_model, tmp_path):
 def test_strict_stops_at_first_bad_line(case, spm_model, tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_bytes(GOOD + BAD_LINES[case] + GOOD)
-    with pytest.raises(BadInputError, match=rf"^{re.escape(str(path))}:2: {REASON.get(case, case)}\b"):
+    reason = REASON.get(case, case)
+    with pytest.raises(BadInputError, match=rf"^{re.escape(str(path))}:2: {reason}\b"):
         preprocess(options([path], tmp_path / "out", spm_model, strict=True))
     assert leftover_outputs(tmp_path) == []
     assert json.loads(open(summary_path(str(tmp_path / "out"))).read())["status"] == "failed"
@@ -221,7 +222,8 @@ def test_dead_worker_fails_the_run_instead_of_hanging(small_corpus, spm_model, t
 
     _die_on_third_chunk.__wrapped__ = jsonl.encode_chunk
     monkeypatch.setattr(jsonl, "encode_chunk", _die_on_third_chunk)
-    with pytest.raises(preprocess_module.WorkerDied, match=rf"died .* {re.escape(str(small_corpus))}:\d+ on"):
+    where = re.escape(str(small_corpus))
+    with pytest.raises(preprocess_module.WorkerDied, match=rf"died .* {where}:\d+ on"):
         preprocess(options([small_corpus], tmp_path / "out", spm_model, workers=2,
                            chunk_bytes=8192))
     assert leftover_outputs(tmp_path) == []
@@ -314,7 +316,7 @@ def test_cli(small_corpus, spm_model, tmp_path, capsys):
     with open(tmp_path / "bad.jsonl", "ab") as f:
         f.write(b"{broken\n")
     assert main(argv[:1] + [str(tmp_path / "bad.jsonl")] + argv[2:] + ["--strict"]) == 1
-    assert f"bad.jsonl:301: not_json" in capsys.readouterr().err
+    assert "bad.jsonl:301: not_json" in capsys.readouterr().err
 
 
 def test_ctrl_c_on_the_tool_leaves_no_output(spm_model, tmp_path):
