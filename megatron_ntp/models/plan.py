@@ -1,0 +1,85 @@
+"""The text `megatron-ntp plan` prints: parameters, FLOPs per token and per-GPU memory of a
+validated config, and the preset table."""
+
+from megatron_ntp.models.counting import (
+    GIB,
+    count_params,
+    flops_per_token,
+    memory_per_gpu,
+    padded_vocab_size,
+)
+from megatron_ntp.models.presets import NOMINAL_PARAMS, PRESETS, preset_model_config
+
+
+def billions(n: float) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
+def format_plan(config) -> str:
+    """Report for a validated Config (parallel.data resolved)."""
+    m, p, t = config.model, config.parallel, config.train
+    seq = config.data.seq_length
+    counts = count_params(m)
+    flops = flops_per_token(m, seq, p.recompute)
+    vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, p.tensor)
+    sequences = t.global_batch_tokens // seq
+    microbatches = sequences // (t.micro_batch_size * p.data)
+    shape = (f"{m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads / "
+             f"{m.num_query_groups} query groups x {m.kv_channels}, ")
+    if m.num_experts:
+        shape += (f"{m.num_experts} experts x {m.moe_ffn_hidden_size} (top-{m.moe_router_topk}, "
+                  f"{m.moe_load_balancing} x {m.moe_aux_loss_coeff:g})")
+    else:
+        shape += f"ffn {m.ffn_hidden_size}"
+    shape += (f", vocab {m.vocab_size} (padded {vocab} at TP={p.tensor}), "
+              f"{'tied' if m.tie_embeddings else 'untied'} embeddings")
+    precision = "fp8 " + m.fp8 + "/" + m.fp8_recipe if m.fp8 else ("bf16" if m.bf16 else "fp32")
+    lines = [
+        f"model        {m.preset or '(custom)'}: {shape}",
+        f"             {m.transformer_impl} layers, {precision}",
+        f"parameters   total {billions(counts.total)} (non-embedding "
+        f"{billions(counts.total_non_embedding)}), active {billions(counts.active)} "
+        f"(non-embedding {billions(counts.active_non_embedding)})",
+        f"FLOPs/token  {flops.model:.3e} train (fwd+bwd; matmul {flops.matmul:.3e} + attention "
+        f"{flops.attention:.3e} at seq {seq}), {flops.hardware:.3e} with recompute={p.recompute}",
+        f"layout       TP {p.tensor} x PP {p.pipeline}"
+        f"{f' (x{p.virtual_pipeline} virtual)' if p.virtual_pipeline > 1 else ''} x DP {p.data}"
+        f" = {p.tensor * p.pipeline * p.data} GPUs; EP {p.expert}, expert TP {p.expert_tensor}; "
+        f"sequence parallel {'on' if p.sequence_parallel else 'off'}, distributed optimizer "
+        f"{'on' if p.distributed_optimizer else 'off'}, recompute {p.recompute}",
+        f"batch        {t.global_batch_tokens:,} tokens = {sequences} sequences of {seq}; "
+        f"micro-batch {t.micro_batch_size} -> {microbatches} micro-batches per DP rank per step",
+    ]
+    if t.steps:
+        lines.append(f"run          {t.steps} steps = {t.steps * t.global_batch_tokens:.3e} tokens, "
+                     f"{t.steps * t.global_batch_tokens * flops.model:.3e} model FLOPs")
+    lines += ["", "per-GPU memory, GiB (estimate; add ~10-20% for CUDA context, buffers, "
+                  "fragmentation)",
+              f"{'stage':>5} {'params/GPU':>12} {'weights':>9} {'grads':>9} {'optimizer':>10} "
+              f"{'activations':>12} {'total':>9}"]
+    for s in memory_per_gpu(m, p, t.micro_batch_size, seq, microbatches):
+        lines.append(f"{s.stage:>5} {billions(s.params):>12} {s.weights / GIB:>9.2f} "
+                     f"{s.grads / GIB:>9.2f} {s.optimizer / GIB:>10.2f} "
+                     f"{s.activations / GIB:>12.2f} {s.total / GIB:>9.2f}")
+    return "\n".join(lines) + "\n"
+
+
+def format_presets() -> str:
+    """Markdown table of the presets: shapes and counted parameters."""
+    lines = ["| preset | layers | hidden | heads / groups | MLP | embeddings | total | active |"
+             " total non-emb. | active non-emb. |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in PRESETS:
+        m = preset_model_config(name)
+        c = count_params(m)
+        mlp = (f"{m.num_experts} x {m.moe_ffn_hidden_size}, top-{m.moe_router_topk}"
+               if m.num_experts else f"{m.ffn_hidden_size}")
+        lines.append(
+            f"| {name} | {m.num_layers} | {m.hidden_size} | {m.num_attention_heads} / "
+            f"{m.num_query_groups} | {mlp} | {'tied' if m.tie_embeddings else 'untied'}, "
+            f"V={m.vocab_size} | {billions(c.total)} | {billions(c.active)} | "
+            f"{billions(c.total_non_embedding)} | {billions(c.active_non_embedding)} |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["format_plan", "format_presets", "NOMINAL_PARAMS"]
