@@ -24,10 +24,10 @@ from megatron_ntp.config.schema import (
     ParallelConfig,
     TrainConfig,
 )
-from megatron_ntp.config.validate import validate_config
+from megatron_ntp.config.validate import check_environment, validate_config
 
 __all__ = [
-    "CheckpointConfig", "Config", "ConfigError", "KnobSchedule", "LoggingConfig", "ModelConfig",
+    "CheckpointConfig", "Config", "check_environment", "ConfigError", "KnobSchedule", "LoggingConfig", "ModelConfig",
     "ParallelConfig", "TrainConfig", "config_from_dict", "config_help", "config_to_dict",
     "dump_yaml", "load_config", "parse_override", "validate_config",
 ]

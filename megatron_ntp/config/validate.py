@@ -182,6 +182,14 @@ def _check_train(config: Config, errors) -> Config:
             f"train.global_batch_tokens={t.global_batch_tokens} must be a multiple of "
             f"train.micro_batch_size * data.seq_length * parallel.data = {t.micro_batch_size} * "
             f"{seq} * {p.data} = {per_step}")
+    elif p.virtual_pipeline > 1:
+        microbatches = t.global_batch_tokens // per_step
+        # pipeline_parallel/schedules.py forward_backward_pipelining_with_interleaving groups
+        # micro-batches by `pipeline` per model chunk and rejects a partial last group.
+        if microbatches % p.pipeline:
+            errors.append(f"parallel.virtual_pipeline={p.virtual_pipeline} needs the "
+                          f"micro-batches per step ({microbatches} = train.global_batch_tokens / "
+                          f"{per_step}) to be a multiple of parallel.pipeline={p.pipeline}")
     steps = t.steps
     if t.steps and t.token_budget:
         errors.append(f"set train.steps={t.steps} or train.token_budget={t.token_budget}, "
@@ -210,4 +218,30 @@ def _check_loss_schedule(config: Config, errors):
                 errors.append(f"{path}.{end}={getattr(ramp, end)!r}: {err}")
 
 
-__all__ = ["validate_config", "KnobSchedule"]
+def check_environment(config: Config) -> None:
+    """Check that this machine can run `config`'s layers; raise ConfigError naming the field.
+
+    Separate from validate_config because `plan` describes GPU layouts from any machine; the
+    training program calls this before starting any process group.
+    """
+    import torch
+
+    m = config.model
+    wanted = [f"model.transformer_impl={m.transformer_impl!r}"] if m.transformer_impl == \
+        "transformer_engine" else []
+    if m.fp8:
+        wanted.insert(0, f"model.fp8={m.fp8!r}")
+    if not wanted:
+        return
+    needs = " and ".join(wanted)
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{needs} needs a CUDA GPU, and none is available here; use "
+                          f"model.transformer_impl='local' without model.fp8 on CPU")
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception as err:  # ImportError, or OSError when libcuda is missing
+        raise ConfigError(f"{needs} needs Transformer Engine, which cannot be imported "
+                          f"({type(err).__name__}: {err})") from None
+
+
+__all__ = ["check_environment", "validate_config"]

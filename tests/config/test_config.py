@@ -210,3 +210,30 @@ def test_help_lists_every_field_with_default_and_doc():
             assert entry in text, entry
             following = text.split(entry, 1)[1].split("\n")[1]
             assert following.startswith("      ") and following.strip(), f"{entry} has no doc"
+
+
+def test_interleaved_pipeline_needs_whole_microbatch_groups():
+    # world 2 = PP 2 x DP 1; 64-token sequences: 512 tokens = 8 micro-batches, 320 = 5
+    assert valid("parallel.pipeline=2", "parallel.virtual_pipeline=2", world_size=2)
+    assert valid("parallel.pipeline=2", "train.global_batch_tokens=320", world_size=2)  # 1F1B
+    message = error_of("parallel.pipeline=2", "parallel.virtual_pipeline=2",
+                       "train.global_batch_tokens=320", world_size=2)
+    assert "parallel.virtual_pipeline=2" in message and "(5 =" in message
+    assert "parallel.pipeline=2" in message
+
+
+def test_fp8_and_transformer_engine_rejected_on_cpu(monkeypatch):
+    import torch
+
+    from megatron_ntp.config import check_environment
+
+    check_environment(valid())  # local layers: nothing needed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError) as info:
+        check_environment(valid("model.transformer_impl=transformer_engine", "model.fp8=hybrid"))
+    assert "model.fp8='hybrid'" in str(info.value) and "CUDA" in str(info.value)
+    with pytest.raises(ConfigError, match="model.transformer_impl='transformer_engine'"):
+        check_environment(valid("model.transformer_impl=transformer_engine"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU without TE
+    with pytest.raises(ConfigError, match="Transformer Engine"):
+        check_environment(valid("model.transformer_impl=transformer_engine"))
