@@ -87,6 +87,15 @@ def initialize_parallel(
     set_seed(seed)
 
 
+def initialize_parallel_from_config(config, **kwargs) -> None:
+    """initialize_parallel with the layout of a validated Config (parallel section, train.seed);
+    kwargs (backend, rank, world_size, init_method) pass through."""
+    p = config.parallel
+    initialize_parallel(tensor=p.tensor, pipeline=p.pipeline, virtual_pipeline=p.virtual_pipeline,
+                        expert=p.expert, expert_tensor=p.expert_tensor, seed=config.train.seed,
+                        **kwargs)
+
+
 def set_seed(seed: int) -> None:
     """Seed python, numpy, torch and megatron-core's model-parallel RNG tracker.
 

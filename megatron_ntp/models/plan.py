@@ -50,6 +50,14 @@ def format_plan(config) -> str:
         f"batch        {t.global_batch_tokens:,} tokens = {sequences} sequences of {seq}; "
         f"micro-batch {t.micro_batch_size} -> {microbatches} micro-batches per DP rank per step",
     ]
+    loss = config.loss
+    knobs = (f"beta={loss.beta:g} topk={loss.topk} lambda_topk={loss.lambda_topk:g} "
+             f"lambda_tail={loss.lambda_tail:g}")
+    for name, ramp in t.loss_schedule.items():
+        knobs += (f"; {name} {ramp.start:g} -> {ramp.end:g} over steps "
+                  f"{ramp.begin_step}-{ramp.end_step}")
+    kind = "cross-entropy" if loss.is_cross_entropy and not t.loss_schedule else "shaped"
+    lines.append(f"loss         {kind}: {knobs}")
     if t.steps:
         lines.append(f"run          {t.steps} steps = {t.steps * t.global_batch_tokens:.3e} tokens, "
                      f"{t.steps * t.global_batch_tokens * flops.model:.3e} model FLOPs")

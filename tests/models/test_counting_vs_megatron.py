@@ -17,16 +17,15 @@ def _check_layout(rank, world_size, init_method, overrides, run_step):
 
     from megatron_ntp.models.counting import params_per_rank
     from megatron_ntp.models.gpt import build_gpt_model
-    from megatron_ntp.parallel import initialize_parallel
+    from megatron_ntp.parallel import initialize_parallel_from_config
 
     config = validate_config(load_config(None, [
         f"data.seq_length={SEQ}", "train.steps=1", "train.lr_warmup_steps=0",
         f"train.global_batch_tokens={SEQ * BATCH * world_size}",
         f"train.micro_batch_size={BATCH}"] + overrides), world_size=world_size)
     p = config.parallel
-    initialize_parallel(tensor=p.tensor, pipeline=p.pipeline, expert=p.expert,
-                        expert_tensor=p.expert_tensor, seed=config.train.seed, rank=rank,
-                        world_size=world_size, init_method=init_method)
+    initialize_parallel_from_config(config, rank=rank, world_size=world_size,
+                                    init_method=init_method)
     model = build_gpt_model(config)
     stage = parallel_state.get_pipeline_model_parallel_rank()
     counted = params_per_rank(config.model, p, stage)

@@ -29,6 +29,7 @@ def test_plan_prints_params_flops_and_memory():
     out = result.stdout
     counts = count_params(preset_model_config("dense-4b"))
     assert f"total {billions(counts.total)}" in out and f"active {billions(counts.active)}" in out
+    assert "loss         shaped: beta=0.5 topk=0" in out
     assert "FLOPs/token" in out and "TP 2 x PP 1 x DP 128 = 256 GPUs" in out
     header = next(line for line in out.splitlines() if "optimizer" in line and "stage" in line)
     assert header.split() == ["stage", "params/GPU", "weights", "grads", "optimizer",
