@@ -63,7 +63,6 @@ class _FusedLinearShapedLoss(torch.autograd.Function):
             if need_weight:
                 grad_weight.addmm_(grad_logits.t(), tokens[start:end].to(compute_dtype))
             del logits, grad_logits
-        ctx.shards = None
         if need_hidden and ctx.tp_group is not None and dist.get_world_size(ctx.tp_group) > 1:
             # each rank holds d loss / d hidden through its vocabulary shard only
             dist.all_reduce(grad_tokens, group=ctx.tp_group)

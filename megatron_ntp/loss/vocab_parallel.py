@@ -123,6 +123,7 @@ class _VocabParallelShapedLoss(torch.autograd.Function):
         fwd = ShardForward(shard, target.reshape(-1), cfg, tp_group)
         ctx.grad = fwd.gradient(shard, inplace=owned or overwrite_logits)  # [N, V_local]
         ctx.logits_shape, ctx.logits_dtype = logits.shape, logits.dtype
+        ctx.scale_in_place, ctx.grad_consumed = overwrite_logits, False
         terms = fwd.terms
         outputs = [t.view(target.shape) for t in (terms.loss, terms.ce, terms.entropy, terms.topk_mass)]
         ctx.mark_non_differentiable(*outputs[1:])
@@ -130,11 +131,17 @@ class _VocabParallelShapedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_stat_grads):
-        grad = ctx.grad
-        if grad is None:
-            raise RuntimeError("backward through vocab_parallel_shaped_loss twice is not supported")
-        ctx.grad = None
-        grad.mul_(grad_loss.reshape(-1, 1).to(grad.dtype))
+        grad, scale = ctx.grad, grad_loss.reshape(-1, 1).to(ctx.grad.dtype)
+        if not ctx.scale_in_place:
+            grad = grad * scale
+        elif ctx.grad_consumed:
+            raise RuntimeError(
+                "vocab_parallel_shaped_loss(overwrite_logits=True) scales its kept gradient in "
+                "place: a second backward through the same graph is not supported"
+            )
+        else:
+            ctx.grad_consumed = True
+            grad.mul_(scale)
         return grad.view(ctx.logits_shape).to(ctx.logits_dtype), None, None, None, None
 
 
@@ -156,10 +163,12 @@ def vocab_parallel_shaped_loss(
             loss 0, gradient 0, stats 0.
         cfg: the knobs (ShapedLossConfig).
         tp_group: the tensor-parallel process group, or None.
-        overwrite_logits: write the gradient into the logits' storage (float32/float64 logits),
-            as megatron-core's cross-entropy does, saving one [N, V_local] buffer. The caller
-            must not read the logits afterwards. Lower-precision logits are always upcast into
-            a fresh buffer, which is reused for the gradient.
+        overwrite_logits: megatron-core's memory behaviour: the gradient is written into the
+            logits' storage (float32/float64 logits; lower precision is always upcast into a
+            fresh buffer, which is reused) and backward scales it in place, so the loss holds
+            no [N, V_local] buffer besides the logits. The caller must not read the logits
+            afterwards, and a second backward through the graph is refused. Default False:
+            logits untouched, backward allocates its result (double backward and gradcheck work).
     Returns:
         loss: [...] surrogate loss (float32, or float64), whose backward is p * W - w.
         stats: {"ce", "entropy", "topk_mass"} as [...] tensors from the same reductions.

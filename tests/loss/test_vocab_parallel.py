@@ -1,0 +1,181 @@
+"""Single-process behaviour of vocab_parallel_shaped_loss and the fused path."""
+
+import pytest
+import torch
+
+from megatron_ntp.loss import (
+    ShapedLossConfig,
+    fused_linear_shaped_loss,
+    reference_shaped_loss,
+    vocab_parallel_shaped_loss,
+)
+from megatron_ntp.loss import passes
+from megatron_ntp.loss.topk import shard_topk
+from tests.loss.cases import SETTINGS, make_inputs, tied_bf16_logits
+
+
+def test_gradcheck_float64_cross_entropy():
+    """With the defaults the weights are constant, so the loss's own derivative is checkable."""
+    cfg = ShapedLossConfig(topk=3)
+    logits, target = make_inputs(12, seed=3, shape=(3,))
+    z = logits.clone().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda t: vocab_parallel_shaped_loss(t, target, cfg)[0], (z,), eps=1e-6, atol=1e-7
+    )
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(5, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(12, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    tgt = torch.tensor([0, 5, -100, 11, 7])
+    assert torch.autograd.gradcheck(
+        lambda h, w: fused_linear_shaped_loss(h, w, tgt, cfg, chunk_tokens=2)[0],
+        (hidden, weight), eps=1e-6, atol=1e-7,
+    )
+
+
+def _frozen_weight_surrogate(z0, target, cfg):
+    """G(z) = -sum_a w_a(z0) log p_a(z), the weights taken from METHOD.md at z0 and frozen.
+
+    By the policy-gradient identity the method's gradient at z0 is dG/dz at z0.
+    """
+    p0 = torch.softmax(z0, -1)
+    order = torch.sort(z0, dim=-1, descending=True, stable=True).indices[..., : cfg.topk]
+    in_k = torch.zeros_like(z0, dtype=torch.bool).scatter_(-1, order, True)
+    w = torch.where(in_k, cfg.lambda_topk, cfg.lambda_tail).double() * p0
+    px = p0.gather(-1, target[:, None])
+    w.scatter_(-1, target[:, None], px ** (1 - (1 - px) ** cfg.beta))
+    return lambda z: -(w * torch.log_softmax(z, -1)).sum()
+
+
+@pytest.mark.parametrize("name", ["beta_neg_both_lambdas", "beta_pos_both_lambdas", "k1", "precision"])
+def test_gradient_is_the_frozen_weight_derivative(name):
+    """float64 central differences of G against the implementation's backward, element by element."""
+    cfg = SETTINGS[name]
+    logits, target = make_inputs(12, seed=3, shape=(3,))
+    target[1] = 4  # every row counts here
+    target[2] = 9
+    z = logits.clone().requires_grad_()
+    vocab_parallel_shaped_loss(z, target, cfg)[0].sum().backward()
+    surrogate = _frozen_weight_surrogate(logits, target, cfg)
+    numeric = torch.zeros_like(logits)
+    eps = 1e-6
+    for i in range(logits.numel()):
+        step = torch.zeros_like(logits).view(-1)
+        step[i] = eps
+        step = step.view_as(logits)
+        numeric.view(-1)[i] = (surrogate(logits + step) - surrogate(logits - step)) / (2 * eps)
+    torch.testing.assert_close(z.grad, numeric, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["precision", "diversity", "beta_neg_both_lambdas"])
+def test_saturated_logits_stay_finite(name):
+    cfg = SETTINGS[name]
+    logits = torch.zeros(4, 50)
+    target = torch.tensor([3, 3, 7, 9])
+    logits[0, 3] = 200.0  # p_target == 1 exactly in fp32
+    logits[1, 3] = 1e30  # and with an enormous logit
+    logits[2, 7] = -200.0  # p_target == 0 in fp32
+    logits[3, 9] = -1e30
+    z = logits.clone().requires_grad_()
+    loss, stats = vocab_parallel_shaped_loss(z, target, cfg)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(z.grad).all()
+    assert all(torch.isfinite(v).all() for v in stats.values())
+    assert loss[0] == 0 and torch.all(z.grad[0].abs() < 1e-30)  # w_x = 1, p = one-hot
+    assert stats["ce"][0] == 0
+    torch.testing.assert_close(z.grad[2, 7], torch.tensor(-1.0))  # p_x W - w_x with p_x = 0
+    ref_z = logits[[0, 2]].clone().requires_grad_()
+    ref_loss, _ = reference_shaped_loss(ref_z, target[[0, 2]], cfg)
+    torch.testing.assert_close(loss[[0, 2]], ref_loss)
+
+
+def test_ignored_targets_have_no_loss_gradient_or_stats():
+    logits, _ = make_inputs(40, seed=5, dtype=torch.float32)
+    target = torch.full(logits.shape[:-1], -100)
+    target[0, 0] = 40
+    z = logits.clone().requires_grad_()
+    loss, stats = vocab_parallel_shaped_loss(z, target, SETTINGS["beta_neg_both_lambdas"])
+    loss.sum().backward()
+    assert torch.all(loss == 0) and torch.all(z.grad == 0)
+    assert all(torch.all(v == 0) for v in stats.values())
+
+
+def test_bf16_logits_give_bf16_gradient_and_fp32_loss():
+    logits, target = tied_bf16_logits(96, seed=1)
+    z = logits.clone().requires_grad_()
+    loss, stats = vocab_parallel_shaped_loss(z, target, SETTINGS["tail_suppression"])
+    loss.sum().backward()
+    assert loss.dtype == torch.float32 and stats["ce"].dtype == torch.float32
+    assert z.grad.dtype == torch.bfloat16
+    assert torch.equal(z, logits)  # the input is left untouched
+
+
+def test_overwrite_logits_writes_gradient_into_logits():
+    logits, target = make_inputs(64, seed=6, dtype=torch.float32)
+    cfg = SETTINGS["beta_neg_both_lambdas"]
+    a = logits.clone().requires_grad_()
+    loss_a, _ = vocab_parallel_shaped_loss(a, target, cfg)
+    loss_a.sum().backward()
+    assert torch.equal(a.detach(), logits)  # default: logits untouched
+
+    b = logits.clone()
+    b_leaf = b.requires_grad_()
+    loss_b, _ = vocab_parallel_shaped_loss(b_leaf, target, cfg, overwrite_logits=True)
+    torch.testing.assert_close(loss_a, loss_b)
+    loss_b.sum().backward()
+    torch.testing.assert_close(b_leaf.grad, a.grad)
+    torch.testing.assert_close(b.detach(), a.grad)  # the buffer now holds the gradient
+
+
+def test_backward_twice_only_without_overwrite():
+    logits, target = make_inputs(20, seed=1, dtype=torch.float32)
+    z = logits.clone().requires_grad_()
+    loss, _ = vocab_parallel_shaped_loss(z, target, ShapedLossConfig())
+    loss.sum().backward(retain_graph=True)
+    loss.sum().backward()
+    first = z.grad / 2
+    z = logits.clone().requires_grad_()
+    loss, _ = vocab_parallel_shaped_loss(z, target, ShapedLossConfig(), overwrite_logits=True)
+    loss.sum().backward(retain_graph=True)
+    torch.testing.assert_close(z.grad, first)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.sum().backward()
+
+
+def test_input_errors_are_clear():
+    logits = torch.randn(2, 3, 10)
+    with pytest.raises(TypeError, match="int64"):
+        vocab_parallel_shaped_loss(logits, torch.zeros(2, 3, dtype=torch.int32), ShapedLossConfig())
+    with pytest.raises(ValueError, match=r"\(2, 4\).*\(2, 3\)"):
+        vocab_parallel_shaped_loss(logits, torch.zeros(2, 4, dtype=torch.long), ShapedLossConfig())
+    with pytest.raises(TypeError, match="floating"):
+        vocab_parallel_shaped_loss(logits.long(), torch.zeros(2, 3, dtype=torch.long), ShapedLossConfig())
+    with pytest.raises(ValueError, match=r"\[V_local, H\] with H = 10"):
+        fused_linear_shaped_loss(logits, torch.randn(5, 7), torch.zeros(2, 3, dtype=torch.long), ShapedLossConfig())
+
+
+def test_eager_passes_equal_compiled(monkeypatch):
+    logits, target = make_inputs(3000, seed=8, dtype=torch.float32, shape=(6, 7))
+    cfg = SETTINGS["beta_neg_both_lambdas"]
+    results = []
+    for compile_flag in ("1", "0"):
+        monkeypatch.setenv("MEGATRON_NTP_COMPILE", compile_flag)
+        monkeypatch.setattr(passes, "_EAGER_CHUNK_ELEMENTS", 3000 * 5)  # several row chunks
+        z = logits.clone().requires_grad_()
+        loss, stats = vocab_parallel_shaped_loss(z, target, cfg)
+        loss.sum().backward()
+        results.append((loss, z.grad, stats["entropy"]))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("vocab, k", [(5000, 1), (5000, 37), (4099, 20), (300, 100), (50, 80)])
+def test_shard_topk_is_the_first_k_under_the_tie_rule(vocab, k):
+    gen = torch.Generator().manual_seed(vocab + k)
+    noise = torch.randn(6, vocab, generator=gen)
+    ties = torch.randint(-2, 2, (6, vocab), generator=gen).float()  # heavy ties
+    for logits in (noise, ties, ties.masked_fill(ties < 0, float("-inf"))):
+        values, ids = shard_topk(logits, k)
+        order = torch.sort(logits, dim=-1, descending=True, stable=True).indices
+        want = order[:, : min(k, vocab)].sort(-1).values
+        assert torch.equal(ids, want)
+        assert torch.equal(values, logits.gather(-1, want))
