@@ -1,0 +1,166 @@
+"""Speed and peak memory of the shaped loss against megatron-core's cross-entropy, in one run.
+
+For N tokens and a vocabulary of V (default 4096 x 151,936, float32 logits), at each tensor-
+parallel size, forward+backward time and peak memory of:
+  (a) megatron-core's vocab_parallel_cross_entropy                      (the baseline)
+  (b) vocab_parallel_shaped_loss with the defaults (cross-entropy)
+  (c) vocab_parallel_shaped_loss at beta=-0.25, lambda_tail=-0.1, k=100
+  (d) fused_linear_shaped_loss (output layer + loss, hidden H)           vs output layer + (a)
+(b) and (c) run with overwrite_logits=True, the memory behaviour of (a); (c') without it.
+Peak memory is the process's resident-set high-water mark during the step (reset through
+/proc/self/clear_refs) above its size before the inputs were made, so inputs count; at TP > 1
+it is the largest over ranks, and time is the slowest rank's. Time: median of --repeats steps
+after a warm-up on small inputs (torch.compile).
+
+    .venv/bin/python benchmarks/loss_bench.py [--tokens 4096] [--vocab 151936] [--hidden 2048]
+"""
+
+import argparse
+import os
+import socket
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from megatron_ntp.loss import ShapedLossConfig, fused_linear_shaped_loss, vocab_parallel_shaped_loss
+
+SHAPED = ShapedLossConfig(beta=-0.25, topk=100, lambda_tail=-0.1)
+
+
+def _status_mib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _megatron_ce(logits, target, group):
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    return vocab_parallel_cross_entropy(logits, target, tp_group=group)
+
+
+def _loss_variants(group):
+    return {
+        "a": lambda z, t: _megatron_ce(z, t, group),
+        "b": lambda z, t: vocab_parallel_shaped_loss(z, t, ShapedLossConfig(), group, overwrite_logits=True)[0],
+        "c": lambda z, t: vocab_parallel_shaped_loss(z, t, SHAPED, group, overwrite_logits=True)[0],
+        "c'": lambda z, t: vocab_parallel_shaped_loss(z, t, SHAPED, group)[0],
+    }
+
+
+def _linear_variants(group):
+    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+    def output_layer_plus_ce(h, w, t):
+        # megatron-core's ColumnParallelLinear: identity forward, all-reduce of grad in backward
+        logits = copy_to_tensor_model_parallel_region(h, group) @ w.t()
+        return _megatron_ce(logits, t, group)
+
+    return {
+        "a_linear": output_layer_plus_ce,
+        "d": lambda h, w, t: fused_linear_shaped_loss(h, w, t, SHAPED, group)[0],
+    }
+
+
+def _measure(step, make_inputs, repeats):
+    """(median seconds, peak MiB) of step(*inputs).sum().backward() on fresh inputs."""
+    times, peak = [], 0.0
+    for _ in range(repeats):
+        base = _status_mib("VmRSS")
+        inputs = make_inputs()
+        _reset_peak()
+        start = time.perf_counter()
+        step(*inputs).sum().backward()
+        times.append(time.perf_counter() - start)
+        peak = max(peak, _status_mib("VmHWM") - base)
+        del inputs
+    return statistics.median(times), peak
+
+
+def _worker(rank, world, port, args, results):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(max(1, args.threads // world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    group = dist.group.WORLD
+    vocab_local, n, hidden = args.vocab // world, args.tokens, args.hidden
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randint(0, args.vocab, (n,), generator=gen)
+    logits = torch.randn(n, vocab_local, generator=gen) * 3
+    h = torch.randn(n, hidden, generator=gen)
+    w = torch.randn(vocab_local, hidden, generator=gen) / hidden**0.5
+    small_t = target[:64] % (8 * 4096)
+
+    measured = {}
+    for name, fn in _loss_variants(group).items():
+        fn(torch.randn(64, 4096, requires_grad=True), small_t % (4096 * world)).sum().backward()
+        make = lambda: (logits.clone().requires_grad_(), target)  # noqa: E731
+        measured[name] = _measure(fn, make, args.repeats)
+        dist.barrier()
+    for name, fn in _linear_variants(group).items():
+        fn(torch.randn(64, 32, requires_grad=True), torch.randn(4096, 32, requires_grad=True),
+           small_t % (4096 * world)).sum().backward()
+        make = lambda: (h.clone().requires_grad_(), w.clone().requires_grad_(), target)  # noqa: E731
+        measured[name] = _measure(fn, make, args.linear_repeats)
+        dist.barrier()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, measured)
+    if rank == 0:
+        results.update(
+            {name: (max(g[name][0] for g in gathered), max(g[name][1] for g in gathered))
+             for name in measured}
+        )
+    dist.destroy_process_group()
+
+
+def _run(world, args):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_worker, args=(world, port, args, results), nprocs=world, join=True)
+        return dict(results)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--linear-repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    print(f"tokens {args.tokens}, vocab {args.vocab}, hidden {args.hidden}, float32, "
+          f"{args.threads} threads, torch {torch.__version__}")
+    rows = [
+        ("(a) megatron-core vocab_parallel_cross_entropy", "a", "a"),
+        ("(b) shaped loss, cross-entropy settings", "b", "a"),
+        ("(c) shaped loss, beta=-0.25 lambda_tail=-0.1 k=100", "c", "a"),
+        ("(c') as (c), overwrite_logits=False", "c'", "a"),
+        ("output layer + (a)", "a_linear", "a_linear"),
+        ("(d) fused output layer + shaped loss (c)", "d", "a_linear"),
+    ]
+    for world in args.tp:
+        r = _run(world, args)
+        print(f"\nTP = {world}: per rank V_local = {args.vocab // world}")
+        print(f"| variant | time (s) | time ratio | peak (MiB) | peak ratio |")
+        print(f"|---|---|---|---|---|")
+        for label, key, base in rows:
+            t, m = r[key]
+            print(f"| {label} | {t:.3f} | {t / r[base][0]:.2f}x | {m:.0f} | {m / r[base][1]:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
