@@ -109,7 +109,7 @@ def _patch_streams_and_events():
 
 
 # ---------------------------------------------------------------------------------------------
-# RNG tracker on the CPU generator
+# RNG tracker and recomputation RNG state on the CPU generator
 # ---------------------------------------------------------------------------------------------
 def _patch_rng_tracker():
     # tensor_parallel/random.py: CudaRNGStatesTracker.add() seeds and reads the CUDA generator
@@ -155,6 +155,20 @@ def _patch_rng_tracker():
                 self._current_state_name = outer_name
 
     mcore_random.CudaRNGStatesTracker = CPURNGStatesTracker
+
+    # Activation recomputation (tensor_parallel/random.py CheckpointFunction for
+    # recompute=full, CheckpointWithoutOutput for selective) saves and restores the device RNG
+    # state through _get_all_rng_states/_set_all_rng_states, which call these two helpers
+    # (torch.cuda.random.get_rng_state / _C._cuda_setRNGState). On CPU the device generator is
+    # the CPU generator, so they read and write that.
+    def _get_cuda_rng_state(device="cuda", clone=False, graph_safe=False):
+        return torch.get_rng_state()
+
+    def _set_cuda_rng_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    mcore_random._get_cuda_rng_state = _get_cuda_rng_state
+    mcore_random._set_cuda_rng_state = _set_cuda_rng_state
     # A tracker created before the patch (e.g. by an earlier import-time call) is replaced too.
     mcore_random.initialize_rng_tracker(force_reset=True)
 

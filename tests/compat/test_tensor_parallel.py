@@ -1,5 +1,6 @@
-"""A tiny GPTModel on gloo: TP = 2 (with and without sequence parallelism) gives TP = 1's
-loss and gradients; per-rank parameter counts match megatron_ntp.models.counting."""
+"""A tiny GPTModel on gloo: TP = 2 (with and without sequence parallelism, with selective and
+full recomputation) gives TP = 1's loss and gradients; per-rank parameter counts match
+megatron_ntp.models.counting."""
 
 import torch
 
@@ -76,11 +77,14 @@ def _tp_equivalence_rank(rank, world_size, init_method):
     ref_config = _config("parallel.tensor=1")
     ref_loss, ref, ref_numel = _forward_backward(ref_config, init_method, rank, world_size)
     assert ref_numel == params_per_rank(ref_config.model, ref_config.parallel).total
-    for sequence_parallel in ("false", "true"):
-        config = _config("parallel.tensor=2", f"parallel.sequence_parallel={sequence_parallel}")
+    for variant in (["parallel.sequence_parallel=false"],
+                    ["parallel.sequence_parallel=true"],
+                    ["parallel.recompute=selective"],  # recomputation restores RNG states
+                    ["parallel.sequence_parallel=true", "parallel.recompute=full"]):
+        config = _config("parallel.tensor=2", *variant)
         loss, sharded, numel = _forward_backward(config, init_method, rank, world_size)
         assert numel == params_per_rank(config.model, config.parallel).total, numel
-        assert abs(loss - ref_loss) < 1e-5, (sequence_parallel, loss, ref_loss)
+        assert abs(loss - ref_loss) < 1e-5, (variant, loss, ref_loss)
         assert sharded.keys() == ref.keys()
         tp_rank = rank % 2  # TP groups are consecutive ranks
         for name, (param, grad, partitioning) in sharded.items():
@@ -89,7 +93,7 @@ def _tp_equivalence_rank(rank, world_size, init_method):
             expected_grad = _shard(ref_grad, partitioning, tp_rank, 2)
             assert torch.equal(param, expected_param), f"weights differ: {name}"
             torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6,
-                                       msg=lambda m: f"{name} (sp={sequence_parallel}): {m}")
+                                       msg=lambda m: f"{name} ({variant}): {m}")
 
 
 def test_tp2_matches_tp1_loss_and_grads():
