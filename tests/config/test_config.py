@@ -237,3 +237,13 @@ def test_fp8_and_transformer_engine_rejected_on_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU without TE
     with pytest.raises(ConfigError, match="Transformer Engine"):
         check_environment(valid("model.transformer_impl=transformer_engine"))
+
+
+def test_dump_round_trip(tmp_path):
+    from megatron_ntp.config import dump_yaml
+
+    config = valid("loss.beta=-0.25", "loss.topk=100", "data.blend=[1, a, 3, b]",
+                   "train.loss_schedule={lambda_tail: {start: 0, end: -0.1, end_step: 5}}")
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_yaml(config))
+    assert validate_config(load_config(path)) == config
