@@ -73,3 +73,18 @@ def test_patches_applied_once_without_cuda_and_rng_tracker_on_cpu():
         print("patched")
     """)
     assert "patched" in out
+
+
+def test_no_op_in_process_with_monkeypatched_cuda(monkeypatch):
+    import torch
+    from torch.overrides import _get_current_function_mode_stack
+
+    from megatron_ntp.compat import cpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cpu, "_applied", False)  # as in a fresh GPU process
+    before = (torch.cuda.current_device, torch.cuda.Stream, torch.cuda.Event,
+              len(_get_current_function_mode_stack()))
+    assert cpu.apply_cpu_patches() is False and not cpu.cpu_patches_applied()
+    assert before == (torch.cuda.current_device, torch.cuda.Stream, torch.cuda.Event,
+                      len(_get_current_function_mode_stack()))

@@ -18,9 +18,9 @@ def _config(*overrides, world_size=2):
 
 
 def _forward_backward(config, init_method, rank, world_size):
-    """Loss and {name: (param, grad)} for one batch, on the layout of `config`."""
+    """(loss, {name: (weight, grad, partitioning)}, parameters on this rank) for one batch on
+    the layout of `config`; the parallel state is torn down afterwards."""
     from megatron.core import parallel_state
-
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -28,17 +28,15 @@ def _forward_backward(config, init_method, rank, world_size):
     )
 
     from megatron_ntp.models.gpt import build_gpt_model, transformer_config
-    from megatron_ntp.parallel import initialize_parallel
+    from megatron_ntp.parallel import initialize_parallel_from_config
 
-    p = config.parallel
-    initialize_parallel(tensor=p.tensor, seed=config.train.seed, rank=rank,
-                        world_size=world_size, init_method=init_method)
+    initialize_parallel_from_config(config, rank=rank, world_size=world_size,
+                                    init_method=init_method)
     # megatron-core's DDP and finalize_model_grads, as training uses them: they all-reduce over
     # TP the grads of replicated parameters computed on a shard (QK-norm weights; the norms
     # under sequence parallelism, tagged by the CPU patch) and average over data parallelism.
     model = DistributedDataParallel(transformer_config(config), DistributedDataParallelConfig(),
                                     build_gpt_model(config))
-    model.config.finalize_model_grads_func = finalize_model_grads
     generator = torch.Generator().manual_seed(0)  # the same batch on every rank
     tokens = torch.randint(0, config.model.vocab_size, (BATCH, SEQ), generator=generator)
     labels = torch.randint(0, config.model.vocab_size, (BATCH, SEQ), generator=generator)
