@@ -1,8 +1,9 @@
 """Preprocessing throughput against the raw tokenizer, on the same text, in one run.
 
-raw:        a pool of N processes (started and warmed before timing) encodes the documents' texts
-            in batches with sentencepiece's batch encode (one thread each) and returns flat uint16
-            arrays: the tokenizer's own speed with N processes.
+raw:        a pool of N processes (started and warmed before timing, the texts already in their
+            memory) encodes the documents' texts in batches with sentencepiece's batch encode (one
+            thread each) and returns flat uint16 arrays: the tokenizer's own speed with N
+            processes.
 preprocess: megatron_ntp.data.preprocess with --workers N on the JSONL file holding the same
             documents, timed end to end (reading, JSON parsing, validation, encoding, writing the
             .bin/.idx, renaming, the summary file; pool start included).
@@ -30,6 +31,7 @@ import numpy as np
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|absl).*")
 
 _processor = None
+_texts = None  # the documents' texts, set before the raw pool is forked so workers share them
 
 
 def _init_raw(model_path):
@@ -39,9 +41,10 @@ def _init_raw(model_path):
     _processor = sentencepiece.SentencePieceProcessor(model_file=model_path)
 
 
-def _raw_encode(texts):
+def _raw_encode(span):
+    start, end = span
     flat = []
-    for ids in _processor.encode(texts, num_threads=1):
+    for ids in _processor.encode(_texts[start:end], num_threads=1):
         flat.extend(ids)
     return np.array(flat, dtype=np.uint16)
 
@@ -54,12 +57,19 @@ def cpu_seconds():
 
 
 def raw_throughput(model_path, texts, workers, batch_docs):
-    """tokens/s of the bare tokenizer with ``workers`` processes (pool started before timing)."""
-    batches = [texts[i:i + batch_docs] for i in range(0, len(texts), batch_docs)]
+    """tokens/s of the bare tokenizer with ``workers`` processes.
+
+    The strictest baseline: the texts are already in the workers' memory (inherited by fork, no
+    pickling), the pool is started and the model loaded before timing; only the span of each
+    batch goes to a worker and a flat uint16 array comes back.
+    """
+    global _texts
+    _texts = texts
+    spans = [(i, min(i + batch_docs, len(texts))) for i in range(0, len(texts), batch_docs)]
     with multiprocessing.get_context("fork").Pool(workers, _init_raw, (model_path,)) as pool:
-        pool.map(_raw_encode, batches[:workers])  # warm-up: every worker has loaded the model
+        pool.map(_raw_encode, [(0, 1)] * workers)  # warm-up
         start = time.perf_counter()
-        arrays = pool.map(_raw_encode, batches, chunksize=1)
+        arrays = pool.map(_raw_encode, spans, chunksize=1)
         elapsed = time.perf_counter() - start
     tokens = sum(a.size for a in arrays)
     return tokens, tokens / elapsed

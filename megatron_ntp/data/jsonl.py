@@ -156,6 +156,20 @@ def _has_lone_surrogate(text: str) -> bool:
         return True
 
 
+_raw_decode = json.JSONDecoder().raw_decode
+
+
+def _loads(text: str):
+    """json.loads without its per-call wrapper layers (~40% of its time on short lines)."""
+    try:
+        value, end = _raw_decode(text)
+    except ValueError:
+        return json.loads(text)  # leading whitespace, or a real error with json's message
+    if end != len(text) and not text[end:].isspace():
+        return json.loads(text)  # raises "Extra data" with json's message
+    return value
+
+
 def _parse_lines(lines: List[bytes], keys: Tuple[str, ...], first_of_file: bool):
     """Split lines into good ones and bad ones. Returns (good offsets, texts per key, bad)."""
     good: List[int] = []
@@ -164,7 +178,7 @@ def _parse_lines(lines: List[bytes], keys: Tuple[str, ...], first_of_file: bool)
     for offset, line in enumerate(lines):
         if offset == 0 and first_of_file and line.startswith(b"\xef\xbb\xbf"):
             line = line[3:]  # a UTF-8 byte-order mark some editors write
-        if not line.strip():
+        if not line or line.isspace():  # (isspace, unlike strip, copies nothing)
             bad.append((offset, "blank_line", "", ""))
             continue
         try:
@@ -174,7 +188,7 @@ def _parse_lines(lines: List[bytes], keys: Tuple[str, ...], first_of_file: bool)
             bad.append((offset, "invalid_utf8", "", where))
             continue
         try:
-            record = json.loads(decoded)
+            record = _loads(decoded)
         except ValueError as err:
             bad.append((offset, "not_json", "", str(err)[:120]))
             continue
@@ -197,7 +211,7 @@ def _parse_lines(lines: List[bytes], keys: Tuple[str, ...], first_of_file: bool)
                 break
             # Checked on the text, not only on the tokens: a tokenizer that adds a BOS would
             # otherwise turn "" into a one-token document.
-            if not value.strip():
+            if not value or value.isspace():
                 problem = ("empty_document", key, "empty text" if not value else "only whitespace")
                 break
             values.append(value)
