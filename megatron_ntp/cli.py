@@ -58,7 +58,8 @@ def _run_plan(args):
 
 
 def _add_presets(commands):
-    presets = commands.add_parser("presets", help="list the model presets and their counted parameters")
+    presets = commands.add_parser(
+        "presets", help="list the model presets and their counted parameters")
     presets.set_defaults(run=_run_presets)
 
 

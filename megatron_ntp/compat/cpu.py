@@ -288,7 +288,9 @@ class _CudaToCpuMode(TorchFunctionMode):
             # 'torch.cuda.{Half,BFloat16,Float}Tensor' and raise on anything else. Only the
             # no-argument form (the type-name query) is answered with the CUDA name.
             name = func(*args)
-            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+            if name.startswith("torch.cuda."):
+                return name
+            return name.replace("torch.", "torch.cuda.", 1)
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = "cpu"
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):

@@ -27,7 +27,8 @@ from megatron_ntp.config.schema import (
 from megatron_ntp.config.validate import check_environment, validate_config
 
 __all__ = [
-    "CheckpointConfig", "Config", "check_environment", "ConfigError", "KnobSchedule", "LoggingConfig", "ModelConfig",
+    "CheckpointConfig", "Config", "ConfigError", "KnobSchedule", "LoggingConfig", "ModelConfig",
+    "check_environment",
     "ParallelConfig", "TrainConfig", "config_from_dict", "config_help", "config_to_dict",
     "dump_yaml", "load_config", "parse_override", "validate_config",
 ]

@@ -56,7 +56,8 @@ def _section_help(cls, path: str, width: int) -> list[str]:
         if not f.init:
             continue
         value = getattr(defaults, f.name)
-        lines.append(f"  {path}.{f.name} ({_type_text(hints[f.name])}, default {_value_text(value)})")
+        kind, default = _type_text(hints[f.name]), _value_text(value)
+        lines.append(f"  {path}.{f.name} ({kind}, default {default})")
         doc = " ".join(docs.get(f.name, "").split())
         lines.extend(textwrap.wrap(doc, width, initial_indent=" " * 6, subsequent_indent=" " * 6))
     return lines

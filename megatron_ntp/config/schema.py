@@ -86,7 +86,8 @@ class ModelConfig:
     """Token dispatcher: alltoall or allgather."""
 
     transformer_impl: str = "local"
-    """Layer implementation: local (torch, runs on CPU) or transformer_engine (GPU; needed for fp8)."""
+    """Layer implementation: local (torch, runs on CPU) or transformer_engine (GPU; needed for
+    fp8)."""
 
     bf16: bool = False
     """bf16 weights and activations with fp32 master weights and gradients (mixed precision)."""

@@ -10,7 +10,7 @@ import math
 import os
 
 from megatron_ntp.config.load import ConfigError, suggestion
-from megatron_ntp.config.schema import Config, KnobSchedule
+from megatron_ntp.config.schema import Config
 from megatron_ntp.loss import ShapedLossConfig
 from megatron_ntp.models.counting import padded_vocab_size
 
@@ -22,7 +22,8 @@ LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
 RECOMPUTE = ("none", "selective", "full")
 DECAY_STYLES = ("linear", "cosine", "minus_sqrt")
 # Loss knobs that may follow a schedule: the real-valued fields of ShapedLossConfig.
-SCHEDULABLE_KNOBS = tuple(f.name for f in dataclasses.fields(ShapedLossConfig) if f.type in (float, "float"))
+SCHEDULABLE_KNOBS = tuple(f.name for f in dataclasses.fields(ShapedLossConfig)
+                          if f.type in (float, "float"))
 
 
 def validate_config(config: Config, world_size: int | None = None) -> Config:
@@ -206,7 +207,8 @@ def _check_loss_schedule(config: Config, errors):
     for knob, ramp in config.train.loss_schedule.items():
         path = f"train.loss_schedule.{knob}"
         if knob not in SCHEDULABLE_KNOBS:
-            errors.append(f"unknown loss knob {path!r}{suggestion(knob, SCHEDULABLE_KNOBS, 'train.loss_schedule')}")
+            hint = suggestion(knob, SCHEDULABLE_KNOBS, "train.loss_schedule")
+            errors.append(f"unknown loss knob {path!r}{hint}")
             continue
         if ramp.begin_step < 0 or ramp.end_step < ramp.begin_step:
             errors.append(f"{path}: need 0 <= begin_step <= end_step, got begin_step="

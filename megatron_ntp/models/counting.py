@@ -52,7 +52,8 @@ def _attention_params(m, tensor: int = 1) -> int:
     q = m.num_attention_heads * m.kv_channels
     kv = m.num_query_groups * m.kv_channels
     qk_norm = 2 * m.kv_channels if m.qk_layernorm else 0  # replicated over TP
-    return m.hidden_size + m.hidden_size * (q + 2 * kv) // tensor + q * m.hidden_size // tensor + qk_norm
+    h = m.hidden_size
+    return h + h * (q + 2 * kv) // tensor + q * h // tensor + qk_norm
 
 
 def _mlp_params(m, tensor: int = 1, experts: int | None = None, expert_tensor: int = 1) -> int:
@@ -111,7 +112,8 @@ def params_per_rank(m, p, stage: int = 0) -> RankParams:
     if m.num_experts:
         local_experts = m.num_experts // p.expert
         dense += layers * _mlp_params(m, experts=0)
-        expert = layers * local_experts * 3 * m.hidden_size * m.moe_ffn_hidden_size // p.expert_tensor
+        per_expert = 3 * m.hidden_size * m.moe_ffn_hidden_size // p.expert_tensor
+        expert = layers * local_experts * per_expert
     else:
         dense += layers * _mlp_params(m, tensor)
     shard = vocab * m.hidden_size // tensor

@@ -102,9 +102,11 @@ def build_gpt_model(config: Config, pre_process: bool | None = None,
 
     m, p = config.model, config.parallel
     if pre_process is None:
-        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False,
+                                                             vp_stage=vp_stage)
     if post_process is None:
-        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False,
+                                                             vp_stage=vp_stage)
     rotary_base = int(m.rotary_base) if float(m.rotary_base).is_integer() else m.rotary_base
     return (model_class or GPTModel)(
         config=transformer_config(config),

@@ -59,8 +59,9 @@ def format_plan(config) -> str:
     kind = "cross-entropy" if loss.is_cross_entropy and not t.loss_schedule else "shaped"
     lines.append(f"loss         {kind}: {knobs}")
     if t.steps:
-        lines.append(f"run          {t.steps} steps = {t.steps * t.global_batch_tokens:.3e} tokens, "
-                     f"{t.steps * t.global_batch_tokens * flops.model:.3e} model FLOPs")
+        tokens = t.steps * t.global_batch_tokens
+        lines.append(f"run          {t.steps} steps = {tokens:.3e} tokens, "
+                     f"{tokens * flops.model:.3e} model FLOPs")
     lines += ["", "per-GPU memory, GiB (estimate; add ~10-20% for CUDA context, buffers, "
                   "fragmentation)",
               f"{'stage':>5} {'params/GPU':>12} {'weights':>9} {'grads':>9} {'optimizer':>10} "

@@ -8,8 +8,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 
 def run_python(code: str) -> str:
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
@@ -56,7 +54,8 @@ def test_patches_applied_once_without_cuda_and_rng_tracker_on_cpu():
         assert x.type() == "torch.cuda.FloatTensor" and x.type(torch.float64).dtype == torch.float64
         # split sizes reach gloo as numpy
         import numpy
-        assert isinstance(token_dispatcher.maybe_move_tensor_to_cpu(torch.tensor([1, 2]), as_numpy=True), numpy.ndarray)
+        splits = token_dispatcher.maybe_move_tensor_to_cpu(torch.tensor([1, 2]), as_numpy=True)
+        assert isinstance(splits, numpy.ndarray)
         # the RNG tracker forks the CPU generator
         mrandom.initialize_rng_tracker(force_reset=True)
         tracker = mrandom.get_cuda_rng_tracker()

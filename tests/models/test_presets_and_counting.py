@@ -81,7 +81,8 @@ def test_params_per_rank_sum_over_a_layout():
 
 def test_flops_per_token_is_6n_plus_attention():
     m = preset_model_config("dense-1b")
-    h, q, kv, f = m.hidden_size, m.num_attention_heads * 128, m.num_query_groups * 128, m.ffn_hidden_size
+    h, f = m.hidden_size, m.ffn_hidden_size
+    q, kv = m.num_attention_heads * 128, m.num_query_groups * 128
     layer = h * (q + 2 * kv) + q * h + 3 * h * f  # matmul weights of one layer
     flops = flops_per_token(m, seq_length=4096)
     assert flops.matmul == 6 * (m.num_layers * layer + m.vocab_size * h)  # + output layer
