@@ -8,8 +8,10 @@ parallel size, forward+backward time and peak memory of:
   (d) fused_linear_shaped_loss (output layer + loss, hidden H)           vs output layer + (a)
 (b) and (c) run with overwrite_logits=True, the memory behaviour of (a); (c') without it.
 Peak memory is the process's resident-set high-water mark during the step (reset through
-/proc/self/clear_refs) above its size before the inputs were made, so inputs count; at TP > 1
-it is the largest over ranks, and time is the slowest rank's. Time: median of --repeats steps
+/proc/self/clear_refs) above its size before the step: for (a)-(c') the logits count (they are
+the loss's memory), for (d) and its baseline the hidden states and the weight do not (the model
+holds them anyway), while the weight gradient does. At TP > 1 the peak is the largest over
+ranks and time the slowest rank's. Time: median of --repeats steps
 after a warm-up on small inputs (torch.compile).
 
     .venv/bin/python benchmarks/loss_bench.py [--tokens 4096] [--vocab 151936] [--hidden 2048]
@@ -72,18 +74,26 @@ def _linear_variants(group):
     }
 
 
-def _measure(step, make_inputs, repeats):
-    """(median seconds, peak MiB) of step(*inputs).sum().backward() on fresh inputs."""
+def _measure(step, make_inputs, repeats, inputs_count):
+    """(median seconds, peak MiB) of forward+backward of step(*inputs) on fresh inputs.
+
+    The gradient is taken with torch.autograd.grad: accumulating it into a leaf's .grad would
+    make autograd copy megatron-core's gradient (it aliases the logits), which a model's
+    output layer never does. inputs_count: whether the inputs' memory counts in the peak.
+    """
     times, peak = [], 0.0
     for _ in range(repeats):
         base = _status_mib("VmRSS")
         inputs = make_inputs()
+        if not inputs_count:
+            base = _status_mib("VmRSS")
         _reset_peak()
         start = time.perf_counter()
-        step(*inputs).sum().backward()
+        leaves = [x for x in inputs if x.requires_grad]
+        grads = torch.autograd.grad(step(*inputs).sum(), leaves)
         times.append(time.perf_counter() - start)
         peak = max(peak, _status_mib("VmHWM") - base)
-        del inputs
+        del inputs, leaves, grads
     return statistics.median(times), peak
 
 
@@ -104,13 +114,13 @@ def _worker(rank, world, port, args, results):
     for name, fn in _loss_variants(group).items():
         fn(torch.randn(64, 4096, requires_grad=True), small_t % (4096 * world)).sum().backward()
         make = lambda: (logits.clone().requires_grad_(), target)  # noqa: E731
-        measured[name] = _measure(fn, make, args.repeats)
+        measured[name] = _measure(fn, make, args.repeats, inputs_count=True)
         dist.barrier()
     for name, fn in _linear_variants(group).items():
         fn(torch.randn(64, 32, requires_grad=True), torch.randn(4096, 32, requires_grad=True),
            small_t % (4096 * world)).sum().backward()
         make = lambda: (h.clone().requires_grad_(), w.clone().requires_grad_(), target)  # noqa: E731
-        measured[name] = _measure(fn, make, args.linear_repeats)
+        measured[name] = _measure(fn, make, args.linear_repeats, inputs_count=False)
         dist.barrier()
     gathered = [None] * world
     dist.all_gather_object(gathered, measured)

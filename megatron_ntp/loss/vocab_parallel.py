@@ -117,7 +117,7 @@ def check_inputs(logits: torch.Tensor, target: torch.Tensor, what: str = "logits
 class _VocabParallelShapedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, cfg, tp_group, overwrite_logits):
-        shard = logits.reshape(-1, logits.shape[-1]).to(compute_dtype_for(logits.dtype))
+        shard = logits.detach().reshape(-1, logits.shape[-1]).to(compute_dtype_for(logits.dtype))
         # A converted (or reshaped) copy is ours, so the gradient may be written into it.
         owned = shard.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr()
         fwd = ShardForward(shard, target.reshape(-1), cfg, tp_group)
