@@ -15,6 +15,7 @@ setup(
         "sentencepiece",
         "tokenizers",
         "matplotlib",
+        "tensorboard",
     ],
     extras_require={
         "dev": ["pytest", "pytest-timeout"],
