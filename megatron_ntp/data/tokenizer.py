@@ -102,6 +102,10 @@ class TokenizerJsonLibrary(MegatronTokenizerTextAbstract):
                 f"tokenizer {self.json_path}: pad token {pad_token!r} is not in its vocabulary"
             )
         self.eod_token, self.pad_token = eod_token, pad_token
+        self.bos_token = _token_content(config.get("bos_token"))
+        # One past the largest id, not the number of tokens: ids may have gaps, and every id
+        # must fit the dtype preprocessing picks from this number.
+        self._vocab_size = max(vocab.values()) + 1
         self.space_sensitive = self.text_to_tokens("x y") != (
             self.text_to_tokens("x") + self.text_to_tokens("y")
         )
@@ -131,13 +135,14 @@ class TokenizerJsonLibrary(MegatronTokenizerTextAbstract):
         if isinstance(special_tokens, dict):
             special_tokens = list(special_tokens.values())
         self.tokenizer.add_special_tokens(list(special_tokens))
+        self._vocab_size = max(self.tokenizer.get_vocab(with_added_tokens=True).values()) + 1
 
     def apply_chat_template(self, *args, **kwargs):
         raise NotImplementedError("chat templates need transformers; not used in pretraining")
 
     @property
     def vocab_size(self) -> int:
-        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+        return self._vocab_size
 
     @property
     def vocab(self) -> list:
@@ -158,8 +163,8 @@ class TokenizerJsonLibrary(MegatronTokenizerTextAbstract):
         return -1 if self.pad_token is None else self.tokenizer.token_to_id(self.pad_token)
 
     @property
-    def bos_id(self):
-        return None
+    def bos_id(self) -> Optional[int]:
+        return None if self.bos_token is None else self.tokenizer.token_to_id(self.bos_token)
 
     @property
     def unk_id(self):

@@ -55,13 +55,27 @@ def test_tokenizer_json_wrapper(hf_tokenizer_json):
 def test_tokenizer_json_folder_with_config(hf_tokenizer_json, tmp_path):
     """A model folder (like a Qwen3 download): tokenizer_config.json names eos and pad."""
     shutil.copy(hf_tokenizer_json, tmp_path / "tokenizer.json")
-    config = {"eos_token": {"content": "<|pad|>"}, "pad_token": EOD_TOKEN}
+    config = {"eos_token": {"content": "<|pad|>"}, "pad_token": EOD_TOKEN, "bos_token": "the"}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     tok = build_tokenizer("huggingface", str(tmp_path))
     assert (tok.eod, tok.pad) == (1, 0)
+    the = tokenizers.Tokenizer.from_file(hf_tokenizer_json).token_to_id("the")
+    assert the is not None and tok.bos == the
     # Explicit arguments override the config file.
     tok = build_tokenizer("huggingface", str(tmp_path), eod_token=EOD_TOKEN, pad_token="<|pad|>")
     assert (tok.eod, tok.pad) == (0, 1)
+
+
+def test_tokenizer_json_vocab_size_is_largest_id_plus_one(tmp_path):
+    """Ids with a gap (an added token far above the base vocabulary) must fit the dtype."""
+    from tokenizers import Tokenizer, models
+
+    base = {"[UNK]": 0, "a": 1, "b": 2}
+    tok = Tokenizer(models.WordLevel({**base, EOD_TOKEN: 70_000}, unk_token="[UNK]"))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    wrapped = build_tokenizer("huggingface", str(tmp_path / "tokenizer.json"))
+    assert tok.get_vocab_size() == 4 and wrapped.vocab_size == 70_001
+    assert wrapped.eod == 70_000
 
 
 def test_tokenizer_json_without_eod_fails(corpus_texts, tmp_path):
