@@ -55,11 +55,11 @@ def test_tokenizer_json_wrapper(hf_tokenizer_json):
 def test_tokenizer_json_folder_with_config(hf_tokenizer_json, tmp_path):
     """A model folder (like a Qwen3 download): tokenizer_config.json names eos and pad."""
     shutil.copy(hf_tokenizer_json, tmp_path / "tokenizer.json")
-    config = {"eos_token": {"content": "<|pad|>"}, "pad_token": EOD_TOKEN, "bos_token": "the"}
+    config = {"eos_token": {"content": "<|pad|>"}, "pad_token": EOD_TOKEN, "bos_token": "Ġthe"}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     tok = build_tokenizer("huggingface", str(tmp_path))
     assert (tok.eod, tok.pad) == (1, 0)
-    the = tokenizers.Tokenizer.from_file(hf_tokenizer_json).token_to_id("the")
+    the = tokenizers.Tokenizer.from_file(hf_tokenizer_json).token_to_id("Ġthe")
     assert the is not None and tok.bos == the
     # Explicit arguments override the config file.
     tok = build_tokenizer("huggingface", str(tmp_path), eod_token=EOD_TOKEN, pad_token="<|pad|>")
