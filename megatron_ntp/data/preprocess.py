@@ -40,7 +40,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from megatron_ntp.data import jsonl
-from megatron_ntp.data.tokenizer_types import TOKENIZER_TYPES
+from megatron_ntp.data.tokenizer_types import TOKENIZER_TYPES, canonical_tokenizer_type
 
 MAX_LOCATIONS_PER_REASON = 5  # file:line examples kept for each bad-input reason
 
@@ -271,13 +271,21 @@ def preprocess(opts: PreprocessOptions, stream=None) -> PreprocessSummary:
     --strict, KeyboardInterrupt, Interrupted) after removing partial output and writing the
     summary with status "failed"/"interrupted" when the output folder is usable.
     """
+    # Everything that can fail without reading input fails here, before any work; the cheap
+    # checks even before megatron-core's import (~5 s).
+    _check_options(opts)
+    inputs = jsonl.resolve_inputs(opts.inputs)
+    try:
+        canonical_tokenizer_type(opts.tokenizer_type)
+    except ValueError as err:
+        raise ValueError(f"--tokenizer-type: {err}") from None
+    if not os.path.exists(opts.tokenizer_model):
+        raise FileNotFoundError(f"--tokenizer-model {opts.tokenizer_model!r}: no such file")
+
     from megatron.core.datasets.indexed_dataset import DType
 
     from megatron_ntp.data.tokenizer import build_tokenizer
 
-    # Everything that can fail without reading input fails here, before any work.
-    _check_options(opts)
-    inputs = jsonl.resolve_inputs(opts.inputs)
     tokenizer = build_tokenizer(opts.tokenizer_type, opts.tokenizer_model)
     dtype = DType.optimal_dtype(tokenizer.vocab_size)  # uint16 below 65,500 tokens, else int32
     encode_options = jsonl.EncodeOptions(tuple(opts.json_keys), opts.append_eod,

@@ -270,6 +270,9 @@ def test_missing_inputs_fail_before_work(spm_model, small_corpus, tmp_path):
             preprocess(options(inputs, tmp_path / "out", spm_model))
     with pytest.raises(FileNotFoundError, match="nope.model"):
         preprocess(options([small_corpus], tmp_path / "out", str(tmp_path / "nope.model")))
+    with pytest.raises(ValueError, match="--tokenizer-type: tokenizer type 'GPT2BPETokenizer'"):
+        preprocess(PreprocessOptions([str(small_corpus)], str(tmp_path / "out"),
+                                     "GPT2BPETokenizer", spm_model))
     assert os.listdir(tmp_path) == []  # not even a summary file
 
 
