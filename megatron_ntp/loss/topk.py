@@ -72,6 +72,11 @@ def is_member(values, ids, kth_value, kth_index):
     return (values > kth_value) | ((values == kth_value) & (ids <= kth_index))
 
 
+# Rows per selection chunk are chosen so the chunk's temporaries stay near this size: small
+# enough to cost no memory next to the logits and to be reused by the allocator between chunks.
+SELECTION_CHUNK_BYTES = 8 << 20
+
+
 def shard_topk(logits: torch.Tensor, k: int):
     """The shard's own top min(k, V_local) tokens under the total order.
 
@@ -81,6 +86,17 @@ def shard_topk(logits: torch.Tensor, k: int):
     Returns:
         values [N, k'] and local ids [N, k'] (ascending), k' = min(k, V_local).
     """
+    vocab = logits.shape[1]
+    # per row: block maxima, candidates (value, id, position) and masks over the candidates
+    bytes_per_row = 8 * (vocab // BLOCK + 1) + 32 * min(vocab, k * BLOCK)
+    rows = max(1, SELECTION_CHUNK_BYTES // bytes_per_row)
+    if rows >= logits.shape[0]:
+        return _shard_topk(logits, k)
+    parts = [_shard_topk(chunk, k) for chunk in logits.split(rows)]
+    return torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])
+
+
+def _shard_topk(logits: torch.Tensor, k: int):
     n, vocab = logits.shape
     k = min(k, vocab)
     if 2 * k * BLOCK >= vocab:  # small shard: select over the whole row
