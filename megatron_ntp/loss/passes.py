@@ -1,7 +1,8 @@
 """The two elementwise passes over a [N, V_local] logits shard, fused by torch.compile.
 
-Pass 1 (forward) reads the logits once and returns per-token sums; pass 2 reads them once more
-and writes the gradient p_j * W - w_j (the target entry is patched afterwards). Written in plain
+Pass 1 (forward) reads the logits once and returns two per-token sums relative to the shard's
+row max; pass 2 reads them once more and writes the gradient p_j * W - w_j (the target entry
+is patched afterwards). Written in plain
 torch: torch.compile fuses each pass into one loop (C++/OpenMP on CPU, Triton on GPU), so no
 [N, V] temporary is ever materialised. Set MEGATRON_NTP_COMPILE=0 to run them eagerly
 (row-chunked so temporaries stay small) where a compiler is unavailable or for debugging.
@@ -22,14 +23,11 @@ def _membership(logits, kth_value, kth_local_index):
     return (logits > kth_value) | ((logits == kth_value) & (ids[None, :] <= kth_local_index[:, None]))
 
 
-def _token_sums(logits, logit_max, kth_value, kth_local_index):
-    """[N, 4]: sum e, sum e * (z - m), sum_K e, sum_K e * (z - m), with e = exp(z - m)."""
-    shifted = logits - logit_max[:, None]
+def _exp_sums(logits, shard_max):
+    """[N, 2]: sum e and sum e * (z - m), with e = exp(z - m) and m the shard's row max."""
+    shifted = logits - shard_max[:, None]
     e = torch.exp(shifted)
-    e_topk = torch.where(_membership(logits, kth_value, kth_local_index), e, 0.0)
-    return torch.stack(
-        [e.sum(-1), (e * shifted).sum(-1), e_topk.sum(-1), (e_topk * shifted).sum(-1)], dim=-1
-    )
+    return torch.stack([e.sum(-1), (e * shifted).sum(-1)], dim=-1)
 
 
 def _gradient(logits, log_normalizer, tail_coef, topk_coef, kth_value, kth_local_index):
@@ -64,8 +62,8 @@ def _run(fn, logits, *args):
     return None if outputs[0] is None else torch.cat(outputs)
 
 
-def token_sums(logits, logit_max, kth_value, kth_local_index):
-    return _run(_token_sums, logits, logit_max, kth_value, kth_local_index)
+def exp_sums(logits, shard_max):
+    return _run(_exp_sums, logits, shard_max)
 
 
 def gradient(logits, terms, kth_value, kth_local_index, inplace: bool):

@@ -1,18 +1,18 @@
 """The shaped loss over a vocabulary sharded across tensor-parallel ranks.
 
 Rank r of the tensor-parallel group holds logits for the contiguous global ids
-[r * V_local, (r + 1) * V_local) (megatron-core's convention). Stages:
+[r * V_local, (r + 1) * V_local) (megatron-core's convention). Forward, on each rank:
 
-  forward  1. shard top-k (megatron_ntp/loss/topk.py), then ONE all-gather of k (value, id)
-              pairs per token and rank -> global max m and the global K threshold;
-              with k = 0, ONE all-reduce(MAX) of the row maxima instead.
-           2. pass 1 over the shard (megatron_ntp/loss/passes.py) -> [N, 4] sums, plus the
-              target logit; ONE all-reduce(SUM) of these [N, 5] values.
-           3. per-token algebra (megatron_ntp/loss/token_terms.py) -> loss, stats, W.
-           4. pass 2 writes the gradient p * W - w, the only thing kept for backward.
-  backward no collectives: the kept gradient is scaled by the incoming per-token gradient.
-
-Communication per token: k * TP value/id pairs + 5 values, never O(V).
+  1. the shard's own top k (megatron_ntp/loss/topk.py); its first value is the shard max m_r;
+  2. pass 1 over the shard (megatron_ntp/loss/passes.py): S_r = sum exp(z - m_r) and
+     T_r = sum exp(z - m_r) * (z - m_r), plus the target logit if the target is in the shard;
+  3. ONE all-gather of [N, 4 + 2k'] values per rank: (m_r, S_r, T_r, z_x, k' logits, k' ids);
+  4. on every rank alike: the global max m, S and T rescaled to m, the global K threshold from
+     the k * TP candidates (K lies within them), the K sums from the candidates alone, then the
+     per-token algebra (megatron_ntp/loss/token_terms.py): loss, stats, W;
+  5. pass 2 writes the gradient p * W - w, the only thing kept for backward.
+Backward: no collective; the kept gradient is scaled by the incoming per-token gradient.
+Communication per token: 4 + 2 * k' values per rank (k' = min(k, V_local)), never O(V).
 """
 
 import torch
@@ -30,19 +30,13 @@ def _group_rank_size(tp_group):
     return dist.get_rank(tp_group), dist.get_world_size(tp_group)
 
 
-def _all_gather_rows(tensor: torch.Tensor, tp_group, world: int) -> torch.Tensor:
-    """[N, C, ...] on each rank -> [N, world * C, ...], rank-major along dim 1."""
+def _all_gather(tensor: torch.Tensor, tp_group, world: int) -> torch.Tensor:
+    """[N, C] on each rank -> [world, N, C]."""
     if world == 1:
-        return tensor
+        return tensor[None]
     parts = [torch.empty_like(tensor) for _ in range(world)]
     dist.all_gather(parts, tensor.contiguous(), group=tp_group)
-    return torch.cat(parts, dim=1)
-
-
-def _all_reduce(tensor: torch.Tensor, op, tp_group, world: int) -> torch.Tensor:
-    if world > 1:
-        dist.all_reduce(tensor, op=op, group=tp_group)
-    return tensor
+    return torch.stack(parts)
 
 
 class ShardForward:
@@ -60,33 +54,56 @@ class ShardForward:
         vocab_local = logits.shape[-1]
         vocab_start = rank * vocab_local
         valid = (target >= 0) & (target < vocab_local * world)
-
-        if cfg.topk > 0:
-            values, local_ids = shard_topk(logits, cfg.topk)  # [N, k']
-            # values and ids travel together as float64 (exact for fp32 values and ids < 2**53)
-            packed = torch.stack([values.double(), (local_ids + vocab_start).double()], dim=-1)
-            gathered = _all_gather_rows(packed, tp_group, world)  # [N, world * k', 2]
-            candidates = gathered[..., 0].to(logits.dtype)
-            candidate_ids = gathered[..., 1].long()
-            logit_max = candidates.amax(-1)
-            k = min(cfg.topk, candidates.shape[-1])
-            kth_value, kth_index = kth_threshold(candidates, candidate_ids, k)
-        else:  # K is empty
-            logit_max = _all_reduce(logits.amax(-1), dist.ReduceOp.MAX, tp_group, world)
-            kth_value = torch.full_like(logit_max, float("inf"))
-            kth_index = torch.full_like(target, -1)
-
-        self.kth_value = kth_value
-        self.kth_local_index = kth_index - vocab_start
         self.target_local = target - vocab_start
         self.target_here = valid & (self.target_local >= 0) & (self.target_local < vocab_local)
         safe_local = torch.where(self.target_here, self.target_local, 0)[:, None]
         target_logit = torch.where(self.target_here, logits.gather(-1, safe_local)[:, 0], 0.0)
 
-        sums = passes.token_sums(logits, logit_max, self.kth_value, self.kth_local_index)
-        sums = torch.cat([sums, target_logit[:, None]], dim=-1)  # [N, 5]
-        sums = _all_reduce(sums, dist.ReduceOp.SUM, tp_group, world)
-        target_in_topk = is_member(sums[:, 4:], target[:, None], kth_value, kth_index)[:, 0]
+        if cfg.topk > 0:
+            values, local_ids = shard_topk(logits, cfg.topk)  # [N, k']
+            shard_max = values.amax(-1)
+        else:  # K is empty: no candidates travel
+            values = local_ids = logits.new_empty(logits.shape[0], 0)
+            shard_max = logits.amax(-1)
+        shard_sums = passes.exp_sums(logits, shard_max)  # [N, 2]: S_r, T_r
+        # float64 carries fp32 values and token ids (< 2**53) exactly
+        packed = torch.cat(
+            [shard_max[:, None], shard_sums, target_logit[:, None], values, local_ids + vocab_start],
+            dim=-1,
+        ).double()
+        gathered = _all_gather(packed, tp_group, world)  # [world, N, 4 + 2k']
+        max_r, sum_r, sum_logit_r, target_logit_r = gathered[..., :4].to(logits.dtype).unbind(-1)
+
+        logit_max = max_r.amax(0)  # [N]
+        rescale = torch.exp(max_r - logit_max)  # exp(m_r - m)
+        sum_exp = (rescale * sum_r).sum(0)
+        sum_exp_logit = (rescale * (sum_logit_r + (max_r - logit_max) * sum_r)).sum(0)
+        target_logit = target_logit_r.sum(0)  # only the owning rank contributes
+
+        k_local = values.shape[-1]
+        if k_local > 0:
+            # rank-major order of the candidates is ascending global id order
+            candidates = gathered[..., 4 : 4 + k_local].to(logits.dtype).permute(1, 0, 2)
+            candidates = candidates.reshape(logits.shape[0], world * k_local)
+            candidate_ids = gathered[..., 4 + k_local :].long().permute(1, 0, 2)
+            candidate_ids = candidate_ids.reshape(logits.shape[0], world * k_local)
+            k = min(cfg.topk, world * k_local)
+            kth_value, kth_index = kth_threshold(candidates, candidate_ids, k)
+            # K lies within the candidates, so its sums need no pass over the shard
+            shifted = candidates - logit_max[:, None]
+            exp_topk = torch.exp(shifted) * is_member(candidates, candidate_ids, kth_value, kth_index)
+            sum_exp_topk, sum_exp_logit_topk = exp_topk.sum(-1), (exp_topk * shifted).sum(-1)
+        else:
+            kth_value = torch.full_like(logit_max, float("inf"))
+            kth_index = torch.full_like(target, -1)
+            sum_exp_topk = sum_exp_logit_topk = torch.zeros_like(logit_max)
+
+        self.kth_value = kth_value
+        self.kth_local_index = kth_index - vocab_start
+        sums = torch.stack(
+            [sum_exp, sum_exp_logit, sum_exp_topk, sum_exp_logit_topk, target_logit], dim=-1
+        )
+        target_in_topk = is_member(target_logit[:, None], target[:, None], kth_value, kth_index)[:, 0]
         self.terms: TokenTerms = combine_token_sums(cfg, logit_max, sums, target_in_topk, valid)
 
     def gradient(self, logits: torch.Tensor, inplace: bool) -> torch.Tensor:
@@ -172,8 +189,8 @@ def vocab_parallel_shaped_loss(
     Returns:
         loss: [...] surrogate loss (float32, or float64), whose backward is p * W - w.
         stats: {"ce", "entropy", "topk_mass"} as [...] tensors from the same reductions.
-    Collectives (tp_group of size > 1): forward one all-gather of [N, k, 2] (or one
-    all-reduce(MAX) of [N] when topk == 0) and one all-reduce(SUM) of [N, 5]; backward none.
+    Collectives (tp_group of size > 1): forward one all-gather of [N, 4 + 2 * min(k, V_local)]
+    values per rank; backward none.
     """
     check_inputs(logits, target)
     loss, ce, entropy, topk_mass = _VocabParallelShapedLoss.apply(

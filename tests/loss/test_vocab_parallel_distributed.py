@@ -65,28 +65,25 @@ def _record_collectives(log):
 
 
 def _check_communication(failures, group, rank, world):
-    """Per token: k (value, id) pairs per rank + 5 sums; nothing in backward; never O(V)."""
-    vocab, k = 28000, 100
+    """Per token and rank: 4 values + k (value, id) pairs, in one all-gather; nothing in
+    backward; never O(V)."""
+    vocab = 28000
     logits, target = make_inputs(vocab, seed=7, dtype=torch.float32)
-    shard = _shard(logits, rank, world).requires_grad_()
-    log = []
-    originals = _record_collectives(log)
-    try:
-        loss, _ = vocab_parallel_shaped_loss(shard, target, SETTINGS["tail_suppression"], group)
-        forward_log = list(log)
-        loss.sum().backward()
-    finally:
-        dist.all_gather, dist.all_reduce = originals["all_gather"], originals["all_reduce"]
-    tokens = target.numel()
-    if world == 1:
-        if log:
-            failures.append(f"collectives at world size 1: {log}")
-        return
-    expected = [("all_gather", tokens * k * world * 2), ("all_reduce", tokens * 5)]
-    if forward_log != expected:
-        failures.append(f"forward collectives {forward_log}, expected {expected}")
-    if log != forward_log:
-        failures.append(f"backward ran collectives: {log[len(forward_log):]}")
+    for name, k in (("tail_suppression", 100), ("precision", 0)):
+        shard = _shard(logits, rank, world).requires_grad_()
+        log = []
+        originals = _record_collectives(log)
+        try:
+            loss, _ = vocab_parallel_shaped_loss(shard, target, SETTINGS[name], group)
+            forward_log = list(log)
+            loss.sum().backward()
+        finally:
+            dist.all_gather, dist.all_reduce = originals["all_gather"], originals["all_reduce"]
+        expected = [] if world == 1 else [("all_gather", target.numel() * (4 + 2 * k) * world)]
+        if forward_log != expected:
+            failures.append(f"{name}: forward collectives {forward_log}, expected {expected}")
+        if log != forward_log:
+            failures.append(f"{name}: backward ran collectives: {log[len(forward_log):]}")
 
 
 def _check_megatron_cross_entropy(failures, group, rank, world):
