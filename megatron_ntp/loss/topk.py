@@ -74,7 +74,7 @@ def is_member(values, ids, kth_value, kth_index):
 
 # Rows per selection chunk are chosen so the chunk's temporaries stay near this size: small
 # enough to cost no memory next to the logits and to be reused by the allocator between chunks.
-SELECTION_CHUNK_BYTES = 8 << 20
+SELECTION_CHUNK_BYTES = 16 << 20
 
 
 def shard_topk(logits: torch.Tensor, k: int):
