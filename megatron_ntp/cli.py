@@ -2,6 +2,7 @@
 
     megatron-ntp plan --config FILE [section.field=value ...]
     megatron-ntp presets
+    megatron-ntp train --config FILE [section.field=value ...]   (torchrun for several ranks)
 """
 
 import argparse
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_plan(commands)
     _add_presets(commands)
+    _add_train(commands)
     return parser
 
 
@@ -67,6 +69,31 @@ def _run_presets(args):
     from megatron_ntp.models.plan import format_presets
 
     print(format_presets(), end="")
+
+
+def _add_train(commands):
+    train = commands.add_parser(
+        "train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="train a model (launch with torchrun for several ranks)",
+        description="Validate a config and train it: one process, or one per rank under "
+                    "torchrun (`torchrun --nproc_per_node=N -m megatron_ntp.cli train ...`; "
+                    "gloo on CPU, NCCL on GPU). Writes <logging.run_dir>/metrics.jsonl, "
+                    "valid.jsonl, config.yaml and TensorBoard events.",
+        epilog="config fields:\n\n" + config_help())
+    _add_config_arguments(train)
+    train.set_defaults(run=_run_train)
+
+
+def _run_train(args):
+    from megatron_ntp.config import check_environment
+
+    config = validate_config(load_config(args.config, args.overrides))
+    check_environment(config)  # before any process group or megatron-core import
+    if config.train.steps <= 0:
+        raise ConfigError("train.steps=0 and train.token_budget=0: nothing to train; set one")
+    from megatron_ntp.training import run_training
+
+    run_training(config)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ def apply_cpu_patches() -> bool:
     _patch_torch_norm_for_sequence_parallel()
     _patch_alltoall_split_sizes()
     _patch_uneven_first_dim_collectives()
+    _patch_batched_p2p_for_gloo()
     _enter_cuda_to_cpu_mode()
     _applied = True
     return True
@@ -256,6 +257,29 @@ def _patch_uneven_first_dim_collectives():
 
     mappings._gather_along_first_dim = _gather_along_first_dim
     mappings._reduce_scatter_along_first_dim = _reduce_scatter_along_first_dim
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline point-to-point: batched isend/irecv on gloo
+# ---------------------------------------------------------------------------------------------
+def _patch_batched_p2p_for_gloo():
+    # pipeline_parallel/p2p_communication.py _batched_p2p_ops (batch_p2p_comm=True, the default)
+    # posts [send_prev, recv_prev, send_next, recv_next] in that order on every rank. gloo has
+    # no batching: each isend/irecv matches the peer's in posting order (same group, tag 0). With
+    # the interleaved schedule at pipeline size 2 the previous and next rank are the same peer,
+    # so an activation sent "next" is received as a gradient "prev" and vice versa: the
+    # measured loss was off from the first step (tests/training/test_layouts.py). _p2p_ops,
+    # megatron-core's unbatched path, orders the operations by even/odd rank and, for a group of
+    # two, sends the two directions on different communicators, which gloo matches correctly.
+    # It returns a dict of requests; the batched caller expects a list and waits on all of them.
+    from megatron.core.pipeline_parallel import p2p_communication
+
+    unbatched = p2p_communication._p2p_ops
+
+    def _batched_p2p_ops(**kwargs):
+        return list(unbatched(**kwargs).values())
+
+    p2p_communication._batched_p2p_ops = _batched_p2p_ops
 
 
 # ---------------------------------------------------------------------------------------------

@@ -99,6 +99,10 @@ class ModelConfig:
     fp8_recipe: str = "delayed"
     """Transformer Engine FP8 recipe: delayed, tensorwise, mxfp8 or blockwise."""
 
+    fused_output_loss: bool = False
+    """Fuse the output layer with the shaped loss, chunked over tokens, so the [tokens, vocab]
+    logits never exist (saves memory at large vocabularies; backward recomputes the logits)."""
+
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0

@@ -14,8 +14,9 @@ from megatron_ntp.config.schema import Config
 from megatron_ntp.models.counting import padded_vocab_size
 
 
-def transformer_config(config: Config):
-    """megatron-core TransformerConfig for `config` (validated; parallel.data resolved)."""
+def transformer_config(config: Config, **overrides):
+    """megatron-core TransformerConfig for `config` (validated; parallel.data resolved);
+    `overrides` set further TransformerConfig fields (e.g. calculate_per_token_loss)."""
     from megatron.core.transformer import TransformerConfig
 
     m, p = config.model, config.parallel
@@ -71,6 +72,7 @@ def transformer_config(config: Config):
                       recompute_num_layers=p.recompute_num_layers)
     if m.fp8:
         kwargs.update(fp8=m.fp8, fp8_recipe=m.fp8_recipe)
+    kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
 
@@ -90,8 +92,12 @@ def layer_spec(config: Config):
 
 def build_gpt_model(config: Config, pre_process: bool | None = None,
                     post_process: bool | None = None, vp_stage: int | None = None,
-                    model_class=None):
+                    model_class=None, mcore_config=None, **model_kwargs):
     """GPTModel (or subclass `model_class`, e.g. one with the shaped loss) for this rank.
+
+    mcore_config: a TransformerConfig to use (model chunks of one rank share one, as the
+    schedules read it from the first chunk); default: transformer_config(config).
+    model_kwargs go to the model class (e.g. ShapedLossGPTModel's loss_config).
 
     Call after megatron_ntp.parallel.initialize_parallel. pre_process/post_process default to
     whether this rank is the first/last pipeline stage (for chunk `vp_stage` when interleaved).
@@ -109,7 +115,7 @@ def build_gpt_model(config: Config, pre_process: bool | None = None,
                                                              vp_stage=vp_stage)
     rotary_base = int(m.rotary_base) if float(m.rotary_base).is_integer() else m.rotary_base
     return (model_class or GPTModel)(
-        config=transformer_config(config),
+        config=mcore_config or transformer_config(config),
         transformer_layer_spec=layer_spec(config),
         vocab_size=padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, p.tensor),
         max_sequence_length=config.data.seq_length,
@@ -119,4 +125,5 @@ def build_gpt_model(config: Config, pre_process: bool | None = None,
         position_embedding_type="rope",
         rotary_base=rotary_base,
         vp_stage=vp_stage,
+        **model_kwargs,
     )

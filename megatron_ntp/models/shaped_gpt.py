@@ -1,0 +1,73 @@
+"""megatron-core's GPTModel with the shaped next-token loss attached at its loss seam.
+
+Two paths, chosen by model.fused_output_loss:
+
+- unfused: megatron-core computes logits [s, b, V_local] with its output layer and calls
+  `compute_language_model_loss(labels, logits)`; this class overrides that hook to call
+  `vocab_parallel_shaped_loss` over the tensor-parallel group. The logits are transient here, so
+  the loss writes its gradient into them (overwrite_logits=True), as megatron-core's own
+  cross-entropy does.
+- fused: the logits are never materialised. GPTModel._postprocess hands the final hidden states
+  to an `output_processor` when one is given (its hook for custom heads); this class passes one
+  that calls `fused_linear_shaped_loss` with the output-layer weight.
+
+Either way forward returns the per-token surrogate loss [b, s] (what GPTModel returns with
+labels), and the per-token statistics of the same reductions (ce, entropy, topk_mass, each
+[b, s], detached) are left in `self.loss_stats` for the training step's loss function to read
+right after the forward (megatron-core's schedules call the loss function immediately after
+each micro-batch's forward on the last stage, so one slot per model chunk is enough).
+
+The loss knobs live in `self.loss_config` and may change between steps (train.loss_schedule):
+the trainer calls `set_loss_config` before each step.
+"""
+
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+from megatron_ntp.loss import ShapedLossConfig, fused_linear_shaped_loss, vocab_parallel_shaped_loss
+
+
+class ShapedLossGPTModel(GPTModel):
+    """GPTModel whose language-model loss is the shaped loss (cross-entropy with the defaults)."""
+
+    def __init__(self, *args, loss_config: ShapedLossConfig | None = None,
+                 fused_output_loss: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_config = loss_config or ShapedLossConfig()
+        self.fused_output_loss = fused_output_loss
+        self.loss_stats: dict | None = None
+
+    def set_loss_config(self, loss_config: ShapedLossConfig) -> None:
+        self.loss_config = loss_config
+
+    # megatron-core's seam: labels [b, s], logits [s, b, V_local] -> per-token loss [b, s]
+    def compute_language_model_loss(self, labels, logits):
+        target = labels.transpose(0, 1).contiguous()  # [s, b]
+        loss, stats = vocab_parallel_shaped_loss(logits, target, self.loss_config,
+                                                 self.tp_group, overwrite_logits=True)
+        return self._keep_stats(loss, stats)
+
+    def forward(self, *args, labels=None, **kwargs):
+        """GPTModel.forward; labels must be given by keyword (they select the fused head)."""
+        if self.fused_output_loss and labels is not None and self.post_process:
+            kwargs.setdefault("output_processor", self._fused_output_loss)
+        return super().forward(*args, labels=labels, **kwargs)
+
+    def _fused_output_loss(self, *, hidden_states, output_layer, output_weight, labels, **unused):
+        # hidden_states: [s, b, h], or [s / tp, b, h] with sequence parallelism.
+        if output_layer.sequence_parallel:
+            # The output layer would all-gather its input; here the loss does the matmul, so
+            # gather first. tensor_parallel_output_grad=False: the backward only splits, because
+            # the fused loss already all-reduces the hidden-state gradient over the TP group.
+            hidden_states = gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=False, group=self.tp_group)
+        weight = output_layer.weight if output_weight is None else output_weight  # [V_local, h]
+        target = labels.transpose(0, 1).contiguous()  # [s, b]
+        loss, stats = fused_linear_shaped_loss(hidden_states, weight, target, self.loss_config,
+                                               self.tp_group)
+        return self._keep_stats(loss, stats)
+
+    def _keep_stats(self, loss, stats):
+        # [s, b] -> [b, s], the layout GPTModel returns its loss in
+        self.loss_stats = {name: value.detach().transpose(0, 1) for name, value in stats.items()}
+        return loss.transpose(0, 1).contiguous()

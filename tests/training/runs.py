@@ -1,0 +1,90 @@
+"""Training runs for the layout tests, executed inside spawned gloo ranks (tests/distributed.py).
+
+`run_cases(rank, world_size, cases, out_dir)` trains each case in turn in one spawn (one
+import of megatron-core for many layouts) and writes rank 0's per-step records to
+<out_dir>/<name>.json. A reference case (world size 1) also saves its initial weights; every
+other case of the same model loads them, resharded for its layout, so that all layouts start
+from the same weights (megatron-core's initialisation is not layout-invariant: pipeline stages
+are seeded differently and each expert-parallel rank initialises its local experts as if they
+were experts 0..n-1).
+"""
+
+import json
+import os
+import re
+
+import torch
+
+
+def save_initial_weights(objects, path):
+    from megatron_ntp.training.build import loss_modules
+
+    (module,) = loss_modules(objects.model)
+    torch.save({name: p.detach().clone() for name, p in module.named_parameters()}, path)
+
+
+def _global_name(module, name):
+    """Map a rank-local parameter name to the single-rank model's name (layer offsets for
+    pipeline stages / chunks, expert offsets for expert parallelism)."""
+    from megatron.core import parallel_state
+
+    match = re.match(r"decoder\.layers\.(\d+)\.", name)
+    if match:
+        layer = module.decoder.layers[int(match.group(1))]
+        name = f"decoder.layers.{layer.layer_number - 1}." + name[match.end():]
+    match = re.search(r"local_experts\.(\d+)\.", name)
+    if match:
+        local = len(module.decoder.layers[0].mlp.experts.local_experts)
+        expert = parallel_state.get_expert_model_parallel_rank() * local + int(match.group(1))
+        name = name[:match.start()] + f"local_experts.{expert}." + name[match.end():]
+    return name
+
+
+def _shard(full, param, local_shape):
+    """This rank's slice of a full weight, as megatron-core's CPU initialisation cuts it."""
+    from megatron.core import parallel_state
+
+    if tuple(full.shape) == tuple(local_shape):
+        return full
+    dim, stride = param.partition_dim, param.partition_stride
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    size = parallel_state.get_tensor_model_parallel_world_size()
+    pieces = torch.split(full, local_shape[dim] // stride, dim=dim)
+    return torch.cat(pieces[rank::size], dim=dim)
+
+
+def load_initial_weights(objects, path):
+    from megatron_ntp.training.build import loss_modules
+
+    full = torch.load(path)
+    with torch.no_grad():
+        for module in loss_modules(objects.model):
+            for name, param in module.named_parameters():
+                param.copy_(_shard(full[_global_name(module, name)], param, param.shape))
+    objects.optimizer.reload_model_params()
+
+
+def run_cases(rank, world_size, cases, out_dir):
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
+
+    from megatron_ntp.config import load_config, validate_config
+    from megatron_ntp.parallel import initialize_parallel_from_config
+    from megatron_ntp.training.build import build_training_objects
+    from megatron_ntp.training.loop import train
+
+    for name, overrides, weights in cases:
+        config = validate_config(load_config(None, overrides), world_size=world_size)
+        initialize_parallel_from_config(config)
+        objects = build_training_objects(config)
+        if world_size == 1:
+            save_initial_weights(objects, weights)
+        else:
+            load_initial_weights(objects, weights)
+        with open(os.devnull, "w") as quiet:
+            records = train(config, stream=quiet, objects=objects)
+        if rank == 0:
+            with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+                json.dump(records, f)
+        parallel_state.destroy_model_parallel()
+        destroy_moe_metrics_tracker()

@@ -1,0 +1,110 @@
+"""Every parallel layout gives the per-step losses of the single-rank run on the same global
+batch, from the same initial weights (float32, tiny models, 3 steps).
+
+Two spawns serve all tests: one rank runs the references, two ranks run every layout in turn
+(tests/training/runs.py). The loss is the full shaped loss (beta, top-k and both lambdas set),
+so the distributed top-k and the per-token normalisation over micro-batches and data-parallel
+ranks are on the path.
+"""
+
+import json
+
+import pytest
+
+from tests.distributed import run_distributed
+from tests.training.runs import run_cases
+
+STEPS = 3
+COMPARED = ("loss", "ce", "entropy", "topk_mass", "grad_norm", "tokens")
+RTOL = 2e-4
+
+
+def base_overrides(prefix, tokenizer, preset="tiny-dense"):
+    return [
+        f"model.preset={preset}", "model.vocab_size=1024", "model.num_layers=4",
+        f"data.blend={prefix}", f"data.tokenizer_model={tokenizer}", "data.seq_length=32",
+        "data.split=98,2,0",
+        "loss.beta=-0.25", "loss.topk=4", "loss.lambda_topk=0.05", "loss.lambda_tail=-0.1",
+        "train.global_batch_tokens=256", "train.micro_batch_size=2", f"train.steps={STEPS}",
+        "train.lr=3e-3", "train.lr_warmup_steps=1", "train.lr_decay_steps=1",
+        "logging.tensorboard=false",
+    ]
+
+
+DENSE_LAYOUTS = {
+    "tp2_sp_selective": ["parallel.tensor=2", "parallel.sequence_parallel=true",
+                         "parallel.recompute=selective"],
+    "tp2_sp_fused": ["parallel.tensor=2", "parallel.sequence_parallel=true",
+                     "model.fused_output_loss=true"],
+    "pp2_full_recompute": ["parallel.pipeline=2", "parallel.recompute=full"],
+    "pp2_interleaved": ["parallel.pipeline=2", "parallel.virtual_pipeline=2"],
+    "dp2_distributed_optimizer": ["parallel.distributed_optimizer=true"],
+}
+MOE_LAYOUTS = {"ep2": ["parallel.expert=2"]}
+SCHEDULE = ["loss.beta=0", "loss.topk=0", "loss.lambda_topk=0", "loss.lambda_tail=0",
+            "train.loss_schedule={beta: {start: 0.0, end: -0.25, begin_step: 0, end_step: 1}}"]
+
+
+@pytest.fixture(scope="module")
+def results(sample_data, tmp_path_factory):
+    prefix, tokenizer = sample_data
+    out = tmp_path_factory.mktemp("layout_runs")
+    dense_weights, moe_weights = str(out / "dense.pt"), str(out / "moe.pt")
+    dense, moe = base_overrides(prefix, tokenizer), base_overrides(prefix, tokenizer, "tiny-moe")
+
+    def run_dir(name):
+        return [f"logging.run_dir={out / name}"]
+
+    references = [
+        ("dense_reference", dense + run_dir("dense_reference"), dense_weights),
+        ("moe_reference", moe + run_dir("moe_reference"), moe_weights),
+        ("schedule", dense + SCHEDULE + run_dir("schedule"), str(out / "unused.pt")),
+    ]
+    run_distributed(1, run_cases, references, str(out))
+    layouts = [(name, dense + extra + run_dir(name), dense_weights)
+               for name, extra in DENSE_LAYOUTS.items()]
+    layouts += [(name, moe + extra + run_dir(name), moe_weights)
+                for name, extra in MOE_LAYOUTS.items()]
+    run_distributed(2, run_cases, layouts, str(out))
+
+    def load(name):
+        with open(out / f"{name}.json") as f:
+            return json.load(f)
+
+    return {name: load(name) for name in
+            ["dense_reference", "moe_reference", "schedule", *DENSE_LAYOUTS, *MOE_LAYOUTS]}
+
+
+def assert_same_steps(records, reference, keys=COMPARED):
+    assert len(records) == len(reference) == STEPS
+    for got, want in zip(records, reference):
+        for key in keys:
+            assert got[key] == pytest.approx(want[key], rel=RTOL, abs=1e-6), \
+                (got["step"], key, got[key], want[key])
+
+
+@pytest.mark.parametrize("layout", sorted(DENSE_LAYOUTS))
+def test_dense_layout_matches_single_rank(results, layout):
+    assert_same_steps(results[layout], results["dense_reference"])
+
+
+def test_expert_parallel_matches_single_rank(results):
+    assert_same_steps(results["ep2"], results["moe_reference"], COMPARED + ("moe_lb_loss",))
+    assert all(r["moe_lb_loss"] > 0 for r in results["ep2"])
+
+
+def test_reference_learns_and_reports_the_shaped_loss(results):
+    records = results["dense_reference"]
+    assert records[-1]["ce"] < records[0]["ce"]
+    assert all(r["loss"] != pytest.approx(r["ce"], rel=1e-3) for r in records)
+    assert all(0 < r["topk_mass"] < 1 and r["entropy"] > 0 for r in records)
+    assert all(r["tokens"] == 256 for r in records)  # every token of the batch carries loss
+
+
+def test_loss_schedule_takes_effect(results):
+    before, *after = results["schedule"]
+    # beta = 0 (cross-entropy) at step 0, -0.25 from step 1: the surrogate leaves the ce
+    assert before["beta"] == 0.0 and before["loss"] == pytest.approx(before["ce"], rel=1e-6)
+    for record in after:
+        assert record["beta"] == -0.25
+        assert record["loss"] - record["ce"] > 1e-4  # w_x > 1 for beta < 0
