@@ -15,6 +15,7 @@ setup(
         "sentencepiece",
         "tokenizers",
         "matplotlib",
+        "scipy",
         "tensorboard",
     ],
     extras_require={
