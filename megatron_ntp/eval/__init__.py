@@ -1,0 +1,1 @@
+"""Evaluation: sampling metrics (Pass@k, Avg@k, Cons@k) and answer checkers."""
