@@ -1,0 +1,65 @@
+"""`megatron-ntp train` end to end: torchrun with two gloo ranks on the built-in offline sample
+data, and the FP8 error on a machine without a GPU."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.distributed import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CLI = [sys.executable, "-m", "megatron_ntp.cli", "train"]
+REQUIRED_KEYS = {"step", "ce", "ppl", "entropy", "topk_mass", "loss", "lr", "grad_norm",
+                 "tokens_per_s"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is the CPU behaviour")
+def test_fp8_without_gpu_fails_before_any_work(tmp_path):
+    result = subprocess.run(
+        CLI + ["--config", "examples/configs/tiny_dense.yaml", "model.fp8=e4m3",
+               "model.transformer_impl=transformer_engine", f"logging.run_dir={tmp_path}/run"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "model.fp8='e4m3'" in result.stderr and "needs a CUDA GPU" in result.stderr
+    assert not os.path.exists(tmp_path / "run")  # nothing was started
+
+
+def test_torchrun_two_ranks_on_the_sample_data(tmp_path):
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, MEGATRON_NTP_SAMPLE_DIR=str(tmp_path / "sample"), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               f"--master_port={free_port()}", "-m", "megatron_ntp.cli", "train",
+               "--config", "examples/configs/tiny_dense.yaml", "parallel.tensor=2",
+               "parallel.sequence_parallel=true", "loss.topk=100", "loss.lambda_tail=-0.1",
+               "data.seq_length=64", "train.global_batch_tokens=256", "train.micro_batch_size=2",
+               "train.steps=4", "train.lr_warmup_steps=1", "train.lr_decay_steps=2",
+               "train.eval_interval=2", "train.eval_steps=1", f"logging.run_dir={run_dir}"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "step 4/4 | loss" in result.stdout  # the console progress line, from rank 0 only
+    assert result.stdout.count("step 4/4") == 1
+
+    with open(run_dir / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    for record in records:
+        assert REQUIRED_KEYS <= record.keys()
+        assert record["ppl"] == pytest.approx(2.718281828 ** record["ce"], rel=1e-6)
+        assert 0 < record["topk_mass"] < 1 and record["tokens_per_s"] > 0
+    # warmup-stable-decay: 1 warmup step, stable, then 2 decay steps ending at min_lr
+    lrs = [r["lr"] for r in records]
+    assert lrs[0] == lrs[1] == pytest.approx(1e-3) and lrs[1] > lrs[2] > lrs[3]
+    assert lrs[3] == pytest.approx(1e-4)
+
+    with open(run_dir / "valid.jsonl") as f:
+        valid = [json.loads(line) for line in f]
+    assert [v["step"] for v in valid] == [1, 3]
+    assert all({"ce", "ppl", "entropy", "topk_mass"} <= v.keys() for v in valid)
+    events = os.listdir(run_dir / "tensorboard")
+    assert any(name.startswith("events.out.tfevents") for name in events)
+    assert (run_dir / "config.yaml").is_file()
