@@ -1,0 +1,66 @@
+"""ShapedLossGPTModel against megatron-core's own GPTModel on the same weights and batch (one
+gloo rank): with the default knobs its per-token loss is megatron-core's cross-entropy; the
+fused head gives the unfused head's loss, statistics and gradients."""
+
+import torch
+
+from megatron_ntp.config import load_config, validate_config
+from megatron_ntp.loss import ShapedLossConfig
+from tests.distributed import run_distributed
+
+SEQ, BATCH = 16, 2
+
+
+def _compare(rank, world_size):
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_ntp.models.gpt import build_gpt_model
+    from megatron_ntp.models.shaped_gpt import ShapedLossGPTModel
+    from megatron.core import parallel_state
+
+    from megatron_ntp.parallel import initialize_parallel_from_config, set_seed
+
+    config = validate_config(load_config(None, [
+        "model.preset=tiny-dense", "model.num_layers=2", "model.vocab_size=1024",
+        f"data.seq_length={SEQ}"]), world_size=1)
+    initialize_parallel_from_config(config)
+
+    def build(model_class, **kwargs):
+        set_seed(config.train.seed)  # the same initial weights for every model
+        return build_gpt_model(config, model_class=model_class, **kwargs)
+
+    plain = build(GPTModel)
+    shaped = build(ShapedLossGPTModel)
+    cfg = ShapedLossConfig(beta=-0.25, topk=8, lambda_tail=-0.1)
+    unfused = build(ShapedLossGPTModel, loss_config=cfg)
+    fused = build(ShapedLossGPTModel, loss_config=cfg, fused_output_loss=True)
+
+    tokens = torch.randint(0, 1000, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(0))
+    inputs = (tokens[:, :-1], torch.arange(SEQ).expand(BATCH, -1),
+              torch.ones(SEQ, SEQ, dtype=torch.bool).triu(1).view(1, 1, SEQ, SEQ))
+    labels = tokens[:, 1:]
+
+    expected = plain(*inputs, labels=labels)  # [b, s] megatron-core cross-entropy
+    got = shaped(*inputs, labels=labels)
+    assert got.shape == (BATCH, SEQ)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shaped.loss_stats["ce"], expected, rtol=1e-5, atol=1e-5)
+
+    losses = {}
+    for name, model in (("unfused", unfused), ("fused", fused)):
+        loss = model(*inputs, labels=labels)
+        loss.sum().backward()
+        losses[name] = (loss.detach(), dict(model.loss_stats),
+                        {n: p.grad.clone() for n, p in model.named_parameters()})
+    (loss_u, stats_u, grads_u), (loss_f, stats_f, grads_f) = losses["unfused"], losses["fused"]
+    assert not torch.allclose(loss_u, stats_u["ce"])  # the knobs are in effect
+    torch.testing.assert_close(loss_f, loss_u, rtol=1e-5, atol=1e-6)
+    for key in ("ce", "entropy", "topk_mass"):
+        torch.testing.assert_close(stats_f[key], stats_u[key], rtol=1e-5, atol=1e-6)
+    for name, grad in grads_u.items():
+        torch.testing.assert_close(grads_f[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    parallel_state.destroy_model_parallel()
+
+
+def test_default_knobs_are_megatron_cross_entropy_and_fused_matches_unfused():
+    run_distributed(1, _compare)
