@@ -41,6 +41,8 @@ DENSE_LAYOUTS = {
     "dp2_distributed_optimizer": ["parallel.distributed_optimizer=true"],
 }
 MOE_LAYOUTS = {"ep2": ["parallel.expert=2"]}
+# bf16 weights and activations (Float16Module, fp32 master weights): close, not equal
+BF16_LAYOUT = ["parallel.tensor=2", "model.bf16=true"]
 SCHEDULE = ["loss.beta=0", "loss.topk=0", "loss.lambda_topk=0", "loss.lambda_tail=0",
             "train.loss_schedule={beta: {start: 0.0, end: -0.25, begin_step: 0, end_step: 1}}"]
 
@@ -65,6 +67,7 @@ def results(sample_data, tmp_path_factory):
                for name, extra in DENSE_LAYOUTS.items()]
     layouts += [(name, moe + extra + run_dir(name), moe_weights)
                 for name, extra in MOE_LAYOUTS.items()]
+    layouts.append(("tp2_bf16", dense + BF16_LAYOUT + run_dir("tp2_bf16"), dense_weights))
     run_distributed(2, run_cases, layouts, str(out))
 
     def load(name):
@@ -72,7 +75,8 @@ def results(sample_data, tmp_path_factory):
             return json.load(f)
 
     return {name: load(name) for name in
-            ["dense_reference", "moe_reference", "schedule", *DENSE_LAYOUTS, *MOE_LAYOUTS]}
+            ["dense_reference", "moe_reference", "schedule", "tp2_bf16", *DENSE_LAYOUTS,
+             *MOE_LAYOUTS]}
 
 
 def assert_same_steps(records, reference, keys=COMPARED):
@@ -91,6 +95,12 @@ def test_dense_layout_matches_single_rank(results, layout):
 def test_expert_parallel_matches_single_rank(results):
     assert_same_steps(results["ep2"], results["moe_reference"], COMPARED + ("moe_lb_loss",))
     assert all(r["moe_lb_loss"] > 0 for r in results["ep2"])
+
+
+def test_bf16_tracks_the_float32_run(results):
+    for got, want in zip(results["tp2_bf16"], results["dense_reference"], strict=True):
+        for key in ("loss", "ce", "entropy"):
+            assert got[key] == pytest.approx(want[key], rel=1e-2), (got["step"], key)
 
 
 def test_reference_learns_and_reports_the_shaped_loss(results):
