@@ -67,10 +67,8 @@ class ShardForward:
             shard_max = logits.amax(-1)
         shard_sums = passes.exp_sums(logits, shard_max)  # [N, 2]: S_r, T_r
         # float64 carries fp32 values and token ids (< 2**53) exactly
-        packed = torch.cat(
-            [shard_max[:, None], shard_sums, target_logit[:, None], values, local_ids + vocab_start],
-            dim=-1,
-        ).double()
+        pieces = [shard_max[:, None], shard_sums, target_logit[:, None], values, local_ids + vocab_start]
+        packed = torch.cat([p.double() for p in pieces], dim=-1)
         gathered = _all_gather(packed, tp_group, world)  # [world, N, 4 + 2k']
         max_r, sum_r, sum_logit_r, target_logit_r = gathered[..., :4].to(logits.dtype).unbind(-1)
 
