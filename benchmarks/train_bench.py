@@ -51,8 +51,10 @@ def main(argv=None) -> int:
     layout = BatchLayout(config)
     train_data, _, _ = data_lib.build_train_valid(config, layout.global_sequences)
     objects = build_training_objects(config)
+    # beta alone (k = 0) shows what the top-k selection costs on top of the same passes
     settings = {"cross-entropy": ShapedLossConfig(),
-                "shaped k=100": dataclasses.replace(ShapedLossConfig(), **SHAPED)}
+                "shaped k=100": dataclasses.replace(ShapedLossConfig(), **SHAPED),
+                "beta=-0.25 k=0": ShapedLossConfig(beta=-0.25)}
     times = {name: [] for name in settings}
     step = 0
 
@@ -86,6 +88,8 @@ def main(argv=None) -> int:
               f"({len(seconds)} steps)")
     ratio = rates["shaped k=100"] / rates["cross-entropy"]
     print(f"ratio shaped / cross-entropy tokens/s: {ratio:.3f} (target >= 0.95)")
+    print(f"ratio beta-only (k=0) / cross-entropy: "
+          f"{rates['beta=-0.25 k=0'] / rates['cross-entropy']:.3f}")
     return 0
 
 

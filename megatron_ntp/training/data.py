@@ -107,11 +107,14 @@ def build_train_valid(config, global_batch_sequences: int):
 
 def micro_batches(dataset, first_sample: int, num_microbatches: int, micro_batch_size: int):
     """Collated micro-batches of this data-parallel rank, starting at global sample index
-    `first_sample` (tokens/labels/loss_mask/position_ids [b, s], attention_mask [b, 1, s, s])."""
+    `first_sample` (tokens/labels/loss_mask/position_ids [b, s], attention_mask [b, 1, s, s]),
+    on this rank's GPU when there is one."""
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     for i in range(num_microbatches):
         start = first_sample + i * micro_batch_size
         samples = [dataset[j] for j in range(start, start + micro_batch_size)]
-        yield {key: torch.stack([torch.as_tensor(s[key]) for s in samples])
+        yield {key: torch.stack([torch.as_tensor(s[key]) for s in samples]).to(
+                   device, non_blocking=True)
                for key in samples[0]}
 
 

@@ -87,6 +87,11 @@ def train(config, stream=None, objects=None) -> list[dict]:
     if rank0:
         with open(os.path.join(config.logging.run_dir, "config.yaml"), "w") as f:
             f.write(dump_yaml(config))
+        if config.checkpoint.save_dir or config.checkpoint.load_dir:
+            # checkpoint/resume is a separate piece of work (issue 4 does not cover it)
+            print("warning: checkpoint.save_dir/load_dir are set but this training program does "
+                  "not save or load checkpoints yet; training starts from scratch and nothing is "
+                  "saved", file=stream, flush=True)
     flops = flops_per_token(config.model, layout.seq_length, config.parallel.recompute).model
     peak = peak_flops_per_gpu()
     world = dist.get_world_size() if dist.is_initialized() else 1

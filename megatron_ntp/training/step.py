@@ -66,14 +66,16 @@ def reduce_sums(reports: list) -> torch.Tensor:
     """Global [loss, ce, entropy, topk_mass, tokens] sums of the step, on every rank."""
     from megatron.core import parallel_state
 
-    sums = torch.zeros(len(STAT_NAMES), dtype=torch.float64)
+    # on the GPU where there is one: NCCL reduces CUDA tensors only
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    sums = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=device)
     for report in reports:
         sums += report["sums"].double()
     if dist.is_initialized():
         # Only the last pipeline stage has reports; TP ranks hold copies (not summed).
         dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
         dist.all_reduce(sums, group=parallel_state.get_pipeline_model_parallel_group())
-    return sums
+    return sums.cpu()
 
 
 def per_token_metrics(sums: torch.Tensor) -> dict:

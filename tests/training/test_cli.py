@@ -63,3 +63,22 @@ def test_torchrun_two_ranks_on_the_sample_data(tmp_path):
     events = os.listdir(run_dir / "tensorboard")
     assert any(name.startswith("events.out.tfevents") for name in events)
     assert (run_dir / "config.yaml").is_file()
+
+
+def test_single_process_on_a_preprocessed_prefix(tmp_path, sample_data):
+    prefix, tokenizer = sample_data
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        CLI + ["--config", "examples/configs/tiny_dense.yaml", f"data.blend={prefix}",
+               f"data.tokenizer_model={tokenizer}", "model.vocab_size=1024",
+               "data.seq_length=32", "train.global_batch_tokens=128", "train.micro_batch_size=2",
+               "train.steps=2", "train.lr_warmup_steps=1", "train.lr_decay_steps=0",
+               "logging.tensorboard=false", f"logging.run_dir={run_dir}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    with open(run_dir / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [0, 1] and records[0]["tokens"] == 128
+    assert not (run_dir / "tensorboard").exists()
+    with open(run_dir / "valid.jsonl") as f:
+        assert f.read() == ""  # no validation without train.eval_interval
