@@ -7,18 +7,25 @@ K is described by a per-token threshold (kth_value, kth_index): token j is in K 
 so membership can be recomputed elementwise anywhere without storing a [N, V] mask.
 
 Selection on one shard (no full sort, no topk over the whole row):
-  1. block maxima: the row cut into blocks of BLOCK tokens, one max per block (one cheap pass);
+  1. block maxima: the row cut into blocks of B tokens, one max per block (one cheap pass);
   2. the k best blocks under the same total order on (block max, block id); they contain the
      shard's top k tokens: a token outside them is beaten by the best token of each of the k
      chosen blocks (greater value, or equal value and lower id since blocks are contiguous);
-  3. the top k among those k * BLOCK candidates.
+  3. the top k among those k * B candidates.
+B ~ sqrt(V_local / k) balances the two selections (V_local / B blocks, k * B candidates).
 Across shards, the global top k lies within the union of the shards' top k, which are
 all-gathered (k values and ids per rank and token: O(k * TP) communication).
 """
 
+import math
+
 import torch
 
-BLOCK = 32
+
+
+def block_size(vocab: int, k: int) -> int:
+    """Power of two near sqrt(vocab / k), in [4, 64]: minimises vocab / B + k * B."""
+    return int(min(64, max(4, 2 ** round(math.log2(math.sqrt(vocab / k))))))
 
 
 def _first_k_exact(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -88,28 +95,29 @@ def shard_topk(logits: torch.Tensor, k: int):
     """
     vocab = logits.shape[1]
     # per row: block maxima, candidates (value, id, position) and masks over the candidates
-    bytes_per_row = 8 * (vocab // BLOCK + 1) + 32 * min(vocab, k * BLOCK)
+    block = block_size(vocab, k)
+    bytes_per_row = 8 * (vocab // block + 1) + 32 * min(vocab, k * block)
     rows = max(1, SELECTION_CHUNK_BYTES // bytes_per_row)
     if rows >= logits.shape[0]:
-        return _shard_topk(logits, k)
-    parts = [_shard_topk(chunk, k) for chunk in logits.split(rows)]
+        return _shard_topk(logits, k, block)
+    parts = [_shard_topk(chunk, k, block) for chunk in logits.split(rows)]
     return torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])
 
 
-def _shard_topk(logits: torch.Tensor, k: int):
+def _shard_topk(logits: torch.Tensor, k: int, block: int):
     n, vocab = logits.shape
     k = min(k, vocab)
-    if 2 * k * BLOCK >= vocab:  # small shard: select over the whole row
+    if 2 * k * block >= vocab:  # small shard: select over the whole row
         positions = select_first_k(logits, k)
         return logits.gather(-1, positions), positions
 
-    full = vocab // BLOCK
-    block_max = logits[:, : full * BLOCK].view(n, full, BLOCK).amax(-1)  # [N, full]
-    if full * BLOCK < vocab:  # a shorter last block
-        block_max = torch.cat([block_max, logits[:, full * BLOCK :].amax(-1, keepdim=True)], -1)
+    full = vocab // block
+    block_max = logits[:, : full * block].view(n, full, block).amax(-1)  # [N, full]
+    if full * block < vocab:  # a shorter last block
+        block_max = torch.cat([block_max, logits[:, full * block :].amax(-1, keepdim=True)], -1)
     blocks = select_first_k(block_max, k)  # [N, k] ascending
-    offsets = torch.arange(BLOCK, device=logits.device)
-    candidate_ids = (blocks[:, :, None] * BLOCK + offsets).view(n, k * BLOCK)  # ascending
+    offsets = torch.arange(block, device=logits.device)
+    candidate_ids = (blocks[:, :, None] * block + offsets).view(n, k * block)  # ascending
     in_range = candidate_ids < vocab  # the last block may be short
     candidates = logits.gather(-1, candidate_ids.clamp(max=vocab - 1))
     # Out-of-range slots get -inf and ids >= vocab: they rank after every real token.
