@@ -18,6 +18,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from megatron_ntp.config import ConfigError
+
 SAMPLE_CORPUS_BYTES = 4_000_000
 SAMPLE_VOCAB_SIZE = 8000  # fits the tiny presets' 8192-entry vocabulary
 SAMPLE_READY = "READY"
@@ -87,6 +89,16 @@ def resolve_data_config(config):
 
 def build_train_valid(config, global_batch_sequences: int):
     """(train, valid, tokenizer) for a validated config; valid is None without validation."""
+    try:
+        return _build_train_valid(config, global_batch_sequences)
+    except (ValueError, FileNotFoundError) as err:
+        # the data package names the field (data.blend, data.tokenizer_model, ...): report it
+        # as a config error (exit status 2, no traceback) like the other config problems
+        message = str(err)
+        raise ConfigError(message if "data." in message else f"data: {message}") from err
+
+
+def _build_train_valid(config, global_batch_sequences: int):
     from megatron_ntp.data import build_datasets, build_tokenizer_from_config
 
     data = resolve_data_config(config)

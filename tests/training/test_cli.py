@@ -82,3 +82,13 @@ def test_single_process_on_a_preprocessed_prefix(tmp_path, sample_data):
     assert not (run_dir / "tensorboard").exists()
     with open(run_dir / "valid.jsonl") as f:
         assert f.read() == ""  # no validation without train.eval_interval
+
+
+def test_missing_dataset_prefix_is_a_config_error(tmp_path):
+    result = subprocess.run(
+        CLI + ["--config", "examples/configs/tiny_dense.yaml", f"data.blend={tmp_path}/none",
+               f"data.tokenizer_model={tmp_path}/none.model", f"logging.run_dir={tmp_path}/run"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "megatron-ntp train:" in result.stderr and f"{tmp_path}/none" in result.stderr
+    assert "Traceback" not in result.stderr
