@@ -40,7 +40,11 @@ DENSE_LAYOUTS = {
     "pp2_interleaved": ["parallel.pipeline=2", "parallel.virtual_pipeline=2"],
     "dp2_distributed_optimizer": ["parallel.distributed_optimizer=true"],
 }
-MOE_LAYOUTS = {"ep2": ["parallel.expert=2"]}
+MOE_LAYOUTS = {
+    "ep2": ["parallel.expert=2"],
+    "ep2_tp2_sp": ["parallel.expert=2", "parallel.tensor=2", "parallel.sequence_parallel=true"],
+    "moe_pp2": ["parallel.pipeline=2"],
+}
 # bf16 weights and activations (Float16Module, fp32 master weights): close, not equal
 BF16_LAYOUT = ["parallel.tensor=2", "model.bf16=true"]
 SCHEDULE = ["loss.beta=0", "loss.topk=0", "loss.lambda_topk=0", "loss.lambda_tail=0",
@@ -92,9 +96,10 @@ def test_dense_layout_matches_single_rank(results, layout):
     assert_same_steps(results[layout], results["dense_reference"])
 
 
-def test_expert_parallel_matches_single_rank(results):
-    assert_same_steps(results["ep2"], results["moe_reference"], COMPARED + ("moe_lb_loss",))
-    assert all(r["moe_lb_loss"] > 0 for r in results["ep2"])
+@pytest.mark.parametrize("layout", sorted(MOE_LAYOUTS))
+def test_moe_layout_matches_single_rank(results, layout):
+    assert_same_steps(results[layout], results["moe_reference"], COMPARED + ("moe_lb_loss",))
+    assert all(r["moe_lb_loss"] > 0 for r in results[layout])
 
 
 def test_bf16_tracks_the_float32_run(results):
