@@ -16,14 +16,16 @@ from tests.training.runs import run_cases
 
 STEPS = 3
 COMPARED = ("loss", "ce", "entropy", "topk_mass", "grad_norm", "tokens")
-RTOL = 2e-4
+RTOL = 5e-5  # measured agreement: <= 1.6e-5 (TP with sequence parallelism), 6e-8 (DP, PP)
 
 
 def base_overrides(prefix, tokenizer, preset="tiny-dense"):
     return [
         f"model.preset={preset}", "model.vocab_size=1024", "model.num_layers=4",
         f"data.blend={prefix}", f"data.tokenizer_model={tokenizer}", "data.seq_length=32",
-        "data.split=98,2,0",
+        # no loss after end-of-document tokens: micro-batches and data-parallel ranks then hold
+        # different numbers of loss tokens, which per-token normalisation must see through
+        "data.split=98,2,0", "data.eod_mask_loss=true",
         "loss.beta=-0.25", "loss.topk=4", "loss.lambda_topk=0.05", "loss.lambda_tail=-0.1",
         "train.global_batch_tokens=256", "train.micro_batch_size=2", f"train.steps={STEPS}",
         "train.lr=3e-3", "train.lr_warmup_steps=1", "train.lr_decay_steps=1",
@@ -113,7 +115,8 @@ def test_reference_learns_and_reports_the_shaped_loss(results):
     assert records[-1]["ce"] < records[0]["ce"]
     assert all(r["loss"] != pytest.approx(r["ce"], rel=1e-3) for r in records)
     assert all(0 < r["topk_mass"] < 1 and r["entropy"] > 0 for r in records)
-    assert all(r["tokens"] == 256 for r in records)  # every token of the batch carries loss
+    assert all(200 < r["tokens"] <= 256 for r in records)
+    assert any(r["tokens"] < 256 for r in records)  # the end-of-document mask is in effect
 
 
 def test_loss_schedule_takes_effect(results):
