@@ -41,6 +41,9 @@ DENSE_LAYOUTS = {
     "pp2_full_recompute": ["parallel.pipeline=2", "parallel.recompute=full"],
     "pp2_interleaved": ["parallel.pipeline=2", "parallel.virtual_pipeline=2"],
     "dp2_distributed_optimizer": ["parallel.distributed_optimizer=true"],
+    # one sequence per micro-batch: 8 micro-batches of unequal token counts; only the global
+    # per-token normalisation makes this equal to the reference's 4 micro-batches of 2
+    "dp2_micro_batch_1": ["train.micro_batch_size=1"],
 }
 MOE_LAYOUTS = {
     "ep2": ["parallel.expert=2"],
