@@ -13,6 +13,7 @@ about these patches: call `apply_cpu_patches()` (megatron_ntp.parallel does) bef
 model and forget about it.
 """
 
+import collections
 import contextlib
 
 import torch
@@ -44,6 +45,7 @@ def apply_cpu_patches() -> bool:
     _patch_alltoall_split_sizes()
     _patch_uneven_first_dim_collectives()
     _patch_batched_p2p_for_gloo()
+    _patch_distributed_optimizer_checkpoint_for_torch_adam()
     _enter_cuda_to_cpu_mode()
     _applied = True
     return True
@@ -280,6 +282,61 @@ def _patch_batched_p2p_for_gloo():
         return list(unbatched(**kwargs).values())
 
     p2p_communication._batched_p2p_ops = _batched_p2p_ops
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed-optimizer checkpoints with torch's Adam (no Apex / Transformer Engine)
+# ---------------------------------------------------------------------------------------------
+def _patch_distributed_optimizer_checkpoint_for_torch_adam():
+    # Without Apex or TE (always the case on CPU) optimizer/distrib_optimizer.py wraps torch's
+    # Adam, which keeps a per-parameter 'step' tensor in its state; three places of
+    # DistributedOptimizer's checkpoint code get it wrong (measured in
+    # ../shared/feasibility/t8b_optckpt.py, resharded TP2 -> TP1/TP2):
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    cls = distrib_optimizer.DistributedOptimizer
+    original_state_dict = cls.state_dict
+    original_load_state_dict = cls.load_state_dict
+    original_set_states = cls._set_main_param_and_optimizer_states
+
+    # 1. state_dict() reads s["step"] of every state entry and asserts one common value. Before
+    #    the first optimizer step (a checkpoint being loaded into a fresh optimizer, which calls
+    #    sharded_state_dict(is_loading=True) -> state_dict()) the state is empty and the assert
+    #    fails. Fill empty entries with what torch Adam's first step would create (step 0, zero
+    #    moments); the loaded checkpoint overwrites them.
+    def state_dict(self):
+        adam = self.optimizer
+        if isinstance(adam, torch.optim.Adam):
+            for group in adam.param_groups:
+                for param in group["params"]:
+                    if not adam.state[param]:
+                        adam.state[param] = {"step": torch.tensor(0.0),
+                                             "exp_avg": torch.zeros_like(param),
+                                             "exp_avg_sq": torch.zeros_like(param)}
+        return original_state_dict(self)
+
+    # 2. load_state_dict() hands ONE step tensor to every parameter's state
+    #    (`s["step"] = step` in its non-Apex/TE branch); torch Adam increments each parameter's
+    #    step in place, so after a resume the shared tensor advances N times per optimizer step
+    #    and the bias correction (hence training) silently diverges. Give each parameter its own.
+    def load_state_dict(self, state_dict):
+        original_load_state_dict(self, state_dict)
+        for state in self.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+    # 3. _set_main_param_and_optimizer_states() (fully_reshardable load) copies every tensor of
+    #    a parameter's optimizer state from the loaded tensors, which carry no 'step' (it comes
+    #    from the param groups) -> KeyError. Missing entries are skipped, as non-tensors are.
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        return original_set_states(self, model_param, collections.defaultdict(lambda: None,
+                                                                              tensors))
+
+    cls.state_dict = state_dict
+    cls.load_state_dict = load_state_dict
+    cls._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
 
 
 # ---------------------------------------------------------------------------------------------

@@ -240,10 +240,31 @@ class CheckpointConfig:
     """Where checkpoints are written; "" = never save."""
 
     save_interval: int = 1000
-    """Save every this many steps (and at the end)."""
+    """Save every this many steps, at the end, and on SIGTERM (preemption)."""
 
     load_dir: str = ""
-    """Resume from the latest checkpoint in this folder; "" = start from scratch."""
+    """Load the latest checkpoint in this folder (or this iter_XXXXXXX folder): a full resume, or
+    with finetune=true only the weights (and the optimizer state by choice). A checkpoint in
+    save_dir takes precedence, so re-running a command resumes its own run; "" = start from
+    scratch unless save_dir holds a checkpoint."""
+
+    keep_last: int = 2
+    """Keep this many most recent checkpoints in save_dir; older ones are deleted once a newer
+    one is complete (>= 1)."""
+
+    finetune: bool = False
+    """Start a new phase from load_dir's weights (Megatron's --finetune; the mid-training of
+    METHOD section 6): step counter, learning-rate schedule, data position and random states
+    start afresh from this config (seq_length, rotary_base, blend may differ); the optimizer
+    state is kept when load_optimizer is true."""
+
+    load_optimizer: bool = True
+    """Load the optimizer state (Adam moments and step, fp32 master weights); false = Megatron's
+    --no-load-optim (a fresh optimizer)."""
+
+    load_rng: bool = True
+    """Restore the python/numpy/torch/tensor-parallel random states on resume; false = Megatron's
+    --no-load-rng. They are not restored with finetune or when the parallel layout changed."""
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ def validate_config(config: Config, world_size: int | None = None) -> Config:
     _check_parallel(config, errors)
     config = _check_train(config, errors)
     _check_loss_schedule(config, errors)
+    _check_checkpoint(config, errors)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     return config
@@ -218,6 +219,22 @@ def _check_loss_schedule(config: Config, errors):
                 dataclasses.replace(config.loss, **{knob: getattr(ramp, end)})
             except ValueError as err:
                 errors.append(f"{path}.{end}={getattr(ramp, end)!r}: {err}")
+
+
+def _check_checkpoint(config: Config, errors):
+    c = config.checkpoint
+    if c.save_interval < 1:
+        errors.append(f"checkpoint.save_interval={c.save_interval} must be >= 1")
+    if c.keep_last < 1:
+        errors.append(f"checkpoint.keep_last={c.keep_last} must be >= 1 (the newest checkpoint "
+                      f"is always kept)")
+    if c.finetune and not c.load_dir:
+        errors.append("checkpoint.finetune=true needs checkpoint.load_dir (the checkpoint whose "
+                      "weights start the new phase)")
+    if c.finetune and c.save_dir and os.path.abspath(c.load_dir) == os.path.abspath(c.save_dir):
+        errors.append(f"checkpoint.finetune=true with checkpoint.load_dir == checkpoint.save_dir "
+                      f"({c.save_dir!r}): save the new phase elsewhere, otherwise a restart could "
+                      f"not tell its own checkpoints from the ones it started from")
 
 
 def check_environment(config: Config) -> None:

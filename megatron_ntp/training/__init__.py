@@ -6,8 +6,13 @@ on megatron-core's forward-backward schedules, metrics and validation.
 
 Modules: data (datasets, the offline sample, micro-batches), build (model/DDP/optimizer/
 scheduler), step (loss function, one step, reductions), metrics (console/JSONL/TensorBoard),
-loop (the program).
+checkpoint (dist_checkpointing save/resume/mid-training, load_model_weights), preemption
+(SIGTERM -> save -> exit PREEMPTED_EXIT_CODE), loop (the program).
 """
+
+# Exit status of a run stopped by SIGTERM after saving its checkpoint: EX_TEMPFAIL of
+# sysexits.h ("try again later"). Job scripts requeue on it; the same command then resumes.
+PREEMPTED_EXIT_CODE = 75
 
 
 def run_training(config, stream=None):
@@ -16,4 +21,4 @@ def run_training(config, stream=None):
     return run(config, stream=stream)
 
 
-__all__ = ["run_training"]
+__all__ = ["PREEMPTED_EXIT_CODE", "run_training"]

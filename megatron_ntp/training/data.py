@@ -87,10 +87,11 @@ def resolve_data_config(config):
                                cache_dir=data.cache_dir or os.path.join(folder, "cache"))
 
 
-def build_train_valid(config, global_batch_sequences: int):
-    """(train, valid, tokenizer) for a validated config; valid is None without validation."""
+def build_train_valid(config, global_batch_sequences: int, train_samples: int | None = None):
+    """(train, valid, tokenizer) for a validated config; valid is None without validation.
+    train_samples: samples the train split must hold (default train.steps global batches)."""
     try:
-        return _build_train_valid(config, global_batch_sequences)
+        return _build_train_valid(config, global_batch_sequences, train_samples)
     except (ValueError, FileNotFoundError) as err:
         # the data package names the field (data.blend, data.tokenizer_model, ...): report it
         # as a config error (exit status 2, no traceback) like the other config problems
@@ -98,7 +99,7 @@ def build_train_valid(config, global_batch_sequences: int):
         raise ConfigError(message if "data." in message else f"data: {message}") from err
 
 
-def _build_train_valid(config, global_batch_sequences: int):
+def _build_train_valid(config, global_batch_sequences: int, train_samples: int | None):
     from megatron_ntp.data import build_datasets, build_tokenizer_from_config
 
     data = resolve_data_config(config)
@@ -108,7 +109,8 @@ def _build_train_valid(config, global_batch_sequences: int):
                          f"tokenizer's vocabulary ({tokenizer.vocab_size}, "
                          f"data.tokenizer_model={data.tokenizer_model!r})")
     t = config.train
-    train_samples = t.steps * global_batch_sequences
+    if train_samples is None:
+        train_samples = t.steps * global_batch_sequences
     valid_samples = t.eval_steps * global_batch_sequences if t.eval_interval else 0
     train, valid, _ = build_datasets(data, tokenizer, train_samples, valid_samples, 0)
     if t.eval_interval and valid is None:

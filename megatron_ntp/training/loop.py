@@ -1,8 +1,13 @@
 """The training program: `run_training(config)` on every rank (torchrun or a single process).
 
-    config -> check_environment -> process groups -> datasets -> model chunks, DDP, optimizer,
-    WSD schedule -> for each step: loss knobs of the step, forward-backward over the global
-    batch, optimizer step, metrics (and validation every train.eval_interval steps).
+    config -> check_environment -> process groups -> where to start (checkpoint.py) ->
+    datasets -> model chunks, DDP, optimizer, WSD schedule -> load the checkpoint, if any ->
+    for each step: loss knobs of the step, forward-backward over the global batch, optimizer
+    step, metrics (and validation every train.eval_interval steps), a checkpoint every
+    checkpoint.save_interval steps and at the end.
+
+SIGTERM (preemption.py): the current step finishes, a checkpoint is saved, and
+TrainingPreempted (SystemExit with code 75) is raised; running the same command again resumes.
 """
 
 import os
@@ -13,6 +18,7 @@ import torch
 
 from megatron_ntp.config import check_environment, dump_yaml
 from megatron_ntp.models.counting import flops_per_token
+from megatron_ntp.training import checkpoint as checkpoint_lib
 from megatron_ntp.training import data as data_lib
 from megatron_ntp.training.build import build_training_objects, loss_modules
 from megatron_ntp.training.metrics import (
@@ -20,6 +26,12 @@ from megatron_ntp.training.metrics import (
     clear_moe_metrics,
     moe_load_balancing_loss,
     peak_flops_per_gpu,
+    truncate_records,
+)
+from megatron_ntp.training.preemption import (
+    PREEMPTED_EXIT_CODE,
+    PreemptionWatch,
+    TrainingPreempted,
 )
 from megatron_ntp.training.step import eval_step, per_token_metrics, train_step
 
@@ -59,12 +71,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _iterators(config, dataset, layout, step):
+def _iterators(config, dataset, layout, step, sample_offset=0):
+    """Micro-batch iterators of global batch `step`, which starts at sample
+    step * global_sequences + sample_offset (the offset moves the data position of a resumed
+    run whose global batch size changed; 0 otherwise)."""
     from megatron.core import parallel_state
 
-    first = data_lib.rank_first_sample(step, layout.global_sequences,
-                                       parallel_state.get_data_parallel_rank(),
-                                       parallel_state.get_data_parallel_world_size())
+    first = sample_offset + data_lib.rank_first_sample(
+        step, layout.global_sequences, parallel_state.get_data_parallel_rank(),
+        parallel_state.get_data_parallel_world_size())
     # one iterator per model chunk: with interleaving every chunk consumes every micro-batch
     return [data_lib.micro_batches(dataset, first, layout.num_microbatches,
                                    layout.micro_batch_size)
@@ -72,40 +87,50 @@ def _iterators(config, dataset, layout, step):
 
 
 def train(config, stream=None, objects=None) -> list[dict]:
-    """Train on an initialised parallel state; returns the per-step metric records (global
-    values, the same on every rank). `objects`: prebuilt TrainingObjects (e.g. with weights
-    loaded), default built from the config."""
+    """Train on an initialised parallel state; returns the per-step metric records of this
+    invocation (global values, the same on every rank). `objects`: prebuilt TrainingObjects
+    (e.g. with weights loaded), default built from the config; a checkpoint named by the
+    config's checkpoint section is loaded into them. Raises TrainingPreempted (exit code 75)
+    after saving when SIGTERM arrives."""
+    with PreemptionWatch() as watch:  # from the start: a signal during setup stops after 1 step
+        return _train(config, stream, objects, watch)
+
+
+def _train(config, stream, objects, watch) -> list[dict]:
     import torch.distributed as dist
 
     stream = stream or sys.stdout
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     layout = BatchLayout(config)
-    train_data, valid_data, _ = data_lib.build_train_valid(config, layout.global_sequences)
+    steps, batch = config.train.steps, layout.global_sequences
+    start = checkpoint_lib.plan_start(config)
+    train_data, valid_data, _ = data_lib.build_train_valid(
+        config, batch, train_samples=start.consumed_samples + max(steps - start.step, 0) * batch)
+    sample_offset = start.consumed_samples - start.step * batch
     objects = objects or build_training_objects(config)
-    writer = MetricsWriter(config.logging.run_dir, rank0, config.logging.tensorboard,
-                           config.logging.log_interval, stream)
+    checkpoint_lib.load_for_training(config, objects, start)
     if rank0:
+        os.makedirs(config.logging.run_dir, exist_ok=True)
+        _announce_start(config, start, stream)
         with open(os.path.join(config.logging.run_dir, "config.yaml"), "w") as f:
             f.write(dump_yaml(config))
-        if config.checkpoint.save_dir or config.checkpoint.load_dir:
-            # checkpoint/resume is a separate piece of work (issue 4 does not cover it)
-            print("warning: checkpoint.save_dir/load_dir are set but this training program does "
-                  "not save or load checkpoints yet; training starts from scratch and nothing is "
-                  "saved", file=stream, flush=True)
+    writer = MetricsWriter(config.logging.run_dir, rank0, config.logging.tensorboard,
+                           config.logging.log_interval, stream)
     flops = flops_per_token(config.model, layout.seq_length, config.parallel.recompute).model
     peak = peak_flops_per_gpu()
     world = dist.get_world_size() if dist.is_initialized() else 1
+    save_every = config.checkpoint.save_interval if config.checkpoint.save_dir else 0
     records = []
     try:
-        for step in range(config.train.steps):
+        for step in range(start.step, steps):
             knobs = config.loss_at(step)
             for module in loss_modules(objects.model):
                 module.set_loss_config(knobs)
-            start = time.perf_counter()
-            sums, grad_norm, ok = train_step(objects, _iterators(config, train_data, layout, step),
-                                             layout.num_microbatches, layout.micro_batch_size,
-                                             layout.seq_length)
-            elapsed = time.perf_counter() - start
+            begin = time.perf_counter()
+            sums, grad_norm, ok = train_step(
+                objects, _iterators(config, train_data, layout, step, sample_offset),
+                layout.num_microbatches, layout.micro_batch_size, layout.seq_length)
+            elapsed = time.perf_counter() - begin
             record = {"step": step, **per_token_metrics(sums),
                       "lr": objects.scheduler.get_lr({}),
                       "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
@@ -118,13 +143,46 @@ def train(config, stream=None, objects=None) -> list[dict]:
             if peak:
                 record["mfu"] = flops * record["tokens_per_s"] / (world * peak)
             records.append(record)
-            writer.train(record, config.train.steps)
+            writer.train(record, steps)
             interval = config.train.eval_interval
-            if interval and ((step + 1) % interval == 0 or step + 1 == config.train.steps):
+            if interval and ((step + 1) % interval == 0 or step + 1 == steps):
                 writer.valid({"step": step, **evaluate(config, objects, valid_data, layout)})
+            done = step + 1
+            # collective, every step: all ranks leave after the same step
+            preempted = watch.requested() and done < steps
+            if save_every and (done % save_every == 0 or done == steps or preempted):
+                consumed = start.consumed_samples + (done - start.step) * batch
+                path = checkpoint_lib.save_checkpoint(config, objects, done, consumed)
+                if rank0:
+                    print(f"saved checkpoint {path}", file=stream, flush=True)
+            if preempted:
+                if rank0:
+                    print(f"preempted (SIGTERM) after step {done}/{steps}: "
+                          + ("checkpoint saved; run the same command to resume"
+                             if save_every else "checkpoint.save_dir is not set, nothing "
+                             "was saved") + f"; exit code {PREEMPTED_EXIT_CODE}",
+                          file=stream, flush=True)
+                raise TrainingPreempted(done)
     finally:
         writer.close()
     return records
+
+
+def _announce_start(config, start, stream) -> None:
+    """Rank 0: say where the run starts; drop metric records a resumed run will redo."""
+    run_dir = config.logging.run_dir
+    if start.finetune:
+        print(f"starting a new phase from the weights of {start.checkpoint}"
+              + (" and its optimizer state" if config.checkpoint.load_optimizer else "")
+              + " (checkpoint.finetune): step 0", file=stream, flush=True)
+    elif start.checkpoint:
+        print(f"resuming from {start.checkpoint} at step {start.step}/{config.train.steps}",
+              file=stream, flush=True)
+    for name in ("metrics.jsonl", "valid.jsonl"):
+        dropped = truncate_records(os.path.join(run_dir, name), start.step)
+        if dropped:
+            print(f"{name}: dropped {dropped} records of steps >= {start.step} (redone now)",
+                  file=stream, flush=True)
 
 
 def evaluate(config, objects, dataset, layout) -> dict:

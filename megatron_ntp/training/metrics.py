@@ -48,6 +48,21 @@ def peak_flops_per_gpu() -> float | None:
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
+def truncate_records(path: str, first_step: int) -> int:
+    """Drop the records with step >= first_step from a JSONL file (a resumed run redoes those
+    steps); returns how many were dropped. The file is replaced atomically."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] < first_step]
+    if len(kept) < len(lines):
+        with open(path + ".truncating", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".truncating", path)
+    return len(lines) - len(kept)
+
+
 class MetricsWriter:
     """Console + JSONL + TensorBoard sink; a no-op object on ranks other than 0."""
 

@@ -1,0 +1,472 @@
+"""Checkpoints with megatron-core's dist_checkpointing: save, exact resume, mid-training starts.
+
+Layout of checkpoint.save_dir (Megatron-LM's names, so its tools find their way):
+
+    latest_checkpointed_iteration.txt   "300": the newest complete checkpoint (the tracker)
+    iter_0000300/                       one checkpoint, complete
+        metadata.json, *.distcp, ...    megatron-core's torch_dist files (every rank's shards)
+        config.yaml                     the resolved config of the run that saved it
+        checkpoint.json                 step, consumed samples, parallel layout (for humans/tools)
+    iter_0000400.tmp/                   a save in progress, or one that crashed (ignored, removed
+                                        by the next save)
+
+A checkpoint holds the model (sharded tensors: loadable into any TP/PP/EP/VPP layout), the
+optimizer (Adam moments and step, fp32 master weights; the distributed optimizer in megatron-
+core's `fully_reshardable` format, so it reshards too), the learning-rate scheduler's position,
+the step, the consumed samples (the data position), every rank's random states (python, numpy,
+torch, CUDA, megatron-core's tensor-parallel RNG tracker) and the config.
+
+Atomic saves: all ranks write into iter_N.tmp; when dist_checkpointing.save has returned on all
+of them (it ends with a barrier), global rank 0 adds config.yaml and checkpoint.json, renames the
+folder to iter_N and then replaces the tracker (write a temporary file, os.replace). A crash at
+any point leaves the previous checkpoint the latest and loadable. Then the oldest checkpoints
+beyond checkpoint.keep_last are deleted (renamed to a .tmp name first, so a half-deleted folder
+never looks like a checkpoint).
+
+Where a run starts (`plan_start`), decided on rank 0 and broadcast:
+1. save_dir holds a checkpoint -> resume from its latest: same command, same run (this is what
+   makes a requeued Slurm job continue, and it wins over load_dir, so a preempted mid-training
+   phase resumes itself rather than restarting from the pre-training checkpoint);
+2. load_dir is set -> its latest checkpoint (or load_dir itself when it is an iter_ folder):
+   a full resume, or with checkpoint.finetune=true a new phase (weights, optimizer state when
+   load_optimizer; step, schedule, data position and random states from scratch);
+3. otherwise from scratch. load_dir == save_dir with nothing in it is a first run (Megatron-LM's
+   `--save X --load X`); another empty load_dir is an error.
+
+Resume keeps this config's learning-rate schedule and optimizer hyperparameters (so a run can be
+extended) and takes the schedule position, moments and step counts from the checkpoint. Random
+states are restored only into the same parallel layout (as Megatron-LM does); the other parts
+reshard.
+"""
+
+import dataclasses
+import json
+import os
+import queue
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_ntp.config import Config, ConfigError, config_from_dict, dump_yaml
+from megatron_ntp.config.load import load_yaml
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+CONFIG_FILE = "config.yaml"
+INFO_FILE = "checkpoint.json"
+TEMP_SUFFIX = ".tmp"
+FORMAT_VERSION = 1
+_ITERATION_DIR = re.compile(r"iter_(\d{7,})$")
+_TEMPORARY_DIR = re.compile(r"iter_\d{7,}.*\.tmp$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding checkpoints (pure file-system functions; no process group needed)
+# ---------------------------------------------------------------------------------------------
+def iteration_dir_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def complete_checkpoints(root: str) -> dict[int, str]:
+    """{step: folder} of the complete checkpoints under `root` (temporaries are ignored)."""
+    found = {}
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            match = _ITERATION_DIR.match(name)
+            path = os.path.join(root, name)
+            if match and os.path.isfile(os.path.join(path, INFO_FILE)):
+                found[int(match.group(1))] = path
+    return found
+
+
+def latest_checkpoint(root: str) -> str | None:
+    """The folder the tracker names; the newest complete one if the tracker is missing or
+    names a folder that is gone; None when `root` holds no checkpoint."""
+    complete = complete_checkpoints(root)
+    tracked = _read_tracker(root)
+    if tracked in complete:
+        return complete[tracked]
+    return complete[max(complete)] if complete else None
+
+
+def resolve_checkpoint_dir(path: str) -> str:
+    """`path` itself when it is a checkpoint (an iter_XXXXXXX folder), else its latest one."""
+    if os.path.isfile(os.path.join(path, INFO_FILE)):
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        what = "does not exist" if not os.path.exists(path) else (
+            f"holds no checkpoint (no {TRACKER_FILE} naming a complete iter_XXXXXXX folder, and "
+            f"no such folder with {INFO_FILE})")
+        raise ConfigError(f"checkpoint folder {path!r} {what}")
+    return latest
+
+
+def read_checkpoint_info(checkpoint_dir: str) -> dict:
+    """checkpoint.json of a checkpoint (or of the latest one in a save_dir)."""
+    with open(os.path.join(resolve_checkpoint_dir(checkpoint_dir), INFO_FILE)) as f:
+        return json.load(f)
+
+
+def read_checkpoint_config(checkpoint_dir: str) -> Config:
+    """The config saved with a checkpoint (or with the latest one in a save_dir), as it was
+    resolved for that run (parallel.data included); not validated again."""
+    return config_from_dict(load_yaml(os.path.join(resolve_checkpoint_dir(checkpoint_dir),
+                                                   CONFIG_FILE)))
+
+
+def _read_tracker(root: str) -> int | None:
+    try:
+        with open(os.path.join(root, TRACKER_FILE)) as f:
+            return int(f.read().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights only (evaluation, export, mid-training)
+# ---------------------------------------------------------------------------------------------
+def load_model_weights(model_chunks: list, checkpoint_dir: str) -> int:
+    """Load the weights of the latest checkpoint in `checkpoint_dir` (or of that iter_XXXXXXX
+    folder) into this rank's model chunks, built for the current parallel layout (any layout:
+    dist_checkpointing reshards); chunks may be bare GPTModels or wrapped (Float16Module, DDP).
+    Returns the checkpoint's step. Collective: call on every rank after initialize_parallel.
+    With an optimizer holding master copies, call its reload_model_params() afterwards."""
+    from megatron.core import dist_checkpointing
+
+    path = _decided_on_rank0(resolve_checkpoint_dir, checkpoint_dir)
+    metadata = _sharded_metadata(False, dist_checkpointing.load_content_metadata(path))
+    loaded = dist_checkpointing.load(_model_sharded_state(model_chunks, metadata), path)
+    _load_model(model_chunks, loaded)
+    return int(loaded["iteration"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------
+def save_checkpoint(config: Config, objects, step: int, consumed_samples: int) -> str:
+    """Save `objects` (TrainingObjects) after `step` completed steps into
+    <checkpoint.save_dir>/iter_<step>; returns that folder. Collective (every rank)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.utils import _clean_metadata_for_serialization
+
+    root = config.checkpoint.save_dir
+    final = os.path.join(root, iteration_dir_name(step))
+    temporary = final + TEMP_SUFFIX
+    if _is_rank0():
+        os.makedirs(root, exist_ok=True)
+        remove_temporaries(root)
+        os.makedirs(temporary)
+    _barrier()
+    metadata = _sharded_metadata(config.parallel.distributed_optimizer)
+    state = _model_sharded_state(objects.model, metadata)
+    state["optimizer"] = objects.optimizer.sharded_state_dict(state, metadata=metadata)
+    state["opt_param_scheduler"] = objects.scheduler.state_dict()
+    state["rng_state"] = _rng_sharded_object(_rng_state())
+    state["iteration"] = step
+    state["consumed_samples"] = consumed_samples
+    _keep_write_results_in_process()
+    # Writes every rank's shards and ends with a barrier: on return the folder is complete.
+    dist_checkpointing.save(state, temporary,
+                            content_metadata=_clean_metadata_for_serialization(metadata))
+    if _is_rank0():
+        _write_durably(os.path.join(temporary, CONFIG_FILE), dump_yaml(config))
+        _write_durably(os.path.join(temporary, INFO_FILE), json.dumps({
+            "format": FORMAT_VERSION, "step": step, "consumed_samples": consumed_samples,
+            "seq_length": config.data.seq_length,
+            "global_batch_tokens": config.train.global_batch_tokens,
+            "layout": parallel_layout(config),
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        }, indent=1) + "\n")
+        _publish(temporary, final)
+        _write_durably(os.path.join(root, TRACKER_FILE), f"{step}\n", atomic=True)
+        prune_checkpoints(root, config.checkpoint.keep_last, step)
+    _barrier()
+    return final
+
+
+def parallel_layout(config: Config) -> dict:
+    """The layout fields that decide how state is sharded over ranks."""
+    p = config.parallel
+    return {"tensor": p.tensor, "pipeline": p.pipeline, "virtual_pipeline": p.virtual_pipeline,
+            "data": p.data, "expert": p.expert, "expert_tensor": p.expert_tensor,
+            "distributed_optimizer": p.distributed_optimizer}
+
+
+def remove_temporaries(root: str) -> None:
+    """Delete the .tmp folders of crashed saves, replaced and pruned checkpoints."""
+    for name in os.listdir(root):
+        if _TEMPORARY_DIR.match(name):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def prune_checkpoints(root: str, keep_last: int, newest: int) -> None:
+    """Keep `newest` and the keep_last - 1 checkpoints before it; delete older ones. Folders of
+    later steps (left by an abandoned timeline) are not touched."""
+    older = sorted(step for step in complete_checkpoints(root) if step < newest)
+    for step in older[:max(0, len(older) - (keep_last - 1))]:
+        path = os.path.join(root, iteration_dir_name(step))
+        doomed = path + ".deleted" + TEMP_SUFFIX
+        os.rename(path, doomed)  # atomically no longer a checkpoint
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _publish(temporary: str, final: str) -> None:
+    if os.path.exists(final):
+        # iter_N of an earlier attempt (a crash between its rename and the tracker update)
+        replaced = final + ".replaced" + TEMP_SUFFIX
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.rename(final, replaced)
+        os.rename(temporary, final)
+        shutil.rmtree(replaced, ignore_errors=True)
+    else:
+        os.rename(temporary, final)
+    _fsync_dir(os.path.dirname(final))
+
+
+def _write_durably(path: str, text: str, atomic: bool = False) -> None:
+    target = path + ".writing" if atomic else path
+    with open(target, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    if atomic:
+        os.replace(target, path)
+        _fsync_dir(os.path.dirname(path))
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _keep_write_results_in_process() -> None:
+    # dist_checkpointing/strategies/filesystem_async.py: every torch_dist save, synchronous ones
+    # included, passes its write results through get_write_results_queue(), which starts a
+    # multiprocessing Manager (a server process per rank, started with 'spawn', which re-imports
+    # __main__ and so needs an `if __name__ == "__main__"` guard in the launching script). A
+    # synchronous save writes and collects the results in this very process and thread, so a
+    # queue.Queue (the same put / get_nowait) carries them without the extra process.
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting a run: where from, and loading
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class StartPoint:
+    """Where training starts. checkpoint None: from scratch. finetune: a new phase from the
+    checkpoint's weights (step and consumed_samples are then 0)."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    checkpoint: str | None = None
+    finetune: bool = False
+
+
+def plan_start(config: Config) -> StartPoint:
+    """The start of this run (see the module docstring for the rules); the same on every rank
+    (decided on global rank 0 and broadcast). Reads only checkpoint.json."""
+    return _decided_on_rank0(_plan_start, config)
+
+
+def _plan_start(config: Config) -> StartPoint:
+    c = config.checkpoint
+    own = latest_checkpoint(c.save_dir) if c.save_dir else None
+    if own is not None:
+        path, finetune = own, False
+    elif not c.load_dir or (c.save_dir and os.path.abspath(c.load_dir) ==
+                            os.path.abspath(c.save_dir)):
+        return StartPoint()
+    else:
+        try:
+            path = resolve_checkpoint_dir(c.load_dir)
+        except ConfigError as err:
+            raise ConfigError(f"checkpoint.load_dir={c.load_dir!r}: {err}") from None
+        finetune = c.finetune
+    if finetune:
+        return StartPoint(checkpoint=path, finetune=True)
+    info = read_checkpoint_info(path)
+    return StartPoint(info["step"], info["consumed_samples"], path)
+
+
+def load_for_training(config: Config, objects, start: StartPoint) -> None:
+    """Load `start.checkpoint` into TrainingObjects: weights always; optimizer state when
+    checkpoint.load_optimizer; scheduler position on resume; random states on resume into the
+    same layout when checkpoint.load_rng. Collective."""
+    from megatron.core import dist_checkpointing
+
+    if start.checkpoint is None:
+        return
+    path, c = start.checkpoint, config.checkpoint
+    info = read_checkpoint_info(path)
+    same_layout = info["layout"] == parallel_layout(config)
+    if c.load_optimizer and info["layout"]["distributed_optimizer"] != \
+            config.parallel.distributed_optimizer:
+        raise ConfigError(
+            f"{path}: saved with parallel.distributed_optimizer="
+            f"{str(info['layout']['distributed_optimizer']).lower()}, this run has "
+            f"{str(config.parallel.distributed_optimizer).lower()}; the optimizer state does not "
+            f"convert between the two: keep the setting, or set checkpoint.load_optimizer=false")
+    load_rng = c.load_rng and same_layout and not start.finetune
+    metadata = _sharded_metadata(config.parallel.distributed_optimizer,
+                                 dist_checkpointing.load_content_metadata(path))
+    state = _model_sharded_state(objects.model, metadata)
+    if c.load_optimizer:
+        settings = _param_group_settings(objects.optimizer)
+        state["optimizer"] = objects.optimizer.sharded_state_dict(state, is_loading=True,
+                                                                  metadata=metadata)
+    if load_rng:
+        state["rng_state"] = _rng_sharded_object(_rng_state())
+    loaded = dist_checkpointing.load(state, path)
+    _load_model(objects.model, loaded)
+    if c.load_optimizer:
+        objects.optimizer.load_state_dict(loaded["optimizer"])
+        # torch's load_state_dict takes every param-group entry from the checkpoint (max_lr,
+        # min_lr, betas, ...); this config's values are the ones to train with.
+        _restore_param_group_settings(objects.optimizer, settings)
+    else:
+        objects.optimizer.reload_model_params()  # master copies from the loaded weights
+    if not start.finetune:
+        # this config's schedule (it may extend the run), the checkpoint's position in it
+        objects.scheduler.override_opt_param_scheduler = True
+        objects.scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if load_rng:
+        _set_rng_state(loaded["rng_state"])
+
+
+def _param_group_settings(optimizer) -> list:
+    return [[{k: v for k, v in group.items() if k not in ("params", "step")}
+             for group in inner.param_groups] for inner in _inner_optimizers(optimizer)]
+
+
+def _restore_param_group_settings(optimizer, settings: list) -> None:
+    for inner, groups in zip(_inner_optimizers(optimizer), settings, strict=True):
+        for group, saved in zip(inner.param_groups, groups, strict=True):
+            group.update(saved)
+
+
+def _inner_optimizers(optimizer) -> list:
+    """The torch optimizers inside a megatron-core (chained) optimizer."""
+    return [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])
+            if getattr(o, "optimizer", None) is not None]
+
+
+# ---------------------------------------------------------------------------------------------
+# State-dict pieces
+# ---------------------------------------------------------------------------------------------
+def _sharded_metadata(distributed_optimizer: bool, saved: dict | None = None) -> dict:
+    """megatron-core's sharded_state_dict metadata (as Megatron-LM builds it); on load, the one
+    stored with the checkpoint plus this run's data-parallel group."""
+    from megatron.core import parallel_state
+
+    if saved is not None:
+        metadata = dict(saved)
+    else:
+        metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+        if distributed_optimizer:
+            # reshardable over TP/PP/DP, unlike dp_reshardable (../shared/feasibility/FINDINGS.md)
+            metadata["distrib_optim_sharding_type"] = "fully_reshardable"
+    metadata["dp_cp_group"] = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return metadata
+
+
+def _unwrap(model_chunks: list) -> list:
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.transformer.module import Float16Module
+
+    modules = []
+    for chunk in model_chunks:
+        while isinstance(chunk, (DistributedDataParallel, Float16Module)):
+            chunk = chunk.module
+        modules.append(chunk)
+    return modules
+
+
+def _model_keys(count: int) -> list[str]:
+    return ["model"] if count == 1 else [f"model{i}" for i in range(count)]  # Megatron-LM's
+
+
+def _model_sharded_state(model_chunks: list, metadata: dict) -> dict:
+    modules = _unwrap(model_chunks)
+    return {key: module.sharded_state_dict(metadata=metadata)
+            for key, module in zip(_model_keys(len(modules)), modules)}
+
+
+def _load_model(model_chunks: list, loaded: dict) -> None:
+    modules = _unwrap(model_chunks)
+    for key, module in zip(_model_keys(len(modules)), modules):
+        module.load_state_dict(loaded[key], strict=True)
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {"random": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded_object(state: dict):
+    """One object per rank, addressed by its (pipeline, tensor, data) coordinates."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    shape = (ps.get_pipeline_model_parallel_world_size(),
+             ps.get_tensor_model_parallel_world_size(), ps.get_data_parallel_world_size())
+    offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+              ps.get_data_parallel_rank())
+    return ShardedObject("rng_state", state, shape, offset, replica_id=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Collective helpers
+# ---------------------------------------------------------------------------------------------
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _decided_on_rank0(fn, *args):
+    """fn(*args) on global rank 0, broadcast: every rank acts on the same answer even if a
+    shared file system shows ranks different states for a moment. An exception on rank 0 is
+    raised on every rank."""
+    box = [None]
+    if _is_rank0():
+        try:
+            box[0] = (True, fn(*args))
+        except Exception as err:  # re-raised below, on every rank
+            box[0] = (False, err)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
