@@ -7,6 +7,7 @@ setup(
     version="0.1.0",
     description="Pretraining with a generalized (shaped) next-token loss on megatron-core",
     packages=find_packages(include=["megatron_ntp", "megatron_ntp.*"]),
+    package_data={"megatron_ntp.loss": ["csrc/*.cpp"]},
     python_requires=">=3.11",
     install_requires=[
         "torch==2.13.0",
@@ -17,6 +18,9 @@ setup(
         "matplotlib",
         "scipy",
         "tensorboard",
+        # Hugging Face export (megatron_ntp/export): Qwen3 / Qwen3-MoE classes, offline loading
+        "transformers==4.57.6",
+        "safetensors",
     ],
     extras_require={
         "dev": ["pytest", "pytest-timeout"],

@@ -6,7 +6,8 @@ K is described by a per-token threshold (kth_value, kth_index): token j is in K 
     z_j > kth_value  or  (z_j == kth_value and j <= kth_index),
 so membership can be recomputed elementwise anywhere without storing a [N, V] mask.
 
-Selection on one shard (no full sort, no topk over the whole row):
+Selection on one shard (no full sort, no topk over the whole row). On CPU a compiled scan does
+it (megatron_ntp/loss/cpu_first_k.py, same K); elsewhere (GPU) torch operations:
   1. block maxima: the row cut into blocks of B tokens, one max per block (one cheap pass);
   2. the k best blocks under the same total order on (block max, block id); they contain the
      shard's top k tokens: a token outside them is beaten by the best token of each of the k
@@ -21,6 +22,7 @@ import math
 
 import torch
 
+from megatron_ntp.loss import cpu_first_k
 
 
 def block_size(vocab: int, k: int) -> int:
@@ -49,9 +51,12 @@ def select_first_k(values: torch.Tensor, k: int) -> torch.Tensor:
         k: 1 <= k <= C.
     Returns:
         [N, k] positions, ascending.
-    torch.topk is exact except for which of several entries equal to the k-th value it keeps;
-    only rows where it had to choose among such ties are redone with the exact tie rule.
+    On CPU: the compiled scan (cpu_first_k). Elsewhere torch.topk, which is exact except for
+    which of several entries equal to the k-th value it keeps; only rows where it had to choose
+    among such ties are redone with the exact tie rule.
     """
+    if cpu_first_k.available_for(values):
+        return cpu_first_k.first_k(values, k)[1]
     top_values, positions = torch.topk(values, k, dim=-1, sorted=False)
     kth_value = top_values.amin(-1, keepdim=True)
     ambiguous = (values == kth_value).sum(-1) > (top_values == kth_value).sum(-1)
@@ -93,6 +98,8 @@ def shard_topk(logits: torch.Tensor, k: int):
     Returns:
         values [N, k'] and local ids [N, k'] (ascending), k' = min(k, V_local).
     """
+    if cpu_first_k.available_for(logits):  # one scan of the row, no blocks needed
+        return cpu_first_k.first_k(logits, min(k, logits.shape[1]))
     vocab = logits.shape[1]
     # per row: block maxima, candidates (value, id, position) and masks over the candidates
     block = block_size(vocab, k)

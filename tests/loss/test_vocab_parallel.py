@@ -10,6 +10,7 @@ from megatron_ntp.loss import (
     vocab_parallel_shaped_loss,
 )
 from megatron_ntp.loss import passes
+from megatron_ntp.loss import cpu_first_k
 from megatron_ntp.loss.topk import shard_topk
 from tests.loss.cases import SETTINGS, make_inputs, tied_bf16_logits
 
@@ -168,14 +169,27 @@ def test_eager_passes_equal_compiled(monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("path", ["cpu_scan", "torch"])
 @pytest.mark.parametrize("vocab, k", [(5000, 1), (5000, 37), (4099, 20), (300, 100), (50, 80)])
-def test_shard_topk_is_the_first_k_under_the_tie_rule(vocab, k):
+def test_shard_topk_is_the_first_k_under_the_tie_rule(vocab, k, path, monkeypatch):
+    monkeypatch.setenv("MEGATRON_NTP_CPU_TOPK", "1" if path == "cpu_scan" else "0")
     gen = torch.Generator().manual_seed(vocab + k)
     noise = torch.randn(6, vocab, generator=gen)
     ties = torch.randint(-2, 2, (6, vocab), generator=gen).float()  # heavy ties
-    for logits in (noise, ties, ties.masked_fill(ties < 0, float("-inf"))):
+    ramp = torch.arange(vocab, dtype=torch.float32).expand(3, vocab)
+    for logits in (noise, noise.double(), ties, ties.masked_fill(ties < 0, float("-inf")),
+                   torch.cat([ramp, ramp.flip(-1)]), torch.zeros(2, vocab)):
         values, ids = shard_topk(logits, k)
         order = torch.sort(logits, dim=-1, descending=True, stable=True).indices
         want = order[:, : min(k, vocab)].sort(-1).values
         assert torch.equal(ids, want)
         assert torch.equal(values, logits.gather(-1, want))
+
+
+def test_cpu_scan_is_built_and_refuses_nan():
+    # the scan is what makes the loss cheap on CPU: a failed build must not pass unnoticed
+    logits = torch.randn(4, 3000)
+    assert cpu_first_k.available_for(logits)
+    logits[2, 1234] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN"):
+        cpu_first_k.first_k(logits, 10)
