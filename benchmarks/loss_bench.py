@@ -11,8 +11,9 @@ Peak memory is the process's resident-set high-water mark during the step (reset
 /proc/self/clear_refs) above its size before the step: for (a)-(c') the logits count (they are
 the loss's memory), for (d) and its baseline the hidden states and the weight do not (the model
 holds them anyway), while the weight gradient does. At TP > 1 the peak is the largest over
-ranks and time the slowest rank's. Time: median of --repeats steps
-after a warm-up on small inputs (torch.compile).
+ranks and time the slowest rank's. Time: median of --repeats steps after a warm-up on small
+inputs (torch.compile) and, for (a)-(c'), one step at full size (what a training step sees: the
+first large call's one-time allocations, ~32 MiB, are not the loss's per-step memory).
 
     .venv/bin/python benchmarks/loss_bench.py [--tokens 4096] [--vocab 151936] [--hidden 2048]
 """
@@ -114,6 +115,7 @@ def _worker(rank, world, port, args, results):
     for name, fn in _loss_variants(group).items():
         fn(torch.randn(64, 4096, requires_grad=True), small_t % (4096 * world)).sum().backward()
         make = lambda: (logits.clone().requires_grad_(), target)  # noqa: E731
+        _measure(fn, make, 1, inputs_count=True)  # one step at full size: the steady state
         measured[name] = _measure(fn, make, args.repeats, inputs_count=True)
         dist.barrier()
     for name, fn in _linear_variants(group).items():
