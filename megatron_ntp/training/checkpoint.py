@@ -330,6 +330,7 @@ def load_for_training(config: Config, objects, start: StartPoint) -> None:
     loaded = dist_checkpointing.load(state, path)
     _load_model(objects.model, loaded)
     if c.load_optimizer:
+        _match_schedule_keys(loaded["optimizer"], objects.optimizer)
         objects.optimizer.load_state_dict(loaded["optimizer"])
         # torch's load_state_dict takes every param-group entry from the checkpoint (max_lr,
         # min_lr, betas, ...); this config's values are the ones to train with.
@@ -339,9 +340,48 @@ def load_for_training(config: Config, objects, start: StartPoint) -> None:
     if not start.finetune:
         # this config's schedule (it may extend the run), the checkpoint's position in it
         objects.scheduler.override_opt_param_scheduler = True
+        objects.scheduler.num_steps = 0  # load_state_dict advances by the saved count
         objects.scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if load_rng:
         _set_rng_state(loaded["rng_state"])
+
+
+# What tells param groups apart structurally (which parameters they hold); megatron-core also
+# identifies them by their schedule settings (optimizer.py param_group_identifier_keys).
+_GROUP_STRUCTURE_KEYS = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr")
+
+
+def _match_schedule_keys(saved_optimizer_state, optimizer) -> None:
+    """Give the checkpoint's param groups this run's schedule settings (max_lr, min_lr, ...).
+
+    megatron-core's load_state_dict pairs saved and current param groups by
+    param_group_identifier_keys, which include max_lr/min_lr/start_wd/end_wd: a mid-training
+    phase (or an extended run) with another learning rate would find no matching group. Groups
+    are paired here by what they hold (weight-decay/lr multipliers, expert or not) instead."""
+    from megatron.core.optimizer.optimizer import param_group_identifier_keys
+
+    current = {}
+    for inner in _inner_optimizers(optimizer):
+        for group in inner.param_groups:
+            current.setdefault(tuple(group.get(k) for k in _GROUP_STRUCTURE_KEYS), group)
+    for saved in _saved_param_groups(saved_optimizer_state):
+        match = current.get(tuple(saved.get(k) for k in _GROUP_STRUCTURE_KEYS))
+        if match is not None:
+            for key in param_group_identifier_keys:
+                if key not in _GROUP_STRUCTURE_KEYS and key in match:
+                    saved[key] = match[key]
+
+
+def _saved_param_groups(tree) -> list:
+    """Every param-group dict in a loaded optimizer state (chained, fp16, distributed...)."""
+    if isinstance(tree, dict):
+        groups = tree.get("param_groups")
+        found = list(groups) if isinstance(groups, list) else []
+        return found + [g for key, value in tree.items() if key != "param_groups"
+                        for g in _saved_param_groups(value)]
+    if isinstance(tree, (list, tuple)):
+        return [g for value in tree for g in _saved_param_groups(value)]
+    return []
 
 
 def _param_group_settings(optimizer) -> list:

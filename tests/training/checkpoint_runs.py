@@ -1,0 +1,172 @@
+"""In-process checkpoint scenarios, run inside one spawned gloo rank (tests/distributed.py) so
+that megatron-core is imported once and the CPU patches stay out of the pytest process.
+
+`crash_resume_finetune(rank, world_size, base, out_dir)` writes <out_dir>/results.json:
+1. a run whose final save fails after its shards are written (dist_checkpointing.save patched
+   to raise): the previous checkpoint must stay the latest;
+2. the same run again: it resumes from that checkpoint, removes the stale temporary folder and
+   redoes the lost steps exactly;
+3. a mid-training start from the result (checkpoint.finetune) with a new sequence length,
+   RoPE base, learning-rate schedule: weights and Adam state equal the saved ones, step 0;
+4. load_model_weights of the saved run into freshly built model chunks.
+"""
+
+import json
+import os
+
+
+class InjectedSaveFailure(OSError):
+    pass
+
+
+def _config(overrides):
+    from megatron_ntp.config import load_config, validate_config
+
+    return validate_config(load_config(None, overrides), world_size=1)
+
+
+def _train(overrides, keep=None):
+    """Train `overrides` on this rank; returns (records or the raised exception, snapshot)."""
+    from megatron.core import parallel_state
+
+    from megatron_ntp.parallel import initialize_parallel_from_config
+    from megatron_ntp.training.build import build_training_objects
+    from megatron_ntp.training.loop import train
+
+    config = _config(overrides)
+    initialize_parallel_from_config(config)
+    try:
+        objects = build_training_objects(config)
+        with open(os.devnull, "w") as quiet:
+            try:
+                result = train(config, stream=quiet, objects=objects)
+            except InjectedSaveFailure as err:
+                result = err
+        return result, (keep(objects) if keep else None)
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def _weights(objects_or_chunks) -> dict:
+    from megatron_ntp.training.build import loss_modules
+
+    model = getattr(objects_or_chunks, "model", objects_or_chunks)
+    (module,) = loss_modules(model)
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def _adam_state(objects) -> dict:
+    """{parameter name: (exp_avg, exp_avg_sq, step tensor)} of the (FP32) optimizer."""
+    from megatron_ntp.training.build import loss_modules
+    from megatron_ntp.training.checkpoint import _inner_optimizers
+
+    (module,) = loss_modules(objects.model)
+    names = {p: name for name, p in module.named_parameters()}
+    state = {}
+    for inner in _inner_optimizers(objects.optimizer):
+        for param, entry in inner.state.items():
+            state[names[param]] = (entry["exp_avg"].clone(), entry["exp_avg_sq"].clone(),
+                                   entry["step"])
+    return state
+
+
+def _snapshot(objects):
+    return _weights(objects), _adam_state(objects)
+
+
+def _read_steps(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _equal(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def crash_resume_finetune(rank, world_size, base, out_dir):
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from megatron_ntp.parallel import initialize_parallel_from_config
+    from megatron_ntp.training import checkpoint
+    from megatron_ntp.training.build import build_model_chunks, build_training_objects
+
+    results = {}
+    ckpt, run_dir = os.path.join(out_dir, "ckpt"), os.path.join(out_dir, "run")
+    pretrain = base + ["train.steps=4", "checkpoint.save_interval=2",
+                       f"checkpoint.save_dir={ckpt}", f"logging.run_dir={run_dir}"]
+
+    # 1. the save of step 4 dies after writing its shards, before it is published
+    real_save = dist_checkpointing.save
+
+    def dying_save(state, directory, *args, **kwargs):
+        real_save(state, directory, *args, **kwargs)
+        if "iter_0000004" in str(directory):
+            raise InjectedSaveFailure("injected: the job died while saving iter_0000004")
+
+    dist_checkpointing.save = dying_save
+    try:
+        crashed, _ = _train(pretrain)
+    finally:
+        dist_checkpointing.save = real_save
+    results["crash_raised"] = isinstance(crashed, InjectedSaveFailure)
+    results["after_crash"] = {
+        "tracker": open(os.path.join(ckpt, checkpoint.TRACKER_FILE)).read().strip(),
+        "complete": sorted(checkpoint.complete_checkpoints(ckpt)),
+        "entries": sorted(os.listdir(ckpt)),
+        "latest": os.path.basename(checkpoint.latest_checkpoint(ckpt)),
+    }
+    results["crashed_metrics"] = _read_steps(os.path.join(run_dir, "metrics.jsonl"))
+
+    # 2. the same command again: resumes from iter_0000002
+    resumed, (weights, adam) = _train(pretrain, keep=_snapshot)
+    results["resumed_records"] = resumed
+    results["resumed_metrics"] = _read_steps(os.path.join(run_dir, "metrics.jsonl"))
+    results["after_resume"] = {
+        "tracker": open(os.path.join(ckpt, checkpoint.TRACKER_FILE)).read().strip(),
+        "entries": sorted(os.listdir(ckpt)),
+    }
+
+    # 3. mid-training: new sequence length, RoPE base, schedule; weights and Adam state kept
+    mid_dir = os.path.join(out_dir, "mid")
+    mid = base + ["data.seq_length=64", "train.global_batch_tokens=256", "model.rotary_base=1e6",
+                  "train.steps=2", "train.lr=1e-3", "train.min_lr=1e-4",
+                  "train.lr_warmup_steps=0", "train.lr_decay_steps=2",
+                  f"checkpoint.load_dir={ckpt}", "checkpoint.finetune=true",
+                  f"checkpoint.save_dir={mid_dir}/ckpt", f"logging.run_dir={mid_dir}/run"]
+    config = _config(mid)
+    initialize_parallel_from_config(config)
+    try:
+        objects = build_training_objects(config)
+        start = checkpoint.plan_start(config)
+        checkpoint.load_for_training(config, objects, start)
+        loaded_adam = _adam_state(objects)
+        results["finetune_start"] = [start.step, start.consumed_samples, start.finetune]
+        results["finetune_weights_equal"] = _equal(_weights(objects), weights)
+        results["finetune_adam_equal"] = all(
+            _equal(dict(enumerate(loaded_adam[n][:2])), dict(enumerate(adam[n][:2])))
+            for n in adam) and loaded_adam.keys() == adam.keys()
+        steps = [entry[2] for entry in loaded_adam.values()]
+        results["finetune_adam_steps"] = sorted({float(s) for s in steps})
+        results["finetune_adam_steps_distinct"] = len({id(s) for s in steps}) == len(steps)
+    finally:
+        parallel_state.destroy_model_parallel()
+    results["finetune_records"], _ = _train(mid)
+    results["finetune_saved_config"] = {
+        "rotary_base": checkpoint.read_checkpoint_config(f"{mid_dir}/ckpt").model.rotary_base,
+        "seq_length": checkpoint.read_checkpoint_config(f"{mid_dir}/ckpt").data.seq_length,
+    }
+
+    # 4. load_model_weights into bare chunks of the pre-training config
+    config = _config(pretrain)
+    initialize_parallel_from_config(config)
+    try:
+        chunks, _ = build_model_chunks(config)
+        results["load_model_weights_step"] = checkpoint.load_model_weights(chunks, ckpt)
+        results["load_model_weights_equal"] = _equal(_weights(chunks), weights)
+    finally:
+        parallel_state.destroy_model_parallel()
+
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f)
