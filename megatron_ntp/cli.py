@@ -3,6 +3,10 @@
     megatron-ntp plan --config FILE [section.field=value ...]
     megatron-ntp presets
     megatron-ntp train --config FILE [section.field=value ...]   (torchrun for several ranks)
+    megatron-ntp eval|generate|passk --checkpoint DIR [options] [section.field=value ...]
+    megatron-ntp export --checkpoint DIR --output DIR   (Hugging Face Qwen3 / Qwen3-MoE)
+    megatron-ntp submit [Slurm options] --config FILE [section.field=value ...]   (Slurm job)
+    megatron-ntp sweep plan|submit|collect|fit ...   (scaling-law sweeps on Slurm)
 """
 
 import argparse
@@ -30,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan(commands)
     _add_presets(commands)
     _add_train(commands)
+    from megatron_ntp.eval.cli import add_eval_commands  # eval, generate, passk, export
+
+    add_eval_commands(commands, _add_config_arguments)
+    from megatron_ntp.sweep.cli import add_commands as add_sweep_commands  # submit, sweep
+
+    add_sweep_commands(commands)
     return parser
 
 

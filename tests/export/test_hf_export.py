@@ -1,0 +1,87 @@
+"""Export to Hugging Face: the exported model's logits equal megatron-core's (float32, CPU).
+
+The checkpoints are trained at TP = 2 (dense) and TP = 2 x EP = 2 (MoE) by tests/eval/
+checkpoints.py, which also keeps the trained megatron-core model's logits on probe tokens; the
+export runs as `megatron-ntp export` in its own process and transformers loads the folder
+offline (local_files_only).
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+from tests.eval.checkpoints import PROBE, run_cli
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf")
+    folders = {}
+    for name, case in trained.items():
+        folders[name] = str(out / name)
+        run_cli(["export", "--checkpoint", case["checkpoint"], "--output", folders[name]])
+    return folders
+
+
+def _hf_logits(folder):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True,
+                                                 torch_dtype=torch.float32,
+                                                 attn_implementation="eager")
+    model.eval()
+    with torch.no_grad():
+        return model(PROBE).logits, model
+
+
+@pytest.mark.parametrize("name, architecture", [("dense", "Qwen3ForCausalLM"),
+                                                ("moe", "Qwen3MoeForCausalLM")])
+def test_exported_logits_equal_megatron_core(trained, exported, name, architecture):
+    folder = exported[name]
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    assert config["architectures"] == [architecture]
+    assert config["vocab_size"] == 1000  # model.vocab_size: megatron-core's padding (1024) cut
+    logits, model = _hf_logits(folder)
+    want = trained[name]["logits"]  # [b, s, 1024] from the TP = 2 megatron-core model
+    assert want.shape[-1] == 1024 and logits.shape == (*PROBE.shape, 1000)
+    diff = (logits - want[..., :1000]).abs().max().item()
+    assert diff < 1e-4, f"{name}: max |HF - megatron-core| = {diff}"
+    if name == "moe":
+        assert config["norm_topk_prob"] is True and config["num_experts"] == 4
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_folder_layout_and_tokenizer(trained, exported, sample_data):
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    folder = exported["dense"]
+    files = set(os.listdir(folder))
+    assert {"config.json", "generation_config.json", "model.safetensors.index.json",
+            "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+            "megatron_ntp_export.json"} <= files
+    with open(os.path.join(folder, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    assert set(index["weight_map"].values()) <= files
+    with open(os.path.join(folder, "megatron_ntp_export.json")) as f:
+        summary = json.load(f)
+    assert summary["source"]["step"] == 3
+    assert summary["tokenizer"]["probe_texts_equal"], summary["tokenizer"]["first_mismatch"]
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    sp = sentencepiece.SentencePieceProcessor(model_file=sample_data[1])
+    text = "Return the number of items in a container.\n    x = 12 + 7"
+    assert tokenizer(text)["input_ids"] == sp.encode(text)
+    assert tokenizer.eos_token_id == sp.eos_id()
+
+
+def test_export_refuses_a_non_empty_output(trained, tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("x")
+    done = run_cli(["export", "--checkpoint", trained["dense"]["checkpoint"], "--output",
+                    str(target)], check=False)
+    assert done.returncode == 2 and "--force" in done.stderr
+    assert os.listdir(target) == ["keep.txt"]
