@@ -148,13 +148,42 @@ def _write_sentencepiece(source: TokenizerSource, folder: str) -> dict:
 
 
 def sentencepiece_to_tokenizer_json(model_file: str):
-    """A `tokenizers.Tokenizer` equal to the sentencepiece model (transformers' converter)."""
+    """A `tokenizers.Tokenizer` equal to the sentencepiece model.
+
+    transformers' SpmConverter with what it leaves to subclasses set from the model itself:
+    the dummy prefix (add_dummy_prefix), BPE byte fallback and its decoding, and
+    remove_extra_whitespaces (strip both ends, collapse runs of spaces, after the model's
+    precompiled normalisation map, as sentencepiece does).
+    """
+    from tokenizers import Regex, decoders, normalizers
     from transformers.convert_slow_tokenizer import SpmConverter
 
-    class _Slow:  # what SpmConverter reads from a slow tokenizer
-        vocab_file = model_file
-        legacy = True
-        add_prefix_space = None
+    class Converter(SpmConverter):
         handle_byte_fallback = True
 
-    return SpmConverter(_Slow()).converted()
+        def normalizer(self, proto):
+            spec = proto.normalizer_spec
+            steps = []
+            if spec.precompiled_charsmap:
+                steps.append(normalizers.Precompiled(spec.precompiled_charsmap))
+            if spec.remove_extra_whitespaces:
+                steps += [normalizers.Strip(left=True, right=True),
+                          normalizers.Replace(Regex(" {2,}"), " ")]
+            return normalizers.Sequence(steps)
+
+        def decoder(self, replacement, add_prefix_space):
+            steps = [decoders.Replace(replacement, " ")]
+            if self.proto.trainer_spec.byte_fallback:
+                steps += [decoders.ByteFallback(), decoders.Fuse()]
+            if add_prefix_space:
+                steps.append(decoders.Strip(content=" ", left=1, right=0))
+            return decoders.Sequence(steps)
+
+    class Slow:  # what SpmConverter reads from a slow tokenizer
+        vocab_file = model_file
+        legacy = True  # prepend the dummy prefix to every text ("always"), as sentencepiece does
+
+    slow = Slow()
+    converter = Converter(slow)
+    slow.add_prefix_space = converter.proto.normalizer_spec.add_dummy_prefix
+    return converter.converted()

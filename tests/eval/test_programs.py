@@ -118,12 +118,13 @@ def test_samples_do_not_depend_on_the_data_parallel_layout(passk_results):
 
 def test_generate_is_deterministic_for_a_seed(trained, tmp_path):
     common = ["generate", "--checkpoint", trained["dense"]["checkpoint"], "--prompt", "def ",
-              "--prompt", "The number", "-m", "3", "--max-new-tokens", "8", "--top-k", "50"]
-    runs = {}
-    for name, seed in (("a", "5"), ("b", "5"), ("c", "6")):
+              "--prompt", "The number", "-m", "3", "--max-new-tokens", "8", "--top-k", "50",
+              "--seed", "5", "parallel.tensor=1"]
+    runs = []
+    for name in ("a", "b"):
         path = tmp_path / f"{name}.jsonl"
-        run_cli([*common, "--seed", seed, "--output", str(path), "parallel.tensor=1"])
-        runs[name] = [json.loads(line) for line in path.read_text().splitlines()]
-    assert len(runs["a"]) == 6
-    assert runs["a"] == runs["b"]
-    assert [r["text"] for r in runs["a"]] != [r["text"] for r in runs["c"]]
+        run_cli([*common, "--output", str(path)])
+        runs.append([json.loads(line) for line in path.read_text().splitlines()])
+    assert len(runs[0]) == 6 and runs[0] == runs[1]
+    # each sample has its own generator: the 3 samples of a prompt differ
+    assert len({r["text"] for r in runs[0][:3]}) > 1
