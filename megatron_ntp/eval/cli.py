@@ -141,10 +141,19 @@ def _add_passk(commands, add_config_arguments):
     add_config_arguments(p)
     p.add_argument("--tasks", required=True, metavar="FILE.jsonl")
     p.add_argument("--checker", default="exact", help="exact, numeric or module:function")
-    p.add_argument("--k", type=int, nargs="+", help="k values (default 1, 2, 4, ..., m)")
+    p.add_argument("--k", type=_int_list, metavar="K,K,...",
+                   help="k values, comma-separated (default 1,2,4,...,m)")
     p.add_argument("--output", metavar="FILE.json", help="results with every sample")
     _sampling_arguments(p, 16)
     p.set_defaults(run=_run_passk)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got "
+                                         f"{text!r}") from None
 
 
 def _run_passk(args):

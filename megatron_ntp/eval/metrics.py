@@ -150,7 +150,8 @@ def accumulate_token_statistics(sums: EvalSums, logits: torch.Tensor, target: to
                            correct.double().sum()])
     sums.scalars.add_(scalars.to(sums.flat.device))
 
-    edges = torch.linspace(0.0, 1.0, sums.top1_bins + 1, dtype=torch.float64)
+    device = logits.device
+    edges = torch.linspace(0.0, 1.0, sums.top1_bins + 1, dtype=torch.float64, device=device)
     bins = _bin_index(p_max, edges)[valid]
     top1_table = torch.stack([
         torch.bincount(bins, minlength=sums.top1_bins).double(),
@@ -159,9 +160,9 @@ def accumulate_token_statistics(sums: EvalSums, logits: torch.Tensor, target: to
     sums.top1.add_(top1_table.to(sums.flat.device))
 
     # vocabulary table: a pass over the shard with p = exp(z - log_normalizer)
-    vocab_edges = torch.tensor(VOCAB_BIN_EDGES, dtype=torch.float64)
+    vocab_edges = torch.tensor(VOCAB_BIN_EDGES, dtype=torch.float64, device=device)
     nbins = len(VOCAB_BIN_EDGES) - 1
-    table = torch.zeros(3, nbins, dtype=torch.float64)
+    table = torch.zeros(3, nbins, dtype=torch.float64, device=device)
     rows = logits[valid]
     log_normalizer = terms.log_normalizer[valid]
     # the target pairs, each counted by the shard that holds its id, from the same p values

@@ -276,7 +276,8 @@ def write_safetensors(tensors: dict, folder: str, dtype: torch.dtype,
 
     shards, current, size = [], {}, 0
     for name, tensor in tensors.items():
-        tensor = tensor.detach().to(dtype).contiguous().clone()  # own storage: no shared views
+        # on the CPU, in its own storage (no views shared between tensors)
+        tensor = tensor.detach().to("cpu", dtype).contiguous().clone()
         nbytes = tensor.numel() * tensor.element_size()
         if current and size + nbytes > max_shard_bytes:
             shards.append(current)
