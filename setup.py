@@ -17,6 +17,7 @@ setup(
         "tokenizers",
         "matplotlib",
         "scipy",
+        "threadpoolctl",  # one BLAS thread for the tiny L-BFGS-B problems of scaling-law fits
         "tensorboard",
         # Hugging Face export (megatron_ntp/export): Qwen3 / Qwen3-MoE classes, offline loading
         "transformers==4.57.6",

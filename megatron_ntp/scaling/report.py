@@ -1,0 +1,225 @@
+"""Scaling-law fits per loss setting from a sweep table (megatron_ntp.sweep.collect's CSV).
+
+    table = read_table("sweep_metrics.csv")
+    points = fit_points(table)                    # {setting: Points}
+    fits = fit_settings(points, bootstrap=200)    # {setting: SettingFit}
+    print(format_comparison(fits))
+
+Which numbers are fitted:
+- L: the metric, default "auto" = valid_ce (the validation cross-entropy) when every point has
+  it, else ce (the training cross-entropy of the step's global batch). Cross-entropy, not the
+  surrogate loss, which is not comparable across settings (METHOD.md section 4).
+- N: the parameter column, default params_non_embedding (active parameters without the
+  embedding and output layer, as Kaplan et al.; at the tiny sizes of CPU sweeps the embedding
+  dominates the total). params_active or params_total on request.
+- D: tokens_seen; C (compute, for the plots and IsoFLOP groups): flops_seen.
+- points="final": one point per run, its last planned step (Hoffmann et al.'s approach 3).
+  points="curve": every row of every run from min_fraction of its steps on, so a few runs give
+  many (N, D) points (the intermediate losses of a run also carry its learning-rate schedule,
+  so prefer "final" when there are enough runs). Training-loss points are averaged over a
+  trailing window of max(1, steps // 20) steps (one global batch is noisy); validation points
+  are used as logged.
+"""
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from megatron_ntp.scaling.fit import (
+    PARAMS,
+    ScalingFit,
+    bootstrap_scaling_law,
+    fit_scaling_law,
+    isoflop_optima,
+)
+
+TEXT_COLUMNS = {"run", "model", "setting", "budget_kind"}
+PARAM_COLUMNS = ("params_non_embedding", "params_active", "params_total")
+MIN_POINTS = 5
+
+
+def read_table(path: str) -> list[dict]:
+    """Rows of the CSV with numbers parsed; empty cells become None."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    for row in rows:
+        for key, value in row.items():
+            if key in TEXT_COLUMNS:
+                continue
+            if value == "" or value is None:
+                row[key] = None
+            elif value in ("True", "False"):
+                row[key] = value == "True"
+            else:
+                try:
+                    row[key] = float(value)
+                except ValueError:
+                    pass
+    return rows
+
+
+@dataclass
+class Points:
+    """The (N, D, C, L) points of one setting, with the run and budget of each."""
+
+    n: np.ndarray
+    d: np.ndarray
+    c: np.ndarray
+    loss: np.ndarray
+    runs: list
+    budgets: list  # planned budget label of each point's run (IsoFLOP groups)
+
+
+@dataclass
+class SettingFit:
+    setting: str
+    points: Points
+    fit: ScalingFit | None = None
+    intervals: dict = field(default_factory=dict)
+    isoflop: list = field(default_factory=list)
+    note: str = ""
+    final_points: Points | None = None  # the runs' final points (IsoFLOP curves)
+
+
+def resolve_metric(rows: list[dict], metric: str = "auto") -> str:
+    finals = [r for r in rows if r.get("final") == 1]
+    if metric != "auto":
+        if not any(r.get(metric) is not None for r in rows):
+            raise ValueError(f"metric {metric!r} is not a column with values in the table")
+        return metric
+    if finals and all(r.get("valid_ce") is not None for r in finals):
+        return "valid_ce"
+    return "ce"
+
+
+def _trailing_mean(rows: list[dict], metric: str, window: int) -> dict:
+    """{step: mean of metric over the steps in (step - window, step]} for one run's rows."""
+    values = sorted((int(r["step"]), r[metric]) for r in rows if r.get(metric) is not None)
+    if not values:
+        return {}
+    steps = np.array([s for s, _ in values])
+    sums = np.concatenate([[0.0], np.cumsum([v for _, v in values])])
+    first = np.searchsorted(steps, steps - window, side="right")  # first index in the window
+    last = np.arange(1, len(steps) + 1)
+    return dict(zip(steps.tolist(), ((sums[last] - sums[first]) / (last - first)).tolist()))
+
+
+def fit_points(rows: list[dict], metric: str = "auto", params: str = "params_non_embedding",
+               points: str = "final", min_fraction: float = 0.25) -> dict:
+    """{setting: Points} from the table's rows (see the module docstring)."""
+    if params not in PARAM_COLUMNS:
+        raise ValueError(f"params={params!r} must be one of {', '.join(PARAM_COLUMNS)}")
+    if points not in ("final", "curve"):
+        raise ValueError(f"points={points!r} must be final or curve")
+    metric = resolve_metric(rows, metric)
+    by_run = {}
+    for row in rows:
+        by_run.setdefault(row["run"], []).append(row)
+    out = {}
+    for run, run_rows in by_run.items():
+        first = run_rows[0]
+        steps = int(first["steps"])
+        smooth = not metric.startswith("valid_")
+        means = _trailing_mean(run_rows, metric, max(1, steps // 20)) if smooth else None
+        for row in run_rows:
+            if row.get(metric) is None:
+                continue
+            if points == "final" and row.get("final") != 1:
+                continue
+            if points == "curve" and row["step"] + 1 < min_fraction * steps:
+                continue
+            value = means[int(row["step"])] if smooth else row[metric]
+            p = out.setdefault(first["setting"], {"n": [], "d": [], "c": [], "loss": [],
+                                                  "runs": [], "budgets": []})
+            p["n"].append(first[params])
+            p["d"].append(row["tokens_seen"])
+            p["c"].append(row["flops_seen"])
+            p["loss"].append(value)
+            p["runs"].append(run)
+            # IsoFLOP groups: the planned compute budget; None (group by measured FLOPs) when
+            # the sweep planned tokens
+            p["budgets"].append(f"{first['budget']:g}" if first["budget_kind"] == "flops"
+                                else None)
+    return {s: Points(np.array(p["n"], float), np.array(p["d"], float), np.array(p["c"], float),
+                      np.array(p["loss"], float), p["runs"], p["budgets"])
+            for s, p in sorted(out.items())}
+
+
+def isoflop_of(p: Points) -> list:
+    """IsoFLOP optima of one setting's final points (groups: the planned FLOP budgets, else
+    FLOPs within 5%)."""
+    if len(p.loss) < 3:
+        return []
+    labels = p.budgets if all(b is not None for b in p.budgets) else None
+    return isoflop_optima(p.n, p.c, p.loss, labels=labels)
+
+
+def fit_settings(points: dict, bootstrap: int = 200, level: float = 0.9, seed: int = 0,
+                 final_points: dict | None = None) -> dict:
+    """{setting: SettingFit}: the law (when there are >= 5 points), its bootstrap intervals
+    (`bootstrap` resamples; 0 = none) and the IsoFLOP optima of final_points (default: points,
+    which should then be final points)."""
+    fits = {}
+    final_points = points if final_points is None else final_points
+    for setting, p in points.items():
+        result = SettingFit(setting, p)
+        if len(p.loss) < MIN_POINTS:
+            result.note = (f"not fitted: {len(p.loss)} points, 5 parameters need at least "
+                           f"{MIN_POINTS} (more runs, or points=curve)")
+        else:
+            result.fit = fit_scaling_law(p.n, p.d, p.loss)
+            if bootstrap:
+                result.intervals = bootstrap_scaling_law(p.n, p.d, p.loss, samples=bootstrap,
+                                                         seed=seed, level=level)
+        result.final_points = final_points.get(setting, p)
+        result.isoflop = isoflop_of(result.final_points)
+        fits[setting] = result
+    return fits
+
+
+def _cell(value: float, interval) -> str:
+    text = f"{value:.4g}"
+    if interval and all(math.isfinite(x) for x in interval):
+        text += f" [{interval[0]:.3g}, {interval[1]:.3g}]"
+    return text
+
+
+def format_comparison(fits: dict, metric: str = "", params: str = "", level: float = 0.9) -> str:
+    """Table of E, A, alpha, B, b per setting with bootstrap intervals, and the IsoFLOP optima."""
+    head = (f"L(N, D) = E + A / N^alpha + B / D^b per loss setting"
+            f"{f'; L = {metric}' if metric else ''}{f', N = {params}' if params else ''}, "
+            f"D = tokens; [{level:.0%} bootstrap interval]")
+    lines = [head, f"{'setting':<20} {'points':>6}  " + "  ".join(f"{p:<24}" for p in PARAMS)
+             + "  objective"]
+    for setting, result in fits.items():
+        if result.fit is None:
+            lines.append(f"{setting:<20} {len(result.points.loss):>6}  {result.note}")
+            continue
+        values = result.fit.params()
+        cells = [f"{_cell(values[p], result.intervals.get(p)):<24}" for p in PARAMS]
+        lines.append(f"{setting:<20} {len(result.points.loss):>6}  " + "  ".join(cells)
+                     + f"  {result.fit.objective:.3g}")
+    optima = [(s, o) for s, r in fits.items() for o in r.isoflop]
+    if optima:
+        lines.append("")
+        lines.append("IsoFLOP optima (parabola of L in log N per compute budget)")
+        lines.append(f"{'setting':<20} {'FLOPs':>10} {'N_opt':>12} {'L_opt':>9}  bracketed")
+        for setting, o in optima:
+            lines.append(f"{setting:<20} {o['flops']:>10.3g} {o['n_opt']:>12.4g} "
+                         f"{o['loss_opt']:>9.4f}  {'yes' if o['bracketed'] else 'no'}")
+    return "\n".join(lines) + "\n"
+
+
+def fits_to_json(fits: dict, metric: str, params: str, points: str) -> str:
+    out = {"metric": metric, "params": params, "points": points, "settings": {}}
+    for setting, r in fits.items():
+        out["settings"][setting] = {
+            "points": int(len(r.points.loss)),
+            "fit": (r.fit.params() | {"objective": r.fit.objective}) if r.fit else None,
+            "intervals": r.intervals, "isoflop": r.isoflop, "note": r.note}
+    return json.dumps(out, indent=1, allow_nan=True) + "\n"

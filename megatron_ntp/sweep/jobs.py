@@ -1,0 +1,126 @@
+"""State of one training run on disk: its folder, its metrics, whether it is complete.
+
+A run is *complete* when `<logging.run_dir>/COMPLETE` exists. slurm/train.sbatch writes it (with
+`python -m megatron_ntp.sweep.jobs mark-complete`) only after the trainer exited 0 and
+metrics.jsonl holds the run's last step; the trainer has then saved its final checkpoint. Nothing
+else writes it, so "complete" never means "the metrics happen to look finished".
+
+metrics.jsonl may hold a step more than once: a run stopped between two checkpoints re-runs (and
+re-logs) the steps after the checkpoint it resumes from. `read_jsonl_by_step` keeps the last
+record of each step, i.e. the one that belongs to the surviving trajectory.
+
+Command line (used by the batch script; arguments after the subcommand are `megatron-ntp train`'s):
+
+    python -m megatron_ntp.sweep.jobs run-dir [--world-size N] --config FILE [overrides ...]
+    python -m megatron_ntp.sweep.jobs mark-complete [--job ID] --config FILE [overrides ...]
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+COMPLETE_MARKER = "COMPLETE"
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder and a rename, so a
+    reader sees the old content or the new one, never half of it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_jsonl_by_step(path: str) -> list[dict]:
+    """Records of a metrics file sorted by step, the last record of each step kept. A missing
+    file is an empty run; a torn last line (a process killed mid-write) is skipped."""
+    if not os.path.isfile(path):
+        return []
+    by_step = {}
+    with open(path) as f:
+        lines = f.read().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                continue  # the last line of a killed writer
+            raise ValueError(f"{path}:{number}: not a JSON record: {line[:80]!r}") from None
+        if "step" not in record:
+            raise ValueError(f"{path}:{number}: record without a 'step' field")
+        by_step[int(record["step"])] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def is_complete(run_dir: str) -> bool:
+    return os.path.isfile(os.path.join(run_dir, COMPLETE_MARKER))
+
+
+def last_step(run_dir: str) -> int:
+    """The largest step in <run_dir>/metrics.jsonl, -1 when none."""
+    records = read_jsonl_by_step(os.path.join(run_dir, "metrics.jsonl"))
+    return records[-1]["step"] if records else -1
+
+
+def mark_complete(run_dir: str, steps: int, job_id: str = "") -> None:
+    """Write the COMPLETE marker after checking that metrics.jsonl reached step `steps - 1`."""
+    reached = last_step(run_dir)
+    if reached < steps - 1:
+        raise RuntimeError(f"{run_dir}: the trainer exited 0 but metrics.jsonl ends at step "
+                           f"{reached}, not at the last step {steps - 1}; not marking it complete")
+    record = {"job_id": job_id, "steps": steps, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                        time.gmtime())}
+    write_atomic(os.path.join(run_dir, COMPLETE_MARKER), json.dumps(record) + "\n")
+
+
+def _resolved_config(args):
+    from megatron_ntp.config import load_config, validate_config
+
+    return validate_config(load_config(args.config, args.overrides), world_size=args.world_size)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m megatron_ntp.sweep.jobs",
+                                     description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run-dir", "mark-complete"):
+        p = sub.add_parser(name)
+        p.add_argument("--world-size", type=int, default=None)
+        p.add_argument("--job", default=os.environ.get("SLURM_JOB_ID", ""))
+        p.add_argument("--config", metavar="FILE")
+        p.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    from megatron_ntp.config import ConfigError
+
+    try:
+        config = _resolved_config(args)
+    except ConfigError as err:
+        print(f"megatron-ntp job: {err}", file=sys.stderr)
+        return 2
+    run_dir = os.path.abspath(config.logging.run_dir)
+    if args.command == "run-dir":
+        print(run_dir)
+        return 0
+    try:
+        mark_complete(run_dir, config.train.steps, args.job)
+    except RuntimeError as err:
+        print(f"megatron-ntp job: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

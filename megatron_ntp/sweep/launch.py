@@ -1,0 +1,150 @@
+"""Per-node launchers for Slurm job steps (slurm/train.sbatch runs them under srun).
+
+    python -m megatron_ntp.sweep.launch torchrun [--nproc-per-node N] -- -m megatron_ntp.cli train ...
+        One launcher per node: torchrun (torch.distributed.run, in this process) with the node
+        count, node rank and rendezvous address taken from Slurm (SLURM_JOB_NUM_NODES,
+        SLURM_NODEID, $MASTER_ADDR:$MASTER_PORT), static rendezvous.
+    python -m megatron_ntp.sweep.launch task -- -m megatron_ntp.cli train ...
+        One task per GPU: sets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE from SLURM_PROCID,
+        SLURM_LOCALID, SLURM_NTASKS and execs the trainer (srun returns the largest exit code).
+
+Why torchrun is wrapped rather than called: two of its behaviours defeat preemption.
+- Slurm's warning signal (--signal=TERM@T, or scancel --signal=TERM) reaches every process of
+  the step, the workers included. torchrun would react to its own SIGTERM by killing the
+  workers after a shutdown timeout and exiting with a SignalException, losing their exit codes.
+  Here SIGTERM is removed from torchrun's handled signals; the launcher forwards it to its
+  workers (the trainer's handler only sets a flag, so a second SIGTERM is harmless) and keeps
+  waiting for them to checkpoint and exit.
+- torchrun turns any non-zero worker exit into exit code 1. Here a run whose failed workers all
+  exited with PREEMPTED_EXIT_CODE (checkpoint saved, stopped on request) exits with that code,
+  which the batch script answers with `scontrol requeue`.
+"""
+
+import os
+import signal
+import sys
+
+PREEMPTED_EXIT_CODE = 75  # megatron_ntp.training.PREEMPTED_EXIT_CODE; tests check they agree
+
+# Signals torchrun still handles (forwarding them to the workers and stopping): not SIGTERM.
+TORCHRUN_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
+SHUTDOWN_TIMEOUT_S = 600  # torchrun's grace for the workers after a failure, before SIGKILL
+
+
+def _env_int(name: str, default: int | None = None) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        if default is None:
+            raise SystemExit(f"megatron_ntp.sweep.launch: ${name} is not set (not inside a "
+                             f"Slurm job step?)")
+        return default
+    return int(value)
+
+
+def local_world_size() -> int:
+    """Tasks of this step on this node: SLURM_STEP_TASKS_PER_NODE / SLURM_TASKS_PER_NODE are
+    lists like "8(x2),4" in node order; pick this node's entry."""
+    spec = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE")
+    if not spec:
+        return 1
+    counts = []
+    for part in spec.split(","):
+        count, _, repeat = part.partition("(x")
+        counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    node = _env_int("SLURM_NODEID", 0)
+    return counts[node] if node < len(counts) else counts[-1]
+
+
+def task_environment(env: dict) -> dict:
+    """torchrun's variables for one Slurm task (one rank)."""
+    env = dict(env)
+    env.update(RANK=str(_env_int("SLURM_PROCID")), LOCAL_RANK=str(_env_int("SLURM_LOCALID")),
+               WORLD_SIZE=str(_env_int("SLURM_NTASKS")),
+               LOCAL_WORLD_SIZE=str(local_world_size()),
+               GROUP_RANK=str(_env_int("SLURM_NODEID", 0)))
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", "29500")
+    return env
+
+
+def run_task(command: list[str]) -> int:
+    os.execve(sys.executable, [sys.executable, *command], task_environment(os.environ))
+
+
+def torchrun_arguments(nproc_per_node: int, command: list[str]) -> list[str]:
+    return [f"--nnodes={_env_int('SLURM_JOB_NUM_NODES', 1)}",
+            f"--node-rank={_env_int('SLURM_NODEID', 0)}",
+            f"--nproc-per-node={nproc_per_node}",
+            f"--master-addr={os.environ.get('MASTER_ADDR', '127.0.0.1')}",
+            f"--master-port={os.environ.get('MASTER_PORT', '29500')}",
+            "--rdzv-backend=static", "--max-restarts=0",
+            f"--signals-to-handle={TORCHRUN_SIGNALS}",
+            f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}",
+            *command]
+
+
+def exit_code_of_failures(exit_codes: list[int]) -> int:
+    """The launcher's exit code from its failed workers' exit codes: PREEMPTED_EXIT_CODE when
+    every failed worker stopped that way, else the first other code (a worker killed by a signal
+    reports -signum: 128 + signum, as a shell would)."""
+    other = [c for c in exit_codes if c != PREEMPTED_EXIT_CODE]
+    if not other:
+        return PREEMPTED_EXIT_CODE
+    code = other[0]
+    return 128 - code if code < 0 else (code or 1)
+
+
+def _forward_sigterm(signum, frame):
+    import psutil
+
+    workers = psutil.Process().children(recursive=False)
+    print(f"[launch] SIGTERM: forwarded to {len(workers)} worker(s); waiting for their checkpoint",
+          file=sys.stderr, flush=True)
+    for worker in workers:
+        try:
+            worker.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def run_torchrun(nproc_per_node: int, command: list[str]) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    signal.signal(signal.SIGTERM, _forward_sigterm)
+    args = parse_args(torchrun_arguments(nproc_per_node, command))
+    try:
+        run(args)
+    except ChildFailedError as err:
+        codes = [failure.exitcode for failure in err.failures.values()]
+        code = exit_code_of_failures(codes)
+        print(f"[launch] worker exit codes {codes}: exiting {code}", file=sys.stderr, flush=True)
+        return code
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in argv or not argv or argv[0] not in ("torchrun", "task"):
+        print(__doc__, file=sys.stderr)
+        return 2
+    split = argv.index("--")
+    mode, options, command = argv[0], argv[1:split], argv[split + 1:]
+    if mode == "task":
+        if options:
+            print(f"megatron_ntp.sweep.launch task: unexpected options {options}", file=sys.stderr)
+            return 2
+        return run_task(command)
+    nproc = 1
+    for option in options:
+        if option.startswith("--nproc-per-node="):
+            nproc = int(option.split("=", 1)[1])
+        else:
+            print(f"megatron_ntp.sweep.launch torchrun: unknown option {option!r}",
+                  file=sys.stderr)
+            return 2
+    return run_torchrun(nproc, command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
