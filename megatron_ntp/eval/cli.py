@@ -7,9 +7,9 @@ parallel.tensor=2 choose it; the checkpoint is resharded on load); export runs a
 
 import argparse
 
-_LAYOUT_NOTE = ("The model is built in the layout of the config after overrides (e.g. "
-                "parallel.tensor=2 parallel.pipeline=1 under torchrun) and the checkpoint is "
-                "resharded to it on load.")
+_LAYOUT_NOTE = ("The layout is TP=PP=EP=1 (every rank a data-parallel replica) unless overrides "
+                "set it (e.g. parallel.tensor=2 under torchrun); the checkpoint is resharded "
+                "to it on load, whatever layout it was trained in.")
 
 
 def add_eval_commands(commands, add_config_arguments):

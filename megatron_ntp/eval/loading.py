@@ -66,9 +66,11 @@ def inference_config(checkpoint_dir: str | None, config_file: str | None, overri
                      world_size: int | None = None) -> tuple[Config, str]:
     """(validated config for this launch, checkpoint folder) from --checkpoint / --config.
 
-    With --checkpoint the stored config is the base and overrides apply on top (for example
-    parallel.tensor=1); with only --config, the weights come from its checkpoint.load_dir.
-    The vocabulary padding of the checkpoint is kept whatever the new layout.
+    With --checkpoint the stored config is the base, laid out on TP=PP=EP=1 (every rank of the
+    launch a data-parallel replica: the training layout rarely suits an evaluation launch), and
+    overrides apply on top (for example parallel.tensor=2 under torchrun); with only --config,
+    the file's layout is used and the weights come from its checkpoint.load_dir. The vocabulary
+    padding of the checkpoint is kept whatever the new layout.
     """
     from megatron_ntp.config import load_config, validate_config
 
@@ -77,7 +79,7 @@ def inference_config(checkpoint_dir: str | None, config_file: str | None, overri
         if config_file:
             raise ConfigError("give --checkpoint or --config, not both (overrides on the command "
                               "line apply to the checkpoint's config)")
-        config = with_overrides(base, overrides)
+        config = with_overrides(single_rank_config(base), overrides)
     elif config_file:
         base = config = load_config(config_file, overrides)
         checkpoint_dir = config.checkpoint.load_dir
