@@ -179,6 +179,7 @@ def save_checkpoint(config: Config, objects, step: int, consumed_samples: int) -
             "seq_length": config.data.seq_length,
             "global_batch_tokens": config.train.global_batch_tokens,
             "layout": parallel_layout(config),
+            "optimizers": _optimizer_count(objects.optimizer), "bf16": config.model.bf16,
             "world_size": dist.get_world_size() if dist.is_initialized() else 1,
         }, indent=1) + "\n")
         _publish(temporary, final)
@@ -310,13 +311,8 @@ def load_for_training(config: Config, objects, start: StartPoint) -> None:
     path, c = start.checkpoint, config.checkpoint
     info = read_checkpoint_info(path)
     same_layout = info["layout"] == parallel_layout(config)
-    if c.load_optimizer and info["layout"]["distributed_optimizer"] != \
-            config.parallel.distributed_optimizer:
-        raise ConfigError(
-            f"{path}: saved with parallel.distributed_optimizer="
-            f"{str(info['layout']['distributed_optimizer']).lower()}, this run has "
-            f"{str(config.parallel.distributed_optimizer).lower()}; the optimizer state does not "
-            f"convert between the two: keep the setting, or set checkpoint.load_optimizer=false")
+    if c.load_optimizer:
+        _check_optimizer_state_fits(path, info, config, objects.optimizer)
     load_rng = c.load_rng and same_layout and not start.finetune
     metadata = _sharded_metadata(config.parallel.distributed_optimizer,
                                  dist_checkpointing.load_content_metadata(path))
@@ -349,6 +345,27 @@ def load_for_training(config: Config, objects, start: StartPoint) -> None:
 # What tells param groups apart structurally (which parameters they hold); megatron-core also
 # identifies them by their schedule settings (optimizer.py param_group_identifier_keys).
 _GROUP_STRUCTURE_KEYS = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr")
+
+
+def _check_optimizer_state_fits(path: str, info: dict, config: Config, optimizer) -> None:
+    """The optimizer-state formats that do not convert into each other, as a clear error."""
+    p = config.parallel
+    fix = "keep the setting, or set checkpoint.load_optimizer=false (weights only)"
+    saved = info["layout"]["distributed_optimizer"]
+    if saved != p.distributed_optimizer:
+        raise ConfigError(f"{path}: saved with parallel.distributed_optimizer={str(saved).lower()}"
+                          f", this run has {str(p.distributed_optimizer).lower()}; {fix}")
+    if info.get("bf16", config.model.bf16) != config.model.bf16:
+        raise ConfigError(f"{path}: saved with model.bf16={str(info['bf16']).lower()}, this run "
+                          f"has {str(config.model.bf16).lower()} (fp32 master weights differ); "
+                          f"{fix}")
+    saved, count = info.get("optimizers", 1), _optimizer_count(optimizer)
+    if saved != count:  # a ChainedOptimizer's state loads into as many sub-optimizers only
+        raise ConfigError(f"{path}: its optimizer state belongs to {saved} optimizer(s), this "
+                          f"layout builds {count} (megatron-core gives MoE expert parameters "
+                          f"their own optimizer when parallel.expert > 1 or parallel."
+                          f"expert_tensor != parallel.tensor); keep that property, or set "
+                          f"checkpoint.load_optimizer=false (weights only)")
 
 
 def _match_schedule_keys(saved_optimizer_state, optimizer) -> None:
@@ -393,6 +410,10 @@ def _restore_param_group_settings(optimizer, settings: list) -> None:
     for inner, groups in zip(_inner_optimizers(optimizer), settings, strict=True):
         for group, saved in zip(inner.param_groups, groups, strict=True):
             group.update(saved)
+
+
+def _optimizer_count(optimizer) -> int:
+    return len(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
 def _inner_optimizers(optimizer) -> list:
