@@ -18,7 +18,8 @@ def eval_results(trained, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
     checkpoint = trained["dense"]["checkpoint"]
     results = {}
-    for name, nproc, overrides in [("tp1", 1, ["parallel.tensor=1"]),
+    # one process with no layout override: the default TP=PP=EP=1 (trained at TP=2)
+    for name, nproc, overrides in [("tp1", 1, []),
                                    ("tp2", 2, ["parallel.tensor=2"]),
                                    ("pp2", 2, ["parallel.tensor=1", "parallel.pipeline=2",
                                                "train.micro_batch_size=1"])]:
@@ -74,8 +75,7 @@ def passk_results(trained, tmp_path_factory):
               "--max-new-tokens", "6", "--stop", "\\n", "--seed", "11", "--batch-size", "5"]
     results = {}
     for name, nproc, overrides in [
-            ("single", 1, ["parallel.tensor=1", "parallel.expert=1",
-                           "parallel.sequence_parallel=false"]),
+            ("single", 1, []),  # the default layout TP=PP=EP=1 (trained at TP=2 x EP=2)
             ("dp2_ep2", 2, ["parallel.tensor=1", "parallel.expert=2",
                             "parallel.sequence_parallel=false"])]:
         path = out / f"{name}.json"
@@ -116,15 +116,17 @@ def test_samples_do_not_depend_on_the_data_parallel_layout(passk_results):
         assert [c["text"] for c in a["completions"]] == [c["text"] for c in b["completions"]]
 
 
-def test_generate_is_deterministic_for_a_seed(trained, tmp_path):
+def test_generate_is_deterministic_for_a_seed_in_any_layout(trained, tmp_path):
+    # one process, then torchrun at TP = 2 (logits all-gathered over the TP group) and at
+    # PP = 2 (tokens broadcast from the last stage): the same samples for the same seed
     common = ["generate", "--checkpoint", trained["dense"]["checkpoint"], "--prompt", "def ",
-              "--prompt", "The number", "-m", "3", "--max-new-tokens", "8", "--top-k", "50",
-              "--seed", "5", "parallel.tensor=1"]
+              "--prompt", "The number", "-m", "3", "--max-new-tokens", "8", "--seed", "5"]
     runs = []
-    for name in ("a", "b"):
+    for name, nproc, overrides in [("single", 1, []), ("tp2", 2, ["parallel.tensor=2"]),
+                                   ("pp2", 2, ["parallel.pipeline=2"])]:
         path = tmp_path / f"{name}.jsonl"
-        run_cli([*common, "--output", str(path)])
+        run_cli([*common, "--output", str(path), *overrides], nproc=nproc)
         runs.append([json.loads(line) for line in path.read_text().splitlines()])
-    assert len(runs[0]) == 6 and runs[0] == runs[1]
+    assert len(runs[0]) == 6 and runs[0] == runs[1] == runs[2]
     # each sample has its own generator: the 3 samples of a prompt differ
     assert len({r["text"] for r in runs[0][:3]}) > 1
