@@ -1,6 +1,7 @@
 """Per-node launchers for Slurm job steps (slurm/train.sbatch runs them under srun).
 
-    python -m megatron_ntp.sweep.launch torchrun [--nproc-per-node N] -- -m megatron_ntp.cli train ...
+    python -m megatron_ntp.sweep.launch torchrun [--nproc-per-node=N] [--forward-sigterm] -- \
+        -m megatron_ntp.cli train ...
         One launcher per node: torchrun (torch.distributed.run, in this process) with the node
         count, node rank and rendezvous address taken from Slurm (SLURM_JOB_NUM_NODES,
         SLURM_NODEID, $MASTER_ADDR:$MASTER_PORT), static rendezvous.
@@ -12,9 +13,11 @@ Why torchrun is wrapped rather than called: two of its behaviours defeat preempt
 - Slurm's warning signal (--signal=TERM@T, or scancel --signal=TERM) reaches every process of
   the step, the workers included. torchrun would react to its own SIGTERM by killing the
   workers after a shutdown timeout and exiting with a SignalException, losing their exit codes.
-  Here SIGTERM is removed from torchrun's handled signals; the launcher forwards it to its
-  workers (the trainer's handler only sets a flag, so a second SIGTERM is harmless) and keeps
-  waiting for them to checkpoint and exit.
+  Here SIGTERM is removed from torchrun's handled signals: the launcher notes it and keeps
+  waiting for the workers to checkpoint and exit. It does not pass the signal on by default:
+  Slurm has signalled the workers already, and a second SIGTERM that arrives after a worker
+  has saved and left the trainer's signal handling would kill it (exit -15 instead of 75).
+  --forward-sigterm passes it on, for launchers run outside Slurm.
 - torchrun turns any non-zero worker exit into exit code 1. Here a run whose failed workers all
   exited with PREEMPTED_EXIT_CODE (checkpoint saved, stopped on request) exits with that code,
   which the batch script answers with `scontrol requeue`.
@@ -84,14 +87,27 @@ def torchrun_arguments(nproc_per_node: int, command: list[str]) -> list[str]:
 
 
 def exit_code_of_failures(exit_codes: list[int]) -> int:
-    """The launcher's exit code from its failed workers' exit codes: PREEMPTED_EXIT_CODE when
-    every failed worker stopped that way, else the first other code (a worker killed by a signal
-    reports -signum: 128 + signum, as a shell would)."""
-    other = [c for c in exit_codes if c != PREEMPTED_EXIT_CODE]
-    if not other:
+    """The launcher's exit code from its failed workers' exit codes (a worker killed by a signal
+    reports -signum).
+
+    PREEMPTED_EXIT_CODE when some worker stopped that way and every other failed worker either
+    did too or was ended by SIGTERM: once one worker exits, torchrun sends SIGTERM to the rest,
+    which by then have saved their part of the collective checkpoint (a worker still inside the
+    trainer only notes the signal). Otherwise the first other code, a signal as 128 + signum
+    (as a shell reports it).
+    """
+    killed_by_torchrun = -int(signal.SIGTERM)
+    if PREEMPTED_EXIT_CODE in exit_codes and \
+            all(c in (PREEMPTED_EXIT_CODE, killed_by_torchrun) for c in exit_codes):
         return PREEMPTED_EXIT_CODE
-    code = other[0]
+    other = [c for c in exit_codes if c not in (PREEMPTED_EXIT_CODE, killed_by_torchrun)]
+    code = (other or exit_codes)[0]
     return 128 - code if code < 0 else (code or 1)
+
+
+def _note_sigterm(signum, frame):
+    print("[launch] SIGTERM: waiting for the workers to checkpoint and exit", file=sys.stderr,
+          flush=True)
 
 
 def _forward_sigterm(signum, frame):
@@ -107,11 +123,11 @@ def _forward_sigterm(signum, frame):
             pass
 
 
-def run_torchrun(nproc_per_node: int, command: list[str]) -> int:
+def run_torchrun(nproc_per_node: int, command: list[str], forward_sigterm: bool = False) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    signal.signal(signal.SIGTERM, _forward_sigterm)
+    signal.signal(signal.SIGTERM, _forward_sigterm if forward_sigterm else _note_sigterm)
     args = parse_args(torchrun_arguments(nproc_per_node, command))
     try:
         run(args)
@@ -135,15 +151,17 @@ def main(argv=None) -> int:
             print(f"megatron_ntp.sweep.launch task: unexpected options {options}", file=sys.stderr)
             return 2
         return run_task(command)
-    nproc = 1
+    nproc, forward = 1, False
     for option in options:
         if option.startswith("--nproc-per-node="):
             nproc = int(option.split("=", 1)[1])
+        elif option == "--forward-sigterm":
+            forward = True
         else:
             print(f"megatron_ntp.sweep.launch torchrun: unknown option {option!r}",
                   file=sys.stderr)
             return 2
-    return run_torchrun(nproc, command)
+    return run_torchrun(nproc, command, forward)
 
 
 if __name__ == "__main__":

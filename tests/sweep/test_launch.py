@@ -33,18 +33,18 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _launcher(tmp_path, *worker_args):
+def _launcher(tmp_path, *worker_args, options=()):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "megatron_ntp.sweep.launch", "torchrun", "--nproc-per-node=2",
-         "--", str(script), *map(str, worker_args)],
+         *options, "--", str(script), *map(str, worker_args)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.mark.parametrize("codes, expected", [((75, 75), 75), ((0, 0), 0), ((75, 3), 3),
+@pytest.mark.parametrize("codes, expected", [((75, 75), 75), ((0, 0), 0), ((3, 3), 3),
                                              ((0, 4), 4)])
 def test_exit_codes_through_torchrun(tmp_path, codes, expected):
     process = _launcher(tmp_path, "exit", tmp_path / "ready", *codes)
@@ -52,24 +52,47 @@ def test_exit_codes_through_torchrun(tmp_path, codes, expected):
     assert process.returncode == expected, out
 
 
-def test_sigterm_is_forwarded_and_the_workers_may_finish(tmp_path):
-    ready = tmp_path / "ready"
-    process = _launcher(tmp_path, "wait", ready)
+def _wait_ready(process, ready):
     deadline = time.monotonic() + 60
     while not all(os.path.exists(f"{ready}.{r}") for r in (0, 1)):
         assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
         time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)  # only the launcher: it must pass it on
+
+
+def test_sigterm_to_every_process_the_launcher_waits_for_the_checkpoint(tmp_path):
+    """What Slurm does (--signal=TERM@T, scancel --signal=TERM): every process of the step."""
+    import psutil
+
+    ready = tmp_path / "ready"
+    process = _launcher(tmp_path, "wait", ready)
+    _wait_ready(process, ready)
+    for p in [psutil.Process(process.pid), *psutil.Process(process.pid).children()]:
+        p.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 75, out
+    assert "[launch] SIGTERM: waiting for the workers" in out
+    assert all(os.path.exists(f"{ready}.{r}.saved") for r in (0, 1))  # not killed mid-save
+
+
+def test_forward_sigterm_when_only_the_launcher_is_signalled(tmp_path):
+    ready = tmp_path / "ready"
+    process = _launcher(tmp_path, "wait", ready, options=["--forward-sigterm"])
+    _wait_ready(process, ready)
+    process.send_signal(signal.SIGTERM)
     out, _ = process.communicate(timeout=120)
     assert process.returncode == 75, out
     assert "forwarded to 2 worker(s)" in out
-    assert all(os.path.exists(f"{ready}.{r}.saved") for r in (0, 1))  # not killed mid-save
+    assert all(os.path.exists(f"{ready}.{r}.saved") for r in (0, 1))
 
 
 def test_exit_code_mapping():
     assert launch.exit_code_of_failures([75, 75]) == 75
+    # torchrun ends the other workers with SIGTERM once one exits: still a preemption
+    assert launch.exit_code_of_failures([75, -15]) == 75
     assert launch.exit_code_of_failures([75, 1]) == 1
-    assert launch.exit_code_of_failures([-9]) == 137  # killed by SIGKILL, as a shell reports it
+    assert launch.exit_code_of_failures([3, -15]) == 3
+    assert launch.exit_code_of_failures([-15]) == 143
+    assert launch.exit_code_of_failures([-9, 75]) == 137  # SIGKILL, as a shell reports it
 
 
 def test_task_environment(monkeypatch):
