@@ -178,6 +178,9 @@ def _announce_start(config, start, stream) -> None:
     elif start.checkpoint:
         print(f"resuming from {start.checkpoint} at step {start.step}/{config.train.steps}",
               file=stream, flush=True)
+        if start.step >= config.train.steps:
+            print(f"train.steps={config.train.steps} is reached already: nothing to train "
+                  f"(raise train.steps to continue)", file=stream, flush=True)
     for name in ("metrics.jsonl", "valid.jsonl"):
         dropped = truncate_records(os.path.join(run_dir, name), start.step)
         if dropped:

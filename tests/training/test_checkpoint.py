@@ -242,3 +242,47 @@ def test_crash_during_save_and_mid_training_start(base, tmp_path):
     assert all(x["tokens"] > 128 for x in steps)  # 4 sequences of 64 tokens
     assert r["finetune_saved_config"] == {"rotary_base": 1e6, "seq_length": 64}
     assert r["load_model_weights_step"] == 4 and r["load_model_weights_equal"]
+
+
+def test_latest_checkpoint_trusts_only_published_folders(tmp_path):
+    """The file-system protocol alone: the tracker, its fallbacks, temporaries, pruning."""
+    from megatron_ntp.training import checkpoint
+
+    def make(name, complete=True):
+        (tmp_path / name).mkdir()
+        if complete:
+            (tmp_path / name / checkpoint.INFO_FILE).write_text("{}")
+
+    assert checkpoint.latest_checkpoint(str(tmp_path)) is None
+    for step in (10, 20, 30):
+        make(f"iter_{step:07d}")
+    make("iter_0000040.tmp")  # a crashed save
+    make("iter_0000050", complete=False)  # not ours / unfinished: no checkpoint.json
+    assert sorted(checkpoint.complete_checkpoints(str(tmp_path))) == [10, 20, 30]
+    assert checkpoint.latest_checkpoint(str(tmp_path)).endswith("iter_0000030")  # no tracker
+    (tmp_path / checkpoint.TRACKER_FILE).write_text("20\n")
+    assert checkpoint.latest_checkpoint(str(tmp_path)).endswith("iter_0000020")
+    (tmp_path / checkpoint.TRACKER_FILE).write_text("60\n")  # names a folder that is gone
+    assert checkpoint.latest_checkpoint(str(tmp_path)).endswith("iter_0000030")
+    explicit = str(tmp_path / "iter_0000010")
+    assert checkpoint.resolve_checkpoint_dir(explicit) == explicit
+    checkpoint.prune_checkpoints(str(tmp_path), keep_last=2, newest=30)
+    checkpoint.remove_temporaries(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000020", "iter_0000030", "iter_0000050",
+                                            checkpoint.TRACKER_FILE]
+    with pytest.raises(ValueError, match="holds no checkpoint"):
+        checkpoint.resolve_checkpoint_dir(str(tmp_path / "iter_0000050"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["checkpoint.keep_last=0"], "checkpoint.keep_last=0 must be >= 1"),
+    (["checkpoint.save_interval=0"], "checkpoint.save_interval=0 must be >= 1"),
+    (["checkpoint.finetune=true"], "checkpoint.finetune=true needs checkpoint.load_dir"),
+    (["checkpoint.finetune=true", "checkpoint.load_dir=ck", "checkpoint.save_dir=ck/"],
+     "load_dir == checkpoint.save_dir"),
+])
+def test_checkpoint_fields_are_validated(overrides, message):
+    from megatron_ntp.config import ConfigError, load_config, validate_config
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_config(load_config(None, ["train.steps=1"] + overrides), world_size=1)
