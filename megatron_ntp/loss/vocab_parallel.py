@@ -6,7 +6,8 @@ Rank r of the tensor-parallel group holds logits for the contiguous global ids
   1. the shard's own top k (megatron_ntp/loss/topk.py); its first value is the shard max m_r;
   2. pass 1 over the shard (megatron_ntp/loss/passes.py): S_r = sum exp(z - m_r) and
      T_r = sum exp(z - m_r) * (z - m_r), plus the target logit if the target is in the shard;
-  3. ONE all-gather of [N, 4 + 2k'] values per rank: (m_r, S_r, T_r, z_x, k' logits, k' ids);
+  3. ONE all-gather of [N, 4 + 2k'] values per rank: (m_r, S_r, T_r, z_x, k' logits, k' ids),
+     in the compute dtype (float64 only when float32 cannot hold every token id exactly);
   4. on every rank alike: the global max m, S and T rescaled to m, the global K threshold from
      the k * TP candidates (K lies within them), the K sums from the candidates alone, then the
      per-token algebra (megatron_ntp/loss/token_terms.py): loss, stats, W;
@@ -39,6 +40,12 @@ def _all_gather(tensor: torch.Tensor, tp_group, world: int) -> torch.Tensor:
     return torch.stack(parts)
 
 
+def _pack_dtype(compute_dtype: torch.dtype, vocab: int) -> torch.dtype:
+    """The all-gather's dtype: the compute dtype when it holds every token id exactly (float32:
+    ids <= 2**24, e.g. Qwen3's 151,936), else float64 (ids < 2**53)."""
+    return compute_dtype if compute_dtype == torch.float64 or vocab <= 2**24 else torch.float64
+
+
 class ShardForward:
     """Forward stages 1-3 on one logits shard; also used chunk by chunk by the fused path.
 
@@ -66,9 +73,8 @@ class ShardForward:
             values = local_ids = logits.new_empty(logits.shape[0], 0)
             shard_max = logits.amax(-1)
         shard_sums = passes.exp_sums(logits, shard_max)  # [N, 2]: S_r, T_r
-        # float64 carries fp32 values and token ids (< 2**53) exactly
         pieces = [shard_max[:, None], shard_sums, target_logit[:, None], values, local_ids + vocab_start]
-        packed = torch.cat([p.double() for p in pieces], dim=-1)
+        packed = torch.cat([p.to(_pack_dtype(logits.dtype, vocab_local * world)) for p in pieces], -1)
         gathered = _all_gather(packed, tp_group, world)  # [world, N, 4 + 2k']
         max_r, sum_r, sum_logit_r, target_logit_r = gathered[..., :4].to(logits.dtype).unbind(-1)
 

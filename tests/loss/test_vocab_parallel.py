@@ -193,3 +193,13 @@ def test_cpu_scan_is_built_and_refuses_nan():
     logits[2, 1234] = float("nan")
     with pytest.raises(FloatingPointError, match="NaN"):
         cpu_first_k.first_k(logits, 10)
+
+
+def test_all_gather_dtype_keeps_token_ids_exact():
+    from megatron_ntp.loss.vocab_parallel import _pack_dtype
+
+    assert _pack_dtype(torch.float32, 151936) == torch.float32
+    assert _pack_dtype(torch.float32, 2**24) == torch.float32  # every id < 2**24 is exact
+    assert float(torch.tensor(2**24 + 1, dtype=torch.float32)) != 2**24 + 1  # so this needs:
+    assert _pack_dtype(torch.float32, 2**24 + 2) == torch.float64
+    assert _pack_dtype(torch.float64, 1000) == torch.float64

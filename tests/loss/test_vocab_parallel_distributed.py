@@ -49,15 +49,15 @@ def _check_against_reference(failures, name, logits, target, cfg, group, rank, w
 
 
 def _record_collectives(log):
-    """Wrap all_gather/all_reduce to log (name, elements) of every call."""
+    """Wrap all_gather/all_reduce to log (name, elements, dtype) of every call."""
     originals = {"all_gather": dist.all_gather, "all_reduce": dist.all_reduce}
 
     def gather(parts, tensor, *a, **k):
-        log.append(("all_gather", sum(p.numel() for p in parts)))
+        log.append(("all_gather", sum(p.numel() for p in parts), tensor.dtype))
         return originals["all_gather"](parts, tensor, *a, **k)
 
     def reduce(tensor, *a, **k):
-        log.append(("all_reduce", tensor.numel()))
+        log.append(("all_reduce", tensor.numel(), tensor.dtype))
         return originals["all_reduce"](tensor, *a, **k)
 
     dist.all_gather, dist.all_reduce = gather, reduce
@@ -65,8 +65,8 @@ def _record_collectives(log):
 
 
 def _check_communication(failures, group, rank, world):
-    """Per token and rank: 4 values + k (value, id) pairs, in one all-gather; nothing in
-    backward; never O(V)."""
+    """Per token and rank: 4 values + k (value, id) pairs, in one float32 all-gather (float32
+    holds these ids exactly); nothing in backward; never O(V)."""
     vocab = 28000
     logits, target = make_inputs(vocab, seed=7, dtype=torch.float32)
     for name, k in (("tail_suppression", 100), ("precision", 0)):
@@ -79,7 +79,8 @@ def _check_communication(failures, group, rank, world):
             loss.sum().backward()
         finally:
             dist.all_gather, dist.all_reduce = originals["all_gather"], originals["all_reduce"]
-        expected = [] if world == 1 else [("all_gather", target.numel() * (4 + 2 * k) * world)]
+        expected = [] if world == 1 else [
+            ("all_gather", target.numel() * (4 + 2 * k) * world, torch.float32)]
         if forward_log != expected:
             failures.append(f"{name}: forward collectives {forward_log}, expected {expected}")
         if log != forward_log:
