@@ -12,9 +12,10 @@ large models export to Hugging Face (megatron-ntp export) and sample with an inf
 How a step works:
 - the rows (prompt i, sample j) of this data-parallel rank are right-padded to the longest row;
   attention is causal, so padding after a row's end never changes its logits;
-- on the last pipeline stage each row's logits at its last position ([rows, V_local]) are
-  all-gathered over the tensor-parallel group to [rows, V] (V = the padded vocabulary; ids at
-  or beyond `vocab_limit`, the padding, are never sampled);
+- on the last pipeline stage only each row's last position goes through the output layer
+  (GPTModel's output_processor hook), and those logits ([rows, V_local]) are all-gathered over
+  the tensor-parallel group to [rows, V] (V = the padded vocabulary; ids at or beyond
+  `vocab_limit`, the padding, are never sampled);
 - `sample_tokens` draws each row's token by inverse CDF from ONE uniform number of the row's own
   generator, seeded from (seed, prompt index, sample index): a row's samples do not depend on
   the batch it runs in or on the data-parallel size, and TP ranks draw identical tokens;
@@ -28,6 +29,7 @@ tokens are nearly tied.
 """
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -114,10 +116,24 @@ def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, params: Sampling
     return order.gather(-1, choice)[:, 0]
 
 
-def _last_position_logits(logits, lengths, tp_group):
-    """[rows, V] float32 logits at each row's last position, gathered over the TP group."""
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    local = logits[rows, lengths.to(logits.device) - 1].float().contiguous()  # [rows, V_local]
+def _last_position_logits(lengths, tp_group, *, hidden_states, output_layer, output_weight,
+                          scale_logits=None, **unused):
+    """GPTModel's output_processor hook: [rows, V] float32 logits at each row's last position,
+    all-gathered over the TP group. Only those positions go through the output layer, so the
+    [rows, T, V] logits of every position never exist."""
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+    # hidden_states: [T, rows, h], or [T / tp, rows, h] with sequence parallelism
+    if output_layer.sequence_parallel:
+        hidden_states = gather_from_sequence_parallel_region(
+            hidden_states, tensor_parallel_output_grad=False, group=tp_group)
+    rows = torch.arange(hidden_states.shape[1], device=hidden_states.device)
+    last = hidden_states[lengths.to(hidden_states.device) - 1, rows]  # [rows, h]
+    weight = output_layer.weight if output_weight is None else output_weight  # [V_local, h]
+    local = (last @ weight.t())
+    if scale_logits is not None:
+        local = scale_logits(local)
+    local = local.float().contiguous()
     world = dist.get_world_size(tp_group) if tp_group is not None else 1
     if world == 1:
         return local
@@ -156,10 +172,11 @@ def _next_logits(chunks, tokens, lengths):
 
     def forward_step(data_iterator, chunk):
         item = next(data_iterator)
-        output = chunk(item["tokens"], item["position_ids"], item["attention_mask"])
+        output = chunk(item["tokens"], item["position_ids"], item["attention_mask"],
+                       output_processor=partial(_last_position_logits, lengths, tp_group))
 
-        def loss_func(logits):  # [rows, T, V_local]
-            store["logits"] = _last_position_logits(logits, lengths, tp_group)
+        def loss_func(logits):  # last stage: [rows, V]
+            store["logits"] = logits
             return logits.new_zeros(()), torch.tensor(0, dtype=torch.int), {}
 
         return output, loss_func
