@@ -7,7 +7,8 @@ that megatron-core is imported once and the CPU patches stay out of the pytest p
 2. the same run again: it resumes from that checkpoint, removes the stale temporary folder and
    redoes the lost steps exactly;
 3. a mid-training start from the result (checkpoint.finetune) with a new sequence length,
-   RoPE base, learning-rate schedule: weights and Adam state equal the saved ones, step 0;
+   RoPE base, learning-rate schedule and data blend: weights and Adam state equal the saved
+   ones, step 0;
 4. load_model_weights of the saved run into freshly built model chunks.
 """
 
@@ -128,9 +129,12 @@ def crash_resume_finetune(rank, world_size, base, out_dir):
         "entries": sorted(os.listdir(ckpt)),
     }
 
-    # 3. mid-training: new sequence length, RoPE base, schedule; weights and Adam state kept
+    # 3. mid-training: new sequence length, RoPE base, schedule and blend; weights and Adam
+    #    state kept
     mid_dir = os.path.join(out_dir, "mid")
-    mid = base + ["data.seq_length=64", "train.global_batch_tokens=256", "model.rotary_base=1e6",
+    prefix = next(o for o in base if o.startswith("data.blend=")).split("=", 1)[1]
+    mid = base + [f"data.blend=0.7 {prefix} 0.3 {prefix}", "data.seed=7",
+                  "data.seq_length=64", "train.global_batch_tokens=256", "model.rotary_base=1e6",
                   "train.steps=2", "train.lr=1e-3", "train.min_lr=1e-4",
                   "train.lr_warmup_steps=0", "train.lr_decay_steps=2",
                   f"checkpoint.load_dir={ckpt}", "checkpoint.finetune=true",
@@ -153,10 +157,10 @@ def crash_resume_finetune(rank, world_size, base, out_dir):
     finally:
         parallel_state.destroy_model_parallel()
     results["finetune_records"], _ = _train(mid)
-    results["finetune_saved_config"] = {
-        "rotary_base": checkpoint.read_checkpoint_config(f"{mid_dir}/ckpt").model.rotary_base,
-        "seq_length": checkpoint.read_checkpoint_config(f"{mid_dir}/ckpt").data.seq_length,
-    }
+    saved = checkpoint.read_checkpoint_config(f"{mid_dir}/ckpt")
+    results["finetune_saved_config"] = {"rotary_base": saved.model.rotary_base,
+                                        "seq_length": saved.data.seq_length,
+                                        "blend": saved.data.blend}
 
     # 4. load_model_weights into bare chunks of the pre-training config
     config = _config(pretrain)

@@ -217,7 +217,7 @@ def test_sigterm_to_one_torchrun_rank_stops_all_and_resumes(base, reference, tmp
     assert_same(records(tmp_path), records(reference), rel=RTOL)
 
 
-def test_crash_during_save_and_mid_training_start(base, tmp_path):
+def test_crash_during_save_and_mid_training_start(base, sample_data, tmp_path):
     run_distributed(1, crash_resume_finetune, base, str(tmp_path))
     with open(tmp_path / "results.json") as f:
         r = json.load(f)
@@ -232,7 +232,8 @@ def test_crash_during_save_and_mid_training_start(base, tmp_path):
     assert r["after_resume"]["tracker"] == "4"
     assert r["after_resume"]["entries"] == ["iter_0000002", "iter_0000004",
                                             "latest_checkpointed_iteration.txt"]
-    # mid-training from it: seq 64, RoPE base 1e6, new schedule; weights and Adam state kept
+    # mid-training from it: seq 64, RoPE base 1e6, new schedule and blend; weights and Adam
+    # state kept
     assert r["finetune_start"] == [0, 0, True]
     assert r["finetune_weights_equal"] and r["finetune_adam_equal"]
     assert r["finetune_adam_steps"] == [4.0] and r["finetune_adam_steps_distinct"]
@@ -240,7 +241,9 @@ def test_crash_during_save_and_mid_training_start(base, tmp_path):
     assert [x["step"] for x in steps] == [0, 1]
     assert steps[0]["lr"] <= 1e-3 and steps[-1]["lr"] == pytest.approx(1e-4)  # the new WSD
     assert all(x["tokens"] > 128 for x in steps)  # 4 sequences of 64 tokens
-    assert r["finetune_saved_config"] == {"rotary_base": 1e6, "seq_length": 64}
+    prefix = sample_data[0]
+    assert r["finetune_saved_config"] == {"rotary_base": 1e6, "seq_length": 64,
+                                          "blend": f"0.7 {prefix} 0.3 {prefix}"}
     assert r["load_model_weights_step"] == 4 and r["load_model_weights_equal"]
 
 
