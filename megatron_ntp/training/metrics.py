@@ -50,17 +50,25 @@ def peak_flops_per_gpu() -> float | None:
 
 def truncate_records(path: str, first_step: int) -> int:
     """Drop the records with step >= first_step from a JSONL file (a resumed run redoes those
-    steps); returns how many were dropped. The file is replaced atomically."""
+    steps), and a last line cut short by a kill; returns how many lines were dropped. The file
+    is replaced atomically."""
     if not os.path.isfile(path):
         return 0
     with open(path) as f:
         lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] < first_step]
+    kept = [line for line in lines if line.endswith("\n") and _step(line) < first_step]
     if len(kept) < len(lines):
         with open(path + ".truncating", "w") as f:
             f.writelines(kept)
         os.replace(path + ".truncating", path)
     return len(lines) - len(kept)
+
+
+def _step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # not a complete record: dropped
 
 
 class MetricsWriter:

@@ -289,3 +289,13 @@ def test_checkpoint_fields_are_validated(overrides, message):
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate_config(load_config(None, ["train.steps=1"] + overrides), world_size=1)
+
+
+def test_resumed_run_drops_redone_and_cut_records(tmp_path):
+    from megatron_ntp.training.metrics import truncate_records
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0}\n{"step": 1}\n{"step": 2}\n{"step": 3, "lo')  # killed mid-line
+    assert truncate_records(str(path), 2) == 2
+    assert path.read_text() == '{"step": 0}\n{"step": 1}\n'
+    assert truncate_records(str(tmp_path / "absent.jsonl"), 0) == 0
