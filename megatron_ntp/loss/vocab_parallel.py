@@ -35,9 +35,10 @@ def _all_gather(tensor: torch.Tensor, tp_group, world: int) -> torch.Tensor:
     """[N, C] on each rank -> [world, N, C]."""
     if world == 1:
         return tensor[None]
-    parts = [torch.empty_like(tensor) for _ in range(world)]
-    dist.all_gather(parts, tensor.contiguous(), group=tp_group)
-    return torch.stack(parts)
+    gathered = tensor.new_empty(world, *tensor.shape)  # written in place: no list, no stack
+    dist.all_gather_into_tensor(gathered.view(-1, tensor.shape[-1]), tensor.contiguous(),
+                                group=tp_group)
+    return gathered
 
 
 def _pack_dtype(compute_dtype: torch.dtype, vocab: int) -> torch.dtype:

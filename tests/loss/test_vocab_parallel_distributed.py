@@ -50,17 +50,23 @@ def _check_against_reference(failures, name, logits, target, cfg, group, rank, w
 
 def _record_collectives(log):
     """Wrap all_gather/all_reduce to log (name, elements, dtype) of every call."""
-    originals = {"all_gather": dist.all_gather, "all_reduce": dist.all_reduce}
+    originals = {name: getattr(dist, name)
+                 for name in ("all_gather", "all_gather_into_tensor", "all_reduce")}
 
     def gather(parts, tensor, *a, **k):
         log.append(("all_gather", sum(p.numel() for p in parts), tensor.dtype))
         return originals["all_gather"](parts, tensor, *a, **k)
 
+    def gather_into_tensor(output, tensor, *a, **k):
+        log.append(("all_gather", output.numel(), tensor.dtype))
+        return originals["all_gather_into_tensor"](output, tensor, *a, **k)
+
     def reduce(tensor, *a, **k):
         log.append(("all_reduce", tensor.numel(), tensor.dtype))
         return originals["all_reduce"](tensor, *a, **k)
 
-    dist.all_gather, dist.all_reduce = gather, reduce
+    dist.all_gather, dist.all_gather_into_tensor, dist.all_reduce = (
+        gather, gather_into_tensor, reduce)
     return originals
 
 
@@ -78,7 +84,8 @@ def _check_communication(failures, group, rank, world):
             forward_log = list(log)
             loss.sum().backward()
         finally:
-            dist.all_gather, dist.all_reduce = originals["all_gather"], originals["all_reduce"]
+            for collective, original in originals.items():
+                setattr(dist, collective, original)
         expected = [] if world == 1 else [
             ("all_gather", target.numel() * (4 + 2 * k) * world, torch.float32)]
         if forward_log != expected:
