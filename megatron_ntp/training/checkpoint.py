@@ -37,6 +37,9 @@ Resume keeps this config's learning-rate schedule and optimizer hyperparameters 
 extended) and takes the schedule position, moments and step counts from the checkpoint. Random
 states are restored only into the same parallel layout (as Megatron-LM does); the other parts
 reshard.
+
+Beside this module: checkpoint_files (the file-system protocol: tracker, publishing, pruning)
+and checkpoint_optimizer (which optimizer state can load, param-group bookkeeping).
 """
 
 import dataclasses
@@ -44,8 +47,6 @@ import json
 import os
 import queue
 import random
-import re
-import shutil
 
 import numpy as np
 import torch
@@ -53,62 +54,30 @@ import torch.distributed as dist
 
 from megatron_ntp.config import Config, ConfigError, config_from_dict, dump_yaml
 from megatron_ntp.config.load import load_yaml
+from megatron_ntp.training.checkpoint_files import (  # noqa: F401 (part of this module's API)
+    CONFIG_FILE,
+    INFO_FILE,
+    TEMP_SUFFIX,
+    TRACKER_FILE,
+    complete_checkpoints,
+    iteration_dir_name,
+    latest_checkpoint,
+    prune_checkpoints,
+    publish,
+    read_checkpoint_info,
+    remove_temporaries,
+    resolve_checkpoint_dir,
+    write_durably,
+)
+from megatron_ntp.training.checkpoint_optimizer import (
+    check_optimizer_state_fits,
+    match_schedule_keys,
+    optimizer_count,
+    param_group_settings,
+    restore_param_group_settings,
+)
 
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
-CONFIG_FILE = "config.yaml"
-INFO_FILE = "checkpoint.json"
-TEMP_SUFFIX = ".tmp"
 FORMAT_VERSION = 1
-_ITERATION_DIR = re.compile(r"iter_(\d{7,})$")
-_TEMPORARY_DIR = re.compile(r"iter_\d{7,}.*\.tmp$")
-
-
-# ---------------------------------------------------------------------------------------------
-# Finding checkpoints (pure file-system functions; no process group needed)
-# ---------------------------------------------------------------------------------------------
-def iteration_dir_name(step: int) -> str:
-    return f"iter_{step:07d}"
-
-
-def complete_checkpoints(root: str) -> dict[int, str]:
-    """{step: folder} of the complete checkpoints under `root` (temporaries are ignored)."""
-    found = {}
-    if os.path.isdir(root):
-        for name in os.listdir(root):
-            match = _ITERATION_DIR.match(name)
-            path = os.path.join(root, name)
-            if match and os.path.isfile(os.path.join(path, INFO_FILE)):
-                found[int(match.group(1))] = path
-    return found
-
-
-def latest_checkpoint(root: str) -> str | None:
-    """The folder the tracker names; the newest complete one if the tracker is missing or
-    names a folder that is gone; None when `root` holds no checkpoint."""
-    complete = complete_checkpoints(root)
-    tracked = _read_tracker(root)
-    if tracked in complete:
-        return complete[tracked]
-    return complete[max(complete)] if complete else None
-
-
-def resolve_checkpoint_dir(path: str) -> str:
-    """`path` itself when it is a checkpoint (an iter_XXXXXXX folder), else its latest one."""
-    if os.path.isfile(os.path.join(path, INFO_FILE)):
-        return path
-    latest = latest_checkpoint(path)
-    if latest is None:
-        what = "does not exist" if not os.path.exists(path) else (
-            f"holds no checkpoint (no {TRACKER_FILE} naming a complete iter_XXXXXXX folder, and "
-            f"no such folder with {INFO_FILE})")
-        raise ConfigError(f"checkpoint folder {path!r} {what}")
-    return latest
-
-
-def read_checkpoint_info(checkpoint_dir: str) -> dict:
-    """checkpoint.json of a checkpoint (or of the latest one in a save_dir)."""
-    with open(os.path.join(resolve_checkpoint_dir(checkpoint_dir), INFO_FILE)) as f:
-        return json.load(f)
 
 
 def read_checkpoint_config(checkpoint_dir: str) -> Config:
@@ -116,14 +85,6 @@ def read_checkpoint_config(checkpoint_dir: str) -> Config:
     resolved for that run (parallel.data included); not validated again."""
     return config_from_dict(load_yaml(os.path.join(resolve_checkpoint_dir(checkpoint_dir),
                                                    CONFIG_FILE)))
-
-
-def _read_tracker(root: str) -> int | None:
-    try:
-        with open(os.path.join(root, TRACKER_FILE)) as f:
-            return int(f.read().strip())
-    except (FileNotFoundError, ValueError):
-        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,17 +134,17 @@ def save_checkpoint(config: Config, objects, step: int, consumed_samples: int) -
     dist_checkpointing.save(state, temporary,
                             content_metadata=_clean_metadata_for_serialization(metadata))
     if _is_rank0():
-        _write_durably(os.path.join(temporary, CONFIG_FILE), dump_yaml(config))
-        _write_durably(os.path.join(temporary, INFO_FILE), json.dumps({
+        write_durably(os.path.join(temporary, CONFIG_FILE), dump_yaml(config))
+        write_durably(os.path.join(temporary, INFO_FILE), json.dumps({
             "format": FORMAT_VERSION, "step": step, "consumed_samples": consumed_samples,
             "seq_length": config.data.seq_length,
             "global_batch_tokens": config.train.global_batch_tokens,
             "layout": parallel_layout(config),
-            "optimizers": _optimizer_count(objects.optimizer), "bf16": config.model.bf16,
+            "optimizers": optimizer_count(objects.optimizer), "bf16": config.model.bf16,
             "world_size": dist.get_world_size() if dist.is_initialized() else 1,
         }, indent=1) + "\n")
-        _publish(temporary, final)
-        _write_durably(os.path.join(root, TRACKER_FILE), f"{step}\n", atomic=True)
+        publish(temporary, final)
+        write_durably(os.path.join(root, TRACKER_FILE), f"{step}\n", atomic=True)
         prune_checkpoints(root, config.checkpoint.keep_last, step)
     _barrier()
     return final
@@ -195,56 +156,6 @@ def parallel_layout(config: Config) -> dict:
     return {"tensor": p.tensor, "pipeline": p.pipeline, "virtual_pipeline": p.virtual_pipeline,
             "data": p.data, "expert": p.expert, "expert_tensor": p.expert_tensor,
             "distributed_optimizer": p.distributed_optimizer}
-
-
-def remove_temporaries(root: str) -> None:
-    """Delete the .tmp folders of crashed saves, replaced and pruned checkpoints."""
-    for name in os.listdir(root):
-        if _TEMPORARY_DIR.match(name):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-
-
-def prune_checkpoints(root: str, keep_last: int, newest: int) -> None:
-    """Keep `newest` and the keep_last - 1 checkpoints before it; delete older ones. Folders of
-    later steps (left by an abandoned timeline) are not touched."""
-    older = sorted(step for step in complete_checkpoints(root) if step < newest)
-    for step in older[:max(0, len(older) - (keep_last - 1))]:
-        path = os.path.join(root, iteration_dir_name(step))
-        doomed = path + ".deleted" + TEMP_SUFFIX
-        os.rename(path, doomed)  # atomically no longer a checkpoint
-        shutil.rmtree(doomed, ignore_errors=True)
-
-
-def _publish(temporary: str, final: str) -> None:
-    if os.path.exists(final):
-        # iter_N of an earlier attempt (a crash between its rename and the tracker update)
-        replaced = final + ".replaced" + TEMP_SUFFIX
-        shutil.rmtree(replaced, ignore_errors=True)
-        os.rename(final, replaced)
-        os.rename(temporary, final)
-        shutil.rmtree(replaced, ignore_errors=True)
-    else:
-        os.rename(temporary, final)
-    _fsync_dir(os.path.dirname(final))
-
-
-def _write_durably(path: str, text: str, atomic: bool = False) -> None:
-    target = path + ".writing" if atomic else path
-    with open(target, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    if atomic:
-        os.replace(target, path)
-        _fsync_dir(os.path.dirname(path))
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _keep_write_results_in_process() -> None:
@@ -312,13 +223,13 @@ def load_for_training(config: Config, objects, start: StartPoint) -> None:
     info = read_checkpoint_info(path)
     same_layout = info["layout"] == parallel_layout(config)
     if c.load_optimizer:
-        _check_optimizer_state_fits(path, info, config, objects.optimizer)
+        check_optimizer_state_fits(path, info, config, objects.optimizer)
     load_rng = c.load_rng and same_layout and not start.finetune
     metadata = _sharded_metadata(config.parallel.distributed_optimizer,
                                  dist_checkpointing.load_content_metadata(path))
     state = _model_sharded_state(objects.model, metadata)
     if c.load_optimizer:
-        settings = _param_group_settings(objects.optimizer)
+        settings = param_group_settings(objects.optimizer)
         state["optimizer"] = objects.optimizer.sharded_state_dict(state, is_loading=True,
                                                                   metadata=metadata)
     if load_rng:
@@ -326,11 +237,11 @@ def load_for_training(config: Config, objects, start: StartPoint) -> None:
     loaded = dist_checkpointing.load(state, path)
     _load_model(objects.model, loaded)
     if c.load_optimizer:
-        _match_schedule_keys(loaded["optimizer"], objects.optimizer)
+        match_schedule_keys(loaded["optimizer"], objects.optimizer)
         objects.optimizer.load_state_dict(loaded["optimizer"])
         # torch's load_state_dict takes every param-group entry from the checkpoint (max_lr,
         # min_lr, betas, ...); this config's values are the ones to train with.
-        _restore_param_group_settings(objects.optimizer, settings)
+        restore_param_group_settings(objects.optimizer, settings)
     else:
         objects.optimizer.reload_model_params()  # master copies from the loaded weights
     if not start.finetune:
@@ -340,86 +251,6 @@ def load_for_training(config: Config, objects, start: StartPoint) -> None:
         objects.scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if load_rng:
         _set_rng_state(loaded["rng_state"])
-
-
-# What tells param groups apart structurally (which parameters they hold); megatron-core also
-# identifies them by their schedule settings (optimizer.py param_group_identifier_keys).
-_GROUP_STRUCTURE_KEYS = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr")
-
-
-def _check_optimizer_state_fits(path: str, info: dict, config: Config, optimizer) -> None:
-    """The optimizer-state formats that do not convert into each other, as a clear error."""
-    p = config.parallel
-    fix = "keep the setting, or set checkpoint.load_optimizer=false (weights only)"
-    saved = info["layout"]["distributed_optimizer"]
-    if saved != p.distributed_optimizer:
-        raise ConfigError(f"{path}: saved with parallel.distributed_optimizer={str(saved).lower()}"
-                          f", this run has {str(p.distributed_optimizer).lower()}; {fix}")
-    if info.get("bf16", config.model.bf16) != config.model.bf16:
-        raise ConfigError(f"{path}: saved with model.bf16={str(info['bf16']).lower()}, this run "
-                          f"has {str(config.model.bf16).lower()} (fp32 master weights differ); "
-                          f"{fix}")
-    saved, count = info.get("optimizers", 1), _optimizer_count(optimizer)
-    if saved != count:  # a ChainedOptimizer's state loads into as many sub-optimizers only
-        raise ConfigError(f"{path}: its optimizer state belongs to {saved} optimizer(s), this "
-                          f"layout builds {count} (megatron-core gives MoE expert parameters "
-                          f"their own optimizer when parallel.expert > 1 or parallel."
-                          f"expert_tensor != parallel.tensor); keep that property, or set "
-                          f"checkpoint.load_optimizer=false (weights only)")
-
-
-def _match_schedule_keys(saved_optimizer_state, optimizer) -> None:
-    """Give the checkpoint's param groups this run's schedule settings (max_lr, min_lr, ...).
-
-    megatron-core's load_state_dict pairs saved and current param groups by
-    param_group_identifier_keys, which include max_lr/min_lr/start_wd/end_wd: a mid-training
-    phase (or an extended run) with another learning rate would find no matching group. Groups
-    are paired here by what they hold (weight-decay/lr multipliers, expert or not) instead."""
-    from megatron.core.optimizer.optimizer import param_group_identifier_keys
-
-    current = {}
-    for inner in _inner_optimizers(optimizer):
-        for group in inner.param_groups:
-            current.setdefault(tuple(group.get(k) for k in _GROUP_STRUCTURE_KEYS), group)
-    for saved in _saved_param_groups(saved_optimizer_state):
-        match = current.get(tuple(saved.get(k) for k in _GROUP_STRUCTURE_KEYS))
-        if match is not None:
-            for key in param_group_identifier_keys:
-                if key not in _GROUP_STRUCTURE_KEYS and key in match:
-                    saved[key] = match[key]
-
-
-def _saved_param_groups(tree) -> list:
-    """Every param-group dict in a loaded optimizer state (chained, fp16, distributed...)."""
-    if isinstance(tree, dict):
-        groups = tree.get("param_groups")
-        found = list(groups) if isinstance(groups, list) else []
-        return found + [g for key, value in tree.items() if key != "param_groups"
-                        for g in _saved_param_groups(value)]
-    if isinstance(tree, (list, tuple)):
-        return [g for value in tree for g in _saved_param_groups(value)]
-    return []
-
-
-def _param_group_settings(optimizer) -> list:
-    return [[{k: v for k, v in group.items() if k not in ("params", "step")}
-             for group in inner.param_groups] for inner in _inner_optimizers(optimizer)]
-
-
-def _restore_param_group_settings(optimizer, settings: list) -> None:
-    for inner, groups in zip(_inner_optimizers(optimizer), settings, strict=True):
-        for group, saved in zip(inner.param_groups, groups, strict=True):
-            group.update(saved)
-
-
-def _optimizer_count(optimizer) -> int:
-    return len(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
-def _inner_optimizers(optimizer) -> list:
-    """The torch optimizers inside a megatron-core (chained) optimizer."""
-    return [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])
-            if getattr(o, "optimizer", None) is not None]
 
 
 # ---------------------------------------------------------------------------------------------

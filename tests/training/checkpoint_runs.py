@@ -59,12 +59,12 @@ def _weights(objects_or_chunks) -> dict:
 def _adam_state(objects) -> dict:
     """{parameter name: (exp_avg, exp_avg_sq, step tensor)} of the (FP32) optimizer."""
     from megatron_ntp.training.build import loss_modules
-    from megatron_ntp.training.checkpoint import _inner_optimizers
+    from megatron_ntp.training.checkpoint_optimizer import inner_optimizers
 
     (module,) = loss_modules(objects.model)
     names = {p: name for name, p in module.named_parameters()}
     state = {}
-    for inner in _inner_optimizers(objects.optimizer):
+    for inner in inner_optimizers(objects.optimizer):
         for param, entry in inner.state.items():
             state[names[param]] = (entry["exp_avg"].clone(), entry["exp_avg_sq"].clone(),
                                    entry["step"])
