@@ -37,6 +37,9 @@ def common_overrides(sample_data, root: str, name: str) -> list[str]:
             f"data.seq_length={SEQ_LENGTH}", f"data.cache_dir={os.path.join(root, 'cache')}",
             f"train.global_batch_tokens={4 * SEQ_LENGTH}", "train.micro_batch_size=2",
             "train.steps=3", "train.lr=0.01", "train.min_lr=0.0", "train.lr_warmup_steps=0",
+            # validation after the last step: the first 4 valid sequences (one global batch),
+            # scored with the checkpoint's weights: `megatron-ntp eval --sequences 4` must agree
+            "train.eval_interval=3", "train.eval_steps=1",
             "logging.tensorboard=false", f"logging.run_dir={os.path.join(root, name, 'run')}",
             f"checkpoint.save_dir={os.path.join(root, name, 'ckpt')}"]
 
@@ -114,6 +117,7 @@ def trained_checkpoints(tmp_path_factory, sample_data) -> dict:
                 os.environ["MEGATRON_NTP_COMPILE"] = previous
         _CACHE["result"] = {
             name: {"checkpoint": os.path.join(root, name, "ckpt"),
+                   "run_dir": os.path.join(root, name, "run"),
                    "logits": torch.load(os.path.join(root, name, "probe_logits.pt")),
                    "overrides": overrides, "root": root}
             for name, overrides in cases}

@@ -3,6 +3,7 @@ run in other layouts (one process, torchrun with TP = 2, PP = 2, DP = 2 x EP = 2
 
 import json
 import math
+import os
 
 import pytest
 
@@ -46,6 +47,16 @@ def test_eval_numbers_are_consistent(eval_results):
     assert sum(b["targets"] for b in vocab) == r["tokens"]
     mass = sum(b["predicted"] * b["count"] for b in vocab if b["count"])
     assert mass == pytest.approx(r["tokens"], rel=1e-5)  # each row's p sums to 1
+
+
+def test_eval_agrees_with_the_training_validation(trained, eval_results):
+    # the training loop validated the same 4 sequences with the same weights (after step 3)
+    with open(os.path.join(trained["dense"]["run_dir"], "valid.jsonl")) as f:
+        valid = [json.loads(line) for line in f][-1]
+    r = eval_results["tp1"][0]
+    assert valid["tokens"] == r["tokens"]
+    assert r["ce"] == pytest.approx(valid["ce"], rel=1e-5)
+    assert r["entropy"] == pytest.approx(valid["entropy"], rel=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
