@@ -8,6 +8,11 @@ same instant). The trainer then saves a checkpoint and raises `TrainingPreempted
 whose code is PREEMPTED_EXIT_CODE = 75 (EX_TEMPFAIL of sysexits.h: "try again later"), so the
 process exits with 75 unless a caller catches it; a job script that sees 75 requeues the job
 and the same command resumes from the checkpoint.
+
+Under plain torchrun the launcher itself exits 1 after its workers exit 75 (it lists their exit
+codes), and when it is the one signalled it kills its workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+seconds (default 30) after forwarding SIGTERM: the save must fit in that time.
+megatron_ntp.sweep.launch (used by slurm/train.sbatch) passes the workers' 75 on.
 """
 
 import signal
