@@ -299,3 +299,33 @@ def test_resumed_run_drops_redone_and_cut_records(tmp_path):
     assert truncate_records(str(path), 2) == 2
     assert path.read_text() == '{"step": 0}\n{"step": 1}\n'
     assert truncate_records(str(tmp_path / "absent.jsonl"), 0) == 0
+
+
+def test_where_a_run_starts(tmp_path):
+    """plan_start's rules: the run's own checkpoints first, then load_dir (resume or finetune),
+    else scratch; load_dir == save_dir may be empty (a first run)."""
+    from megatron_ntp.config import ConfigError, load_config
+    from megatron_ntp.training import checkpoint
+
+    def fake_checkpoint(root, step):
+        folder = tmp_path / root / f"iter_{step:07d}"
+        folder.mkdir(parents=True)
+        (folder / checkpoint.INFO_FILE).write_text(json.dumps(
+            {"step": step, "consumed_samples": 4 * step}))
+        (tmp_path / root / checkpoint.TRACKER_FILE).write_text(f"{step}\n")
+
+    def start(*overrides):
+        return checkpoint.plan_start(load_config(None, list(overrides)))
+
+    own, other = f"checkpoint.save_dir={tmp_path}/own", f"checkpoint.load_dir={tmp_path}/pre"
+    assert start() == checkpoint.StartPoint()
+    assert start(own, f"checkpoint.load_dir={tmp_path}/own") == checkpoint.StartPoint()
+    with pytest.raises(ConfigError, match="checkpoint.load_dir=.*does not exist"):
+        start(own, other)
+    fake_checkpoint("pre", 100)
+    assert start(own, other) == checkpoint.StartPoint(100, 400, f"{tmp_path}/pre/iter_0000100")
+    assert start(own, other, "checkpoint.finetune=true") == checkpoint.StartPoint(
+        0, 0, f"{tmp_path}/pre/iter_0000100", finetune=True)
+    fake_checkpoint("own", 30)  # the new phase saved: a rerun resumes it, not the pre-training
+    assert start(own, other, "checkpoint.finetune=true") == checkpoint.StartPoint(
+        30, 120, f"{tmp_path}/own/iter_0000030")
