@@ -29,7 +29,7 @@ def _hf_logits(folder):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True,
-                                                 torch_dtype=torch.float32,
+                                                 dtype=torch.float32,
                                                  attn_implementation="eager")
     model.eval()
     with torch.no_grad():

@@ -1,6 +1,7 @@
 """The megatron-core -> Qwen3 tensor mapping on a labelled synthetic state dict, and the output
 folder rules (no megatron-core, no model)."""
 
+import json
 import os
 
 import pytest
@@ -17,7 +18,8 @@ def _config(**model):
                   num_query_groups=GROUPS, kv_channels=HEAD_DIM, ffn_hidden_size=FFN,
                   vocab_size=VOCAB)
     fields.update(model)
-    return load_config(None, [f"model.{k}={v}" for k, v in fields.items()])
+    # a dataset prefix and no tokenizer model: the export has no tokenizer to copy
+    return load_config(None, [f"model.{k}={v}" for k, v in fields.items()] + ["data.blend=x"])
 
 
 def _state(moe_experts=0):
@@ -128,3 +130,59 @@ def test_output_folder_is_replaced_only_with_force(tmp_path):
     publish(str(new), str(target), force=True)
     assert os.listdir(target) == ["config.json"] and not new.exists()
     assert sorted(os.listdir(tmp_path)) == ["hf"]  # the old folder is gone
+
+
+def test_folder_with_shards_padded_vocabulary_and_bf16_loads_in_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from megatron_ntp.export.hf import ExportOptions, write_hf_folder
+
+    config = _config()
+    state = _state()
+    target = tmp_path / "hf"
+    summary = write_hf_folder(str(target), state, config, padded_vocab=PADDED, options=ExportOptions(
+        vocab="padded", dtype="bfloat16", max_shard_bytes=200))
+    assert summary["vocab"]["exported"] == PADDED and summary["shards"] > 1
+    assert summary["tokenizer"]["written"] is False  # the config names no tokenizer
+    with open(target / "model.safetensors.index.json") as f:
+        shards = set(json.load(f)["weight_map"].values())
+    assert len(shards) == summary["shards"] and shards <= set(os.listdir(target))
+    model = AutoModelForCausalLM.from_pretrained(str(target), local_files_only=True,
+                                                 dtype="auto")  # config.json: bfloat16
+    assert model.dtype == torch.bfloat16
+    loaded = model.state_dict()
+    for name, tensor in hf_state_dict(state, config, PADDED).items():
+        assert torch.equal(loaded[name], tensor.to(torch.bfloat16)), name
+    assert not any(name.startswith(".hf") for name in os.listdir(tmp_path))  # no temporaries
+
+
+def test_tokenizer_of_the_built_in_sample(sample_data, monkeypatch):
+    from megatron_ntp.export.tokenizer import resolve_tokenizer
+
+    monkeypatch.setenv("MEGATRON_NTP_SAMPLE_DIR", os.path.dirname(sample_data[1]))
+    source = resolve_tokenizer(load_config(None, []))  # data.blend unset: the sample's
+    assert source.kind == "sentencepiece" and source.path == sample_data[1]
+    assert source.vocab_size == 1000 and source.ids["eos"] == 3 and source.ids["pad"] == 0
+
+
+def test_hugging_face_tokenizer_files_are_copied(tmp_path):
+    import tokenizers
+
+    from megatron_ntp.export.tokenizer import resolve_tokenizer, write_tokenizer
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    vocab = {"<unk>": 0, "<|endoftext|>": 1, "hello": 2, "world": 3}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    config = load_config(None, ["data.tokenizer_type=HuggingFaceTokenizer",
+                                f"data.tokenizer_model={folder}", "data.blend=x"])
+    source = resolve_tokenizer(config)
+    assert source.kind == "huggingface" and source.ids["eos"] == 1 and source.vocab_size == 4
+    out = tmp_path / "out"
+    out.mkdir()
+    report = write_tokenizer(source, str(out))
+    assert report["files"] == ["tokenizer.json", "tokenizer_config.json"]
+    assert sorted(os.listdir(out)) == ["tokenizer.json", "tokenizer_config.json"]
