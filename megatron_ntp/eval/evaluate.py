@@ -144,9 +144,10 @@ def format_results(results: dict) -> str:
                      f"{fmt(row['predicted'])}  {fmt(row['observed'])}")
     lines.append("  vocabulary calibration (p bin: pairs, targets, predicted, observed)")
     for row in results["calibration"]["vocab"]["bins"]:
+        predicted, observed = (("-", "-") if row["predicted"] is None else
+                               (f"{row['predicted']:.3e}", f"{row['observed']:.3e}"))
         lines.append(f"    [{row['lo']:.0e}, {row['hi']:.0e})  {row['count']:>12d}  "
-                     f"{row['targets']:>9d}  {row['predicted'] or 0:.3e}  "
-                     f"{row['observed'] or 0:.3e}")
+                     f"{row['targets']:>9d}  {predicted}  {observed}")
     return "\n".join(lines) + "\n"
 
 
