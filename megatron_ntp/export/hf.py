@@ -309,9 +309,19 @@ def check_output_dir(output_dir: str, force: bool) -> None:
             raise ConfigError(f"--output {output_dir!r} is not empty; pass --force to replace it")
 
 
+def _umask_modes(folder: str) -> None:
+    """Folder and file modes as a plain mkdir/open would give them (mkdtemp makes 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for name in os.listdir(folder):
+        os.chmod(os.path.join(folder, name), 0o666 & ~umask)
+
+
 def publish(tmp_dir: str, output_dir: str, force: bool) -> None:
     """Move the finished tmp_dir to output_dir (replacing an old one only with force)."""
     check_output_dir(output_dir, force)
+    _umask_modes(tmp_dir)
     old = None
     if os.path.exists(output_dir):
         old = output_dir.rstrip("/") + f".old-{os.getpid()}"
