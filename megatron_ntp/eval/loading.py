@@ -123,9 +123,17 @@ def build_inference_model(config: Config, checkpoint_dir: str | None):
 
     checkpoint_dir None keeps the initialisation (tests of the machinery; step -1).
     """
-    from megatron_ntp.training.build import build_model_chunks
+    from megatron_ntp.models.gpt import build_gpt_model, transformer_config
+    from megatron_ntp.models.shaped_gpt import ShapedLossGPTModel
 
-    chunks, _ = build_model_chunks(config)
+    # The checkpoint overwrites every weight: skip the random initialisation (minutes for a
+    # large model on CPU). Without a checkpoint the model is initialised as for training.
+    mcore_config = transformer_config(config, calculate_per_token_loss=True,
+                                      perform_initialization=not checkpoint_dir)
+    chunks = [build_gpt_model(config, vp_stage=vp if config.parallel.virtual_pipeline > 1
+                              else None, model_class=ShapedLossGPTModel,
+                              mcore_config=mcore_config, loss_config=config.loss_at(0))
+              for vp in range(config.parallel.virtual_pipeline)]
     step = -1
     if checkpoint_dir:
         from megatron_ntp.training.checkpoint import load_model_weights
