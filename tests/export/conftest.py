@@ -1,4 +1,4 @@
-"""Fixtures of the export tests (shared with tests/eval): the sample dataset and tiny checkpoints trained at TP = 2."""
+"""Fixtures of the export tests (shared with tests/eval): sample dataset, TP=2 checkpoints."""
 
 import warnings
 

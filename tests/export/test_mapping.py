@@ -140,8 +140,8 @@ def test_folder_with_shards_padded_vocabulary_and_bf16_loads_in_transformers(tmp
     config = _config()
     state = _state()
     target = tmp_path / "hf"
-    summary = write_hf_folder(str(target), state, config, padded_vocab=PADDED, options=ExportOptions(
-        vocab="padded", dtype="bfloat16", max_shard_bytes=200))
+    options = ExportOptions(vocab="padded", dtype="bfloat16", max_shard_bytes=200)
+    summary = write_hf_folder(str(target), state, config, padded_vocab=PADDED, options=options)
     assert summary["vocab"]["exported"] == PADDED and summary["shards"] > 1
     assert summary["tokenizer"]["written"] is False  # the config names no tokenizer
     with open(target / "model.safetensors.index.json") as f:
