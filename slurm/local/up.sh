@@ -9,7 +9,7 @@
 #
 # No accounting database (sbatch, squeue, scontrol, scancel work; sacct does not). Settings
 # chosen for fast tests: the scheduler runs every second, and a requeued job may start again
-# after AuthInfo cred_expire (10 s here; Slurm holds a requeued batch job back for the job
+# after AuthInfo cred_expire (5 s here; Slurm holds a requeued batch job back for the job
 # credential's lifetime, 120 s by default).
 # Exit status: 0 up; 3 Slurm is not installed and cannot be (not root, or apt-get failed);
 # 1 anything else. Ports: SLURM_LOCAL_PORT (slurmctld, default 6817) and the next one (slurmd).
@@ -58,7 +58,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=5
 StateSaveLocation=$S/state
 SlurmdSpoolDir=$S/spool
 SlurmctldPidFile=$S/slurmctld.pid

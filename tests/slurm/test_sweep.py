@@ -109,7 +109,7 @@ def test_sweep_plan_submit_collect_fit(slurm, tiny_data, tmp_path):
         else:
             assert float(r["beta"]) == -0.25 and abs(float(r["loss"]) - float(r["ce"])) > 1e-4
 
-    result = _cli("sweep", "fit", root, "--points", "curve", "--bootstrap", "20")
+    result = _cli("sweep", "fit", root, "--points", "curve", "--bootstrap", "10")
     out = result.stdout
     assert "cross_entropy" in out and "precision" in out and "alpha" in out
     fit_dir = os.path.join(root, "fit")
