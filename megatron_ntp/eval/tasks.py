@@ -177,9 +177,18 @@ def sample_completions(config, checkpoint_dir, prompts: list[str], run: Sampling
     samples = generate(chunks, encoded, run.sampling, eod_id=tokenizer.eod,
                        max_length=config.data.seq_length, vocab_limit=tokenizer.vocab_size,
                        batch_size=run.batch_size)
-    texts = [[cut_at_stop(tokenizer.detokenize(s.tokens), run.stop) for s in row]
-             for row in samples]
+    texts = [[cut_at_stop(completion_text(tokenizer, ids, s.tokens), run.stop) for s in row]
+             for ids, row in zip(encoded, samples)]
     return texts, samples, step
+
+
+def completion_text(tokenizer, prompt_ids: list, ids: list) -> str:
+    """The text the sampled ids add to the prompt: decode(prompt + ids) minus decode(prompt),
+    which keeps a leading space that decoding the ids alone would drop (sentencepiece), or
+    decode(ids) when the decoded prompt is not a prefix of the whole."""
+    whole = tokenizer.detokenize(list(prompt_ids) + list(ids))
+    head = tokenizer.detokenize(list(prompt_ids))
+    return whole[len(head):] if whole.startswith(head) else tokenizer.detokenize(list(ids))
 
 
 def _launch(config, body):

@@ -77,3 +77,16 @@ def test_stop_strings_and_default_ks():
     with pytest.raises(ConfigError, match="between 1 and"):
         score_tasks([{"id": 0, "prompt": "", "answer": "1"}], [["1"]],
                     resolve_checker("exact"), [2])
+
+
+def test_completion_text_keeps_the_space_the_prompt_boundary_carries():
+    from megatron_ntp.eval.tasks import completion_text
+
+    pieces = {1: "▁2", 2: "▁+", 3: "▁3", 4: "▁=", 5: "▁5", 6: "0"}
+
+    class Tokenizer:  # sentencepiece-like: a word's piece carries its space, dropped at the start
+        def detokenize(self, ids):
+            return "".join(pieces[i] for i in ids).replace("▁", " ").lstrip(" ")
+
+    assert completion_text(Tokenizer(), [1, 2, 3, 4], [5, 6]) == " 50"
+    assert Tokenizer().detokenize([5, 6]) == "50"  # decoding the completion alone drops it
