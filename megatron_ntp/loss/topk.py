@@ -71,8 +71,11 @@ def kth_threshold(values: torch.Tensor, ids: torch.Tensor, k: int):
 
     values [N, C] and ids [N, C] with ids ascending along each row; 1 <= k <= C.
     """
-    positions = select_first_k(values, k)
-    top_values, top_ids = values.gather(-1, positions), ids.gather(-1, positions)
+    if k == values.shape[-1]:  # every entry is in K (e.g. one shard's k candidates)
+        top_values, top_ids = values, ids
+    else:
+        positions = select_first_k(values, k)
+        top_values, top_ids = values.gather(-1, positions), ids.gather(-1, positions)
     kth_value = top_values.amin(-1)
     kth_index = torch.where(top_values == kth_value[:, None], top_ids, -1).amax(-1)
     return kth_value, kth_index
