@@ -15,6 +15,8 @@ import numpy as np
 
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
           "tab:pink", "tab:gray")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")  # settings stay apart where they overlap
+LINESTYLES = ("-", "--", ":", "-.")
 
 
 def _pyplot():
@@ -55,24 +57,30 @@ def plot_metric_vs_compute(rows, metric, path, title, fits=None):
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     settings = _settings(rows)
-    color = {s: COLORS[i % len(COLORS)] for i, s in enumerate(settings)}
+    index = {s: i for i, s in enumerate(settings)}
+    color = {s: COLORS[i % len(COLORS)] for s, i in index.items()}
+    marker = {s: MARKERS[i % len(MARKERS)] for s, i in index.items()}
+    style = {s: LINESTYLES[i % len(LINESTYLES)] for s, i in index.items()}
     for run, run_rows in _runs(rows).items():
         setting = run_rows[0]["setting"]
         x, y = _curve(run_rows, metric)
         if len(x):
-            ax.plot(x, y, color=color[setting], alpha=0.35, linewidth=0.8)
+            ax.plot(x, y, color=color[setting], linestyle=style[setting], alpha=0.45,
+                    linewidth=0.9)
         final = [r for r in run_rows if r.get("final") == 1 and r.get(metric) is not None]
         if final:
-            ax.scatter([final[0]["flops_seen"]], [final[0][metric]], color=color[setting], s=18,
-                       zorder=3)
+            ax.scatter([final[0]["flops_seen"]], [final[0][metric]], color=color[setting],
+                       marker=marker[setting], s=28, zorder=3, facecolors="none")
     for setting in settings:
-        ax.plot([], [], color=color[setting], marker="o", label=setting)
+        ax.plot([], [], color=color[setting], marker=marker[setting], linestyle=style[setting],
+                markerfacecolor="none", label=f"{setting} (runs; final points)")
         result = (fits or {}).get(setting)
         if result is not None and result.fit is not None:
             cs, best = frontier(result.fit, result.points)
             f = result.fit
-            ax.plot(cs, best, color=color[setting], linestyle="--", linewidth=1.5,
-                    label=f"{setting} fit: alpha={f.alpha:.2f}, b={f.b:.2f}, E={f.E:.2f}")
+            ax.plot(cs, best, color=color[setting], linestyle="--", linewidth=1.8,
+                    label=f"{setting} fitted frontier: alpha={f.alpha:.2f}, b={f.b:.2f}, "
+                          f"E={f.E:.2f}")
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel(metric)
@@ -88,6 +96,8 @@ def plot_isoflop(fits, path, params_label="N"):
     plt = _pyplot()
     settings = list(fits)
     fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 4), squeeze=False)
+    from matplotlib.ticker import NullFormatter
+
     from megatron_ntp.scaling.fit import isoflop_groups
 
     for ax, setting in zip(axes[0], settings):
@@ -103,7 +113,9 @@ def plot_isoflop(fits, path, params_label="N"):
             n, loss = p.n[g][order], p.loss[g][order]
             c = float(np.mean(p.c[g]))
             col = COLORS[i % len(COLORS)]
-            ax.plot(n, loss, marker="o", color=col, linewidth=0.8, label=f"C={c:.2g}")
+            planned = f"{float(labels[g[0]]):.2g} planned, " if labels else ""
+            ax.plot(n, loss, marker="o", color=col, linewidth=0.8,
+                    label=f"C = {planned}{c:.2g} run")
             o = optima.get(round(c, 6))
             if o is not None:
                 xs = np.linspace(np.log(n.min()) - 0.3, np.log(n.max()) + 0.3, 100)
@@ -111,6 +123,7 @@ def plot_isoflop(fits, path, params_label="N"):
                 ax.plot(np.exp(xs), c2 * xs**2 + c1 * xs + c0, color=col, linestyle=":")
                 ax.scatter([o["n_opt"]], [o["loss_opt"]], color=col, marker="*", s=80, zorder=4)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on short ranges
         ax.set_xlabel(params_label)
         ax.set_ylabel("final loss")
         ax.set_title(f"IsoFLOP: {setting}")

@@ -194,16 +194,19 @@ def format_comparison(fits: dict, metric: str = "", params: str = "", level: flo
     head = (f"L(N, D) = E + A / N^alpha + B / D^b per loss setting"
             f"{f'; L = {metric}' if metric else ''}{f', N = {params}' if params else ''}, "
             f"D = tokens; [{level:.0%} bootstrap interval]")
-    lines = [head, f"{'setting':<20} {'points':>6}  " + "  ".join(f"{p:<24}" for p in PARAMS)
-             + "  objective"]
+    table = [["setting", "points", *PARAMS, "objective"]]
+    notes = []
     for setting, result in fits.items():
         if result.fit is None:
-            lines.append(f"{setting:<20} {len(result.points.loss):>6}  {result.note}")
+            notes.append(f"{setting}: {result.note}")
             continue
         values = result.fit.params()
-        cells = [f"{_cell(values[p], result.intervals.get(p)):<24}" for p in PARAMS]
-        lines.append(f"{setting:<20} {len(result.points.loss):>6}  " + "  ".join(cells)
-                     + f"  {result.fit.objective:.3g}")
+        table.append([setting, str(len(result.points.loss)),
+                      *(_cell(values[p], result.intervals.get(p)) for p in PARAMS),
+                      f"{result.fit.objective:.3g}"])
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines = [head] + ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+                      for row in table] + notes
     optima = [(s, o) for s, r in fits.items() for o in r.isoflop]
     if optima:
         lines.append("")
