@@ -128,16 +128,17 @@ def test_samples_do_not_depend_on_the_data_parallel_layout(passk_results):
 
 
 def test_generate_is_deterministic_for_a_seed_in_any_layout(trained, tmp_path):
-    # one process, then torchrun at TP = 2 (logits all-gathered over the TP group) and at
-    # PP = 2 (tokens broadcast from the last stage): the same samples for the same seed
+    # torchrun at TP = 2 (logits all-gathered over the TP group) and at PP = 2 (tokens
+    # broadcast from the last stage): the same samples for the same seed (the one-process
+    # path is the passk tests')
     common = ["generate", "--checkpoint", trained["dense"]["checkpoint"], "--prompt", "def ",
               "--prompt", "The number", "-m", "3", "--max-new-tokens", "8", "--seed", "5"]
     runs = []
-    for name, nproc, overrides in [("single", 1, []), ("tp2", 2, ["parallel.tensor=2"]),
+    for name, nproc, overrides in [("tp2", 2, ["parallel.tensor=2"]),
                                    ("pp2", 2, ["parallel.pipeline=2"])]:
         path = tmp_path / f"{name}.jsonl"
         run_cli([*common, "--output", str(path), *overrides], nproc=nproc)
         runs.append([json.loads(line) for line in path.read_text().splitlines()])
-    assert len(runs[0]) == 6 and runs[0] == runs[1] == runs[2]
+    assert len(runs[0]) == 6 and runs[0] == runs[1]
     # each sample has its own generator: the 3 samples of a prompt differ
     assert len({r["text"] for r in runs[0][:3]}) > 1
