@@ -22,7 +22,8 @@ log() { echo "[slurm/local/up] $*"; }
 
 pkgs="slurmctld slurmd slurm-client munge"
 missing=""
-for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
+for p in $pkgs; do installed "$p" || missing="$missing $p"; done  # removed-but-configured counts as missing
 if [ -n "$missing" ]; then
   if [ "$(id -u)" != 0 ]; then log "Slurm packages missing ($missing) and not root: cannot install"; exit 3; fi
   if ! command -v apt-get >/dev/null; then log "Slurm packages missing ($missing) and no apt-get"; exit 3; fi

@@ -25,11 +25,13 @@ DOWN = os.path.join(ROOT, "slurm", "local", "down.sh")
 
 
 def _report(config, line: str):
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(line)
-    else:
+    """Print past pytest's output capture (the install time belongs in the CI log)."""
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if capture is None:
         print(line, file=sys.stderr)
+        return
+    with capture.global_and_fixture_disabled():
+        print(line, file=sys.stderr, flush=True)
 
 
 @pytest.fixture(scope="session")

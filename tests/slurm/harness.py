@@ -70,7 +70,12 @@ def as_args(overrides: dict) -> list[str]:
 
 def submit_training(overrides: dict, extra=(), env=None) -> str:
     """`megatron-ntp submit` of examples/configs/tiny_dense.yaml with overrides, as a one-CPU
-    job; returns the job id."""
+    job; returns the job id (the first one of a chain, see submit_chain)."""
+    return submit_chain(overrides, extra, env)[0]
+
+
+def submit_chain(overrides: dict, extra=(), env=None) -> list[str]:
+    """The job ids of `megatron-ntp submit` (several with --chain)."""
     command = CLI + ["submit", "--gpus-per-node=0", "--nproc-per-node=1",
                      "--sbatch-arg=--cpus-per-task=1", "--sbatch-arg=--mem=1500", *extra,
                      "--config", os.path.join(ROOT, "examples", "configs", "tiny_dense.yaml"),
@@ -78,7 +83,8 @@ def submit_training(overrides: dict, extra=(), env=None) -> str:
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout.split("submitted job ")[1].split()[0].rstrip(",")
+    ids = result.stdout.split("submitted job ")[1].split(" (run ")[0]
+    return [i.strip() for i in ids.split(",")]
 
 
 def read_log(run_dir: str, job_id: str) -> str:

@@ -6,7 +6,8 @@ finishes from its checkpoint with the same losses as an uninterrupted run.
   last checkpoint that was complete.
 - `scancel --signal=TERM` (what --signal=TERM@300 sends before the time limit): the trainer
   finishes its step, saves, exits 75, and the batch script requeues the job itself.
-- one task per rank (NTP_LAUNCHER=srun) with two data-parallel ranks.
+- one task per rank (NTP_LAUNCHER=srun) with two data-parallel ranks, submitted as a chain of
+  two jobs: the second one finds the run complete and exits at once.
 """
 
 import json
@@ -17,7 +18,13 @@ import pytest
 import yaml
 
 from megatron_ntp.sweep.jobs import COMPLETE_MARKER, read_jsonl_by_step
-from tests.slurm.harness import read_log, submit_training, tiny_overrides, wait_for_step
+from tests.slurm.harness import (
+    read_log,
+    submit_chain,
+    submit_training,
+    tiny_overrides,
+    wait_for_step,
+)
 
 pytestmark = pytest.mark.slurm
 
@@ -113,7 +120,9 @@ def test_sigterm_checkpoints_exits_75_and_the_job_requeues_itself(slurm, tiny_da
     assert losses == pytest.approx(ref_losses, rel=1e-6, abs=0)
 
 
-def test_one_task_per_rank_and_a_complete_run_is_not_rerun(slurm, tiny_data, tmp_path):
+def test_one_task_per_rank_in_a_chain_of_two_jobs(slurm, tiny_data, tmp_path):
+    """NTP_LAUNCHER=srun with two ranks, submitted as a chain of two jobs (--chain 2,
+    --dependency=afterany): the first trains, the second finds the run complete and exits."""
     from megatron_ntp.training import PREEMPTED_EXIT_CODE
 
     with open(os.path.join(os.path.dirname(__file__), "..", "..", "slurm", "train.sbatch")) as f:
@@ -121,18 +130,19 @@ def test_one_task_per_rank_and_a_complete_run_is_not_rerun(slurm, tiny_data, tmp
 
     run_dir, overrides = _run(tmp_path, "two_tasks", tiny_data,
                               **{"train.steps": 6, "train.micro_batch_size": 2})
-    srun_mode = ["--launcher=srun", "--nproc-per-node=2"]
-    job = submit_training(overrides, extra=srun_mode)
-    fields = slurm.wait_finished([job])[job]
-    log = read_log(run_dir, job)
-    assert fields["JobState"] == "COMPLETED", log[-3000:]
+    first, second = submit_chain(overrides, extra=["--launcher=srun", "--nproc-per-node=2",
+                                                   "--chain=2"])
+    assert slurm.job(second)["Dependency"] == f"afterany:{first}(unfulfilled)"
+    fields = slurm.wait_finished([first, second])
+    log = read_log(run_dir, first)
+    assert fields[first]["JobState"] == "COMPLETED", log[-3000:]
     assert "1 node(s) x 2 rank(s) (srun)" in log
     with open(os.path.join(run_dir, "config.yaml")) as f:
         assert yaml.safe_load(f)["parallel"]["data"] == 2  # the trainer saw two ranks
     steps, _, _ = _losses(run_dir)
     assert steps == list(range(6))
 
-    again = submit_training(overrides, extra=srun_mode)
-    fields = slurm.wait_finished([again])[again]
-    assert fields["JobState"] == "COMPLETED"
-    assert "is complete" in read_log(run_dir, again) and "nothing to do" in read_log(run_dir, again)
+    assert fields[second]["JobState"] == "COMPLETED"
+    assert fields[second]["StartTime"] >= fields[first]["EndTime"]
+    log = read_log(run_dir, second)
+    assert "is complete" in log and "nothing to do" in log and "restart 0:" not in log
