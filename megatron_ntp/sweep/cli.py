@@ -115,6 +115,7 @@ def _add_sweep(commands):
                     "are neither complete nor queued, `collect` gathers the metrics into one "
                     "CSV, `fit` fits L(N, D) per loss setting and draws the plots.")
     sub = sweep.add_subparsers(dest="sweep_command", metavar="STEP")
+    sweep.set_defaults(run=lambda args: sweep.print_help() or 2)  # no step given
 
     plan = sub.add_parser("plan", help="write the run folders and the sweep manifest")
     plan.add_argument("spec", help="sweep spec YAML (format: megatron_ntp/sweep/spec.py)")
