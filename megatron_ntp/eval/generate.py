@@ -1,11 +1,13 @@
 """Sampling from a megatron-core model: temperature, top-k and top-p, m samples per prompt.
 
     samples = generate(chunks, prompts, SamplingParams(temperature=0.7, top_p=0.95,
-                       num_samples=8, max_new_tokens=256), eod_id=tokenizer.eod)
+                       num_samples=8, max_new_tokens=256), eod_id=tokenizer.eod,
+                       max_length=config.data.seq_length, vocab_limit=tokenizer.vocab_size)
 
-Runs on every rank of any layout (TP, PP, DP, EP) on megatron-core's forward-only schedule, one
-micro-batch per decoding step. No KV cache: each step runs the whole prefix again, which is
-simple and exact but costs O(length^2). That is fine for tiny models and short answers; for
+Runs on every rank of any layout (TP, PP, DP, EP; not the interleaved pipeline, which needs
+several micro-batches) on megatron-core's forward-only schedule, one micro-batch per decoding
+step. No KV cache: each step runs the whole prefix again, which is simple and exact but costs
+O(length^2). That is fine for tiny models and short answers; for
 large models export to Hugging Face (megatron-ntp export) and sample with an inference engine
 (vLLM, SGLang), which is the fast path.
 
@@ -270,6 +272,10 @@ def generate(chunks, prompts: list, params: SamplingParams, eod_id: int, max_len
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if len(chunks) > 1:
+        raise ValueError("generate runs one micro-batch per token, which the interleaved "
+                         "pipeline schedule does not take: build one model chunk per rank "
+                         "(parallel.virtual_pipeline=1)")
     m = params.num_samples
     all_rows = [(i, j) for i in range(len(prompts)) for j in range(m)]
     dp = parallel_state.get_data_parallel_world_size()

@@ -164,6 +164,11 @@ def sample_completions(config, checkpoint_dir, prompts: list[str], run: Sampling
     from megatron_ntp.eval.loading import build_inference_model
     from megatron_ntp.training.data import resolve_data_config
 
+    if config.parallel.virtual_pipeline > 1:
+        raise ConfigError(f"parallel.virtual_pipeline={config.parallel.virtual_pipeline}: "
+                          f"sampling runs one micro-batch per token, which the interleaved "
+                          f"schedule does not take; use parallel.virtual_pipeline=1 (the "
+                          f"checkpoint is resharded on load)")
     data = resolve_data_config(config)
     try:
         tokenizer = build_tokenizer_from_config(data)
