@@ -36,8 +36,8 @@ def _all_gather(tensor: torch.Tensor, tp_group, world: int) -> torch.Tensor:
     if world == 1:
         return tensor[None]
     gathered = tensor.new_empty(world, *tensor.shape)  # written in place: no list, no stack
-    dist.all_gather_into_tensor(gathered.view(-1, tensor.shape[-1]), tensor.contiguous(),
-                                group=tp_group)
+    dist.all_gather_single(gathered.view(-1, tensor.shape[-1]), tensor.contiguous(),
+                          group=tp_group)
     return gathered
 
 

@@ -51,22 +51,21 @@ def _check_against_reference(failures, name, logits, target, cfg, group, rank, w
 def _record_collectives(log):
     """Wrap all_gather/all_reduce to log (name, elements, dtype) of every call."""
     originals = {name: getattr(dist, name)
-                 for name in ("all_gather", "all_gather_into_tensor", "all_reduce")}
+                 for name in ("all_gather", "all_gather_single", "all_reduce")}
 
     def gather(parts, tensor, *a, **k):
         log.append(("all_gather", sum(p.numel() for p in parts), tensor.dtype))
         return originals["all_gather"](parts, tensor, *a, **k)
 
-    def gather_into_tensor(output, tensor, *a, **k):
+    def gather_single(output, tensor, *a, **k):
         log.append(("all_gather", output.numel(), tensor.dtype))
-        return originals["all_gather_into_tensor"](output, tensor, *a, **k)
+        return originals["all_gather_single"](output, tensor, *a, **k)
 
     def reduce(tensor, *a, **k):
         log.append(("all_reduce", tensor.numel(), tensor.dtype))
         return originals["all_reduce"](tensor, *a, **k)
 
-    dist.all_gather, dist.all_gather_into_tensor, dist.all_reduce = (
-        gather, gather_into_tensor, reduce)
+    dist.all_gather, dist.all_gather_single, dist.all_reduce = gather, gather_single, reduce
     return originals
 
 
