@@ -28,7 +28,6 @@ CASES = {
                      "model.moe_token_dispatcher=alltoall", "parallel.tensor=2",
                      "parallel.expert=2", "parallel.sequence_parallel=true"],
 }
-_CACHE: dict = {}
 
 
 def common_overrides(sample_data, root: str, name: str) -> list[str]:
@@ -87,41 +86,28 @@ def _train_worker(rank, world_size, cases, root):
         destroy_moe_metrics_tracker()
 
 
-def sample_data_once(tmp_path_factory) -> tuple[str, str]:
-    """(dataset prefix, tokenizer model): 300 KB of the sample corpus, a 1000-piece BPE."""
-    if "sample" not in _CACHE:
-        from megatron_ntp.training.data import ensure_sample_dataset
-
-        folder = tmp_path_factory.mktemp("sample_data")
-        _CACHE["sample"] = ensure_sample_dataset(str(folder), vocab_size=1000,
-                                                 corpus_bytes=300_000)
-    return _CACHE["sample"]
-
-
 def trained_checkpoints(tmp_path_factory, sample_data) -> dict:
-    """{name: {"checkpoint", "logits", "overrides"}} for dense and moe (trained once)."""
-    if "result" not in _CACHE:
-        root = str(tmp_path_factory.mktemp("trained"))
-        cases = [(name, overrides + common_overrides(sample_data, root, name))
-                 for name, overrides in CASES.items()]
-        for name, _ in cases:
-            os.makedirs(os.path.join(root, name))
-        previous = os.environ.get("MEGATRON_NTP_COMPILE")
-        os.environ["MEGATRON_NTP_COMPILE"] = "0"  # inherited by the spawned ranks
-        try:
-            run_distributed(2, _train_worker, cases, root)
-        finally:
-            if previous is None:
-                os.environ.pop("MEGATRON_NTP_COMPILE")
-            else:
-                os.environ["MEGATRON_NTP_COMPILE"] = previous
-        _CACHE["result"] = {
-            name: {"checkpoint": os.path.join(root, name, "ckpt"),
-                   "run_dir": os.path.join(root, name, "run"),
-                   "logits": torch.load(os.path.join(root, name, "probe_logits.pt")),
-                   "overrides": overrides, "root": root}
-            for name, overrides in cases}
-    return _CACHE["result"]
+    """{name: {"checkpoint", "logits", "overrides"}} for dense and moe."""
+    root = str(tmp_path_factory.mktemp("trained"))
+    cases = [(name, overrides + common_overrides(sample_data, root, name))
+             for name, overrides in CASES.items()]
+    for name, _ in cases:
+        os.makedirs(os.path.join(root, name))
+    previous = os.environ.get("MEGATRON_NTP_COMPILE")
+    os.environ["MEGATRON_NTP_COMPILE"] = "0"  # inherited by the spawned ranks
+    try:
+        run_distributed(2, _train_worker, cases, root)
+    finally:
+        if previous is None:
+            os.environ.pop("MEGATRON_NTP_COMPILE")
+        else:
+            os.environ["MEGATRON_NTP_COMPILE"] = previous
+    return {
+        name: {"checkpoint": os.path.join(root, name, "ckpt"),
+               "run_dir": os.path.join(root, name, "run"),
+               "logits": torch.load(os.path.join(root, name, "probe_logits.pt")),
+               "overrides": overrides, "root": root}
+        for name, overrides in cases}
 
 
 def run_cli(args: list[str], nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:

@@ -1,4 +1,4 @@
-"""Session fixtures of the training tests: a small preprocessed dataset and its tokenizer."""
+"""Session fixtures shared by the suites (each built once per session, only when used)."""
 
 import warnings
 
@@ -14,3 +14,11 @@ def sample_data(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("sample_data")
     return ensure_sample_dataset(str(folder), vocab_size=1000, corpus_bytes=300_000)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, sample_data):
+    """Tiny dense and MoE checkpoints trained at TP = 2 (tests/eval and tests/export)."""
+    from tests.eval.checkpoints import trained_checkpoints
+
+    return trained_checkpoints(tmp_path_factory, sample_data)
