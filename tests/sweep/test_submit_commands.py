@@ -34,20 +34,20 @@ def test_sbatch_commands():
 def test_submit_dry_run(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "megatron_ntp.cli", "submit", "--dry-run", "--nodes=2",
-         "--chain=2", "--time=01:00:00", "--config", TINY, f"logging.run_dir={tmp_path}/run",
-         "parallel.tensor=2"],
+         "--gpus-per-node=2", "--chain=2", "--time=01:00:00", "--config", TINY,
+         f"logging.run_dir={tmp_path}/run", "parallel.tensor=2"],
         capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 2
-    assert "NTP_LAUNCHER=torchrun" in lines[0] and "NTP_NPROC_PER_NODE=8" in lines[0]
+    assert "NTP_LAUNCHER=torchrun" in lines[0] and "NTP_NPROC_PER_NODE=2" in lines[0]
     assert "--nodes=2" in lines[0] and f"--output={tmp_path}/run/logs/slurm-%j.out" in lines[0]
     assert lines[0].endswith(f"--config {TINY} logging.run_dir={tmp_path}/run parallel.tensor=2")
     assert "--dependency=afterany:{previous}" in lines[1]
     assert "checkpoint.save_dir is not set" in result.stderr
     assert not os.path.exists(tmp_path / "run")  # nothing submitted, nothing created
 
-    # the layout is checked at the job's world size (2 nodes x 8 GPUs) before submitting
+    # the layout is checked at the job's world size (nodes x GPUs) before submitting
     bad = subprocess.run(
         [sys.executable, "-m", "megatron_ntp.cli", "submit", "--dry-run", "--nodes=1",
          "--gpus-per-node=3", "--config", TINY, "parallel.tensor=2"],
