@@ -12,6 +12,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -195,9 +196,17 @@ def recorded_jobs(run_dir: str) -> list[str]:
         return [json.loads(line)["job_id"] for line in f if line.strip()]
 
 
-def active_jobs() -> dict[str, tuple[str, str]]:
-    """{job id: (job name, state)} of the jobs squeue lists as pending/running/requeued."""
-    out = _run(["squeue", "--noheader", "--format=%i|%j|%T"])
+def active_jobs(attempts: int = 3) -> dict[str, tuple[str, str]]:
+    """{job id: (job name, state)} of the jobs squeue lists as pending/running/requeued. A busy
+    slurmctld may drop a query: it is retried (a query, unlike sbatch, is safe to repeat)."""
+    for attempt in range(attempts):
+        try:
+            out = _run(["squeue", "--noheader", "--format=%i|%j|%T"])
+            break
+        except SlurmError as err:
+            if "not found" in str(err) or attempt == attempts - 1:
+                raise
+            time.sleep(2)
     jobs = {}
     for line in out.splitlines():
         job_id, name, state = line.strip().split("|", 2)

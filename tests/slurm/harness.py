@@ -14,31 +14,49 @@ class LocalSlurm:
         self.state_dir = state_dir
         self.conf = os.path.join(state_dir, "slurm.conf")
 
-    def run(self, *command, check=True, timeout=120) -> str:
-        result = subprocess.run(list(command), capture_output=True, text=True, timeout=timeout)
+    def run(self, *command, check=True, timeout=120, attempts=1) -> str:
+        """Run a Slurm command; with attempts > 1 (queries only) a client that lost its
+        connection to a busy slurmctld (killed by SIGPIPE; "Zero Bytes were transmitted" in
+        slurmctld's log) is retried."""
+        for attempt in range(attempts):
+            result = subprocess.run(list(command), capture_output=True, text=True,
+                                    timeout=timeout)
+            if result.returncode >= 0 or attempt == attempts - 1:
+                break
+            time.sleep(1)
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(command)} failed ({result.returncode}): "
                                  f"{result.stdout}{result.stderr}")
         return result.stdout
 
+    def jobs(self, job_id: str = "") -> dict:
+        """{job id: scontrol's fields (JobState, Restarts, ExitCode, ...)} of one job or all."""
+        out = self.run("scontrol", "show", "job", "--oneliner", *([job_id] if job_id else []),
+                       attempts=5)
+        jobs = {}
+        for line in out.splitlines():
+            fields = {}
+            for token in line.split():
+                key, sep, value = token.partition("=")
+                if sep:
+                    fields.setdefault(key, value)
+            if "JobId" in fields:
+                jobs[fields["JobId"]] = fields
+        return jobs
+
     def job(self, job_id: str) -> dict:
-        """scontrol's fields of a job (JobState, Restarts, ExitCode, ...)."""
-        out = self.run("scontrol", "show", "job", "--oneliner", job_id)
-        fields = {}
-        for token in out.split():
-            key, sep, value = token.partition("=")
-            if sep:
-                fields.setdefault(key, value)
-        return fields
+        return self.jobs(job_id)[job_id]
 
     def wait_finished(self, job_ids, timeout=600) -> dict:
-        """Wait until every job has left the queue for good; {job id: scontrol fields}."""
+        """Wait until every job has left the queue for good; {job id: scontrol fields}. One
+        scontrol call per poll, however many jobs."""
         deadline = time.monotonic() + timeout
         pending = set(job_ids)
         done = {}
         while pending:
+            jobs = self.jobs()
             for job_id in sorted(pending):
-                fields = self.job(job_id)
+                fields = jobs[job_id]
                 if fields["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
                                           "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"):
                     done[job_id] = fields
@@ -46,8 +64,8 @@ class LocalSlurm:
             if pending:
                 if time.monotonic() > deadline:
                     raise AssertionError(f"jobs {sorted(pending)} did not finish in {timeout} s: "
-                                         f"{[self.job(j)['JobState'] for j in sorted(pending)]}")
-                time.sleep(0.5)
+                                         f"{[jobs[j]['JobState'] for j in sorted(pending)]}")
+                time.sleep(1)
         return done
 
 
@@ -97,9 +115,12 @@ def wait_for_step(run_dir: str, step: int, slurm, job_id: str, timeout=600) -> N
     from megatron_ntp.sweep.jobs import last_step
 
     deadline = time.monotonic() + timeout
+    polls = 0
     while last_step(run_dir) < step:
-        state = slurm.job(job_id)["JobState"]
-        assert state in ("PENDING", "RUNNING", "CONFIGURING"), \
-            f"job {job_id} is {state} before step {step}:\n{read_log(run_dir, job_id)[-3000:]}"
+        if polls % 10 == 0:  # the job's state once a second, the metrics ten times
+            state = slurm.job(job_id)["JobState"]
+            assert state in ("PENDING", "RUNNING", "CONFIGURING"), \
+                f"job {job_id} is {state} before step {step}:\n{read_log(run_dir, job_id)[-3000:]}"
         assert time.monotonic() < deadline, f"step {step} not reached in {timeout} s"
+        polls += 1
         time.sleep(0.1)
