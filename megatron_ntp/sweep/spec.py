@@ -1,5 +1,5 @@
 """The sweep spec: a YAML file naming the grid of runs (see examples/sweeps/ and
-slurm/README_SECTION.md for the format).
+README.md, "Sweeps", for the format).
 
     name: tiny-cpu                      # used in run and job names
     root: ../../runs/sweeps/tiny-cpu    # where the run folders go (relative to this file)
