@@ -19,6 +19,7 @@ setup(
         "scipy",
         "threadpoolctl",  # one BLAS thread for the tiny L-BFGS-B problems of scaling-law fits
         "tensorboard",
+        "ninja",  # torch's extension builder (the CPU top-k scan, megatron_ntp/loss/csrc)
         # Hugging Face export (megatron_ntp/export): Qwen3 / Qwen3-MoE classes, offline loading
         "transformers==4.57.6",
         "safetensors",

@@ -5,14 +5,16 @@ by strided block maxima and then touches each entry about once (~1.5 ns), which 
 the shaped loss near the cost of cross-entropy on CPU. Same set K, same tie rule (position
 ascending among equal values) as the torch path in megatron_ntp/loss/topk.py, which GPUs use.
 
-The extension is compiled on first use with the C++ compiler torch.compile already needs
-(about 20 s, cached under torch's extension folder, $TORCH_EXTENSIONS_DIR). Set
+The extension is compiled on first use with the C++ compiler torch.compile already needs and
+ninja (a dependency; about 20 s, cached under torch's extension folder, $TORCH_EXTENSIONS_DIR). Set
 MEGATRON_NTP_CPU_TOPK=0 to use the torch path on CPU too; if the build fails, the torch path is
 used with a warning.
 """
 
 import functools
 import os
+import shutil
+import sys
 import warnings
 
 import torch
@@ -24,6 +26,11 @@ _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "firs
 def _extension():
     from torch.utils.cpp_extension import load
 
+    # torch runs `ninja` from PATH; the pip-installed one sits beside this interpreter, which is
+    # not on PATH when the venv is used without activating it (.venv/bin/python -m pytest).
+    venv_bin = os.path.dirname(sys.executable)
+    if shutil.which("ninja") is None and shutil.which("ninja", path=venv_bin):
+        os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
     try:
         return load(name="megatron_ntp_first_k", sources=[_SOURCE],
                     extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
