@@ -74,9 +74,13 @@ class ShardForward:
             values = local_ids = logits.new_empty(logits.shape[0], 0)
             shard_max = logits.amax(-1)
         shard_sums = passes.exp_sums(logits, shard_max)  # [N, 2]: S_r, T_r
-        pieces = [shard_max[:, None], shard_sums, target_logit[:, None], values, local_ids + vocab_start]
-        packed = torch.cat([p.to(_pack_dtype(logits.dtype, vocab_local * world)) for p in pieces], -1)
+        k_local = values.shape[-1]
+        pieces = (shard_max[:, None], shard_sums, target_logit[:, None], values, local_ids + vocab_start)
+        pack_dtype = _pack_dtype(logits.dtype, vocab_local * world)
+        packed = torch.cat([p.to(pack_dtype) for p in pieces], dim=-1)
+        del pieces, values, local_ids  # [N, k'] each: only the packed copy is needed from here
         gathered = _all_gather(packed, tp_group, world)  # [world, N, 4 + 2k']
+        del packed
         max_r, sum_r, sum_logit_r, target_logit_r = gathered[..., :4].to(logits.dtype).unbind(-1)
 
         logit_max = max_r.amax(0)  # [N]
@@ -85,7 +89,6 @@ class ShardForward:
         sum_exp_logit = (rescale * (sum_logit_r + (max_r - logit_max) * sum_r)).sum(0)
         target_logit = target_logit_r.sum(0)  # only the owning rank contributes
 
-        k_local = values.shape[-1]
         if k_local > 0:
             # rank-major order of the candidates is ascending global id order
             candidates = gathered[..., 4 : 4 + k_local].to(logits.dtype).permute(1, 0, 2)
