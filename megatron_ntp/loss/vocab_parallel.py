@@ -93,8 +93,8 @@ class ShardForward:
             # rank-major order of the candidates is ascending global id order
             candidates = gathered[..., 4 : 4 + k_local].to(logits.dtype).permute(1, 0, 2)
             candidates = candidates.reshape(logits.shape[0], world * k_local)
-            candidate_ids = gathered[..., 4 + k_local :].long().permute(1, 0, 2)
-            candidate_ids = candidate_ids.reshape(logits.shape[0], world * k_local)
+            candidate_ids = gathered[..., 4 + k_local :].permute(1, 0, 2)
+            candidate_ids = candidate_ids.reshape(logits.shape[0], world * k_local).long()
             k = min(cfg.topk, world * k_local)
             kth_value, kth_index = kth_threshold(candidates, candidate_ids, k)
             # K lies within the candidates, so its sums need no pass over the shard
