@@ -47,6 +47,35 @@ def _pack_dtype(compute_dtype: torch.dtype, vocab: int) -> torch.dtype:
     return compute_dtype if compute_dtype == torch.float64 or vocab <= 2**24 else torch.float64
 
 
+# Rows of the top-k stage (stage 4) processed at once: its temporaries are ~40 bytes per
+# candidate, so 2**18 candidates keep them near 10 MB whatever the token count.
+TOPK_STAGE_CANDIDATES = 1 << 18
+
+
+def _row_chunks(rows: int, candidates_per_row: int) -> list[slice]:
+    step = max(1, TOPK_STAGE_CANDIDATES // candidates_per_row)
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _topk_stage(gathered: torch.Tensor, logit_max: torch.Tensor, k_local: int, k: int):
+    """K's threshold and sums for some rows from their all-gathered candidates.
+
+    gathered: [world, n, 4 + 2 k_local] (this rank's all-gather, some rows); logit_max: [n].
+    Returns kth_value [n], kth_index [n] (global id), sum over K of exp(z - m) and of
+    exp(z - m) (z - m), [n] each.
+    """
+    world, n = gathered.shape[:2]
+    # rank-major order of the candidates is ascending global id order
+    candidates = gathered[..., 4 : 4 + k_local].permute(1, 0, 2).reshape(n, world * k_local)
+    candidates = candidates.to(logit_max.dtype)
+    candidate_ids = gathered[..., 4 + k_local :].permute(1, 0, 2).reshape(n, world * k_local).long()
+    kth_value, kth_index = kth_threshold(candidates, candidate_ids, k)
+    # K lies within the candidates, so its sums need no pass over the shard
+    shifted = candidates - logit_max[:, None]
+    exp_topk = torch.exp(shifted) * is_member(candidates, candidate_ids, kth_value, kth_index)
+    return kth_value, kth_index, exp_topk.sum(-1), (exp_topk * shifted).sum(-1)
+
+
 class ShardForward:
     """Forward stages 1-3 on one logits shard; also used chunk by chunk by the fused path.
 
@@ -90,17 +119,12 @@ class ShardForward:
         target_logit = target_logit_r.sum(0)  # only the owning rank contributes
 
         if k_local > 0:
-            # rank-major order of the candidates is ascending global id order
-            candidates = gathered[..., 4 : 4 + k_local].to(logits.dtype).permute(1, 0, 2)
-            candidates = candidates.reshape(logits.shape[0], world * k_local)
-            candidate_ids = gathered[..., 4 + k_local :].permute(1, 0, 2)
-            candidate_ids = candidate_ids.reshape(logits.shape[0], world * k_local).long()
             k = min(cfg.topk, world * k_local)
-            kth_value, kth_index = kth_threshold(candidates, candidate_ids, k)
-            # K lies within the candidates, so its sums need no pass over the shard
-            shifted = candidates - logit_max[:, None]
-            exp_topk = torch.exp(shifted) * is_member(candidates, candidate_ids, kth_value, kth_index)
-            sum_exp_topk, sum_exp_logit_topk = exp_topk.sum(-1), (exp_topk * shifted).sum(-1)
+            # in row chunks: the [rows, k x TP] temporaries stay small next to the logits
+            chunks = [_topk_stage(gathered[:, rows], logit_max[rows], k_local, k)
+                      for rows in _row_chunks(logits.shape[0], world * k_local)]
+            kth_value, kth_index, sum_exp_topk, sum_exp_logit_topk = (
+                torch.cat(parts) for parts in zip(*chunks))
         else:
             kth_value = torch.full_like(logit_max, float("inf"))
             kth_index = torch.full_like(target, -1)

@@ -203,3 +203,19 @@ def test_all_gather_dtype_keeps_token_ids_exact():
     assert float(torch.tensor(2**24 + 1, dtype=torch.float32)) != 2**24 + 1  # so this needs:
     assert _pack_dtype(torch.float32, 2**24 + 2) == torch.float64
     assert _pack_dtype(torch.float64, 1000) == torch.float64
+
+
+def test_topk_stage_in_row_chunks_equals_one_chunk(monkeypatch):
+    from megatron_ntp.loss import vocab_parallel
+
+    logits, target = make_inputs(3000, seed=9, dtype=torch.float32, shape=(6, 7))
+    cfg = SETTINGS["beta_neg_both_lambdas"]  # k = 5
+    results = []
+    for candidates_per_chunk in (vocab_parallel.TOPK_STAGE_CANDIDATES, 5 * 4):  # 1 or 11 chunks
+        monkeypatch.setattr(vocab_parallel, "TOPK_STAGE_CANDIDATES", candidates_per_chunk)
+        z = logits.clone().requires_grad_()
+        loss, stats = vocab_parallel_shaped_loss(z, target, cfg)
+        loss.sum().backward()
+        results.append((loss, z.grad, stats["topk_mass"], stats["entropy"]))
+    for got, want in zip(results[1], results[0]):
+        assert torch.equal(got, want)
