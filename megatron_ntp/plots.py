@@ -7,27 +7,19 @@ quickstart and the loss-settings sweep under examples/.
 """
 
 import argparse
-import json
 import os
 import sys
 
 
-def read_metrics(run_dir: str) -> list[dict]:
-    """The step records of run_dir/metrics.jsonl, the last record of each step kept."""
-    path = os.path.join(run_dir, "metrics.jsonl")
+def read_metrics(run_dir: str, name: str = "metrics.jsonl") -> list[dict]:
+    """The step records of run_dir/<name> (metrics.jsonl or valid.jsonl), the last record of
+    each step kept (megatron_ntp.sweep.jobs.read_jsonl_by_step)."""
+    from megatron_ntp.sweep.jobs import read_jsonl_by_step
+
+    path = os.path.join(run_dir, name)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no metrics (has the run started?)")
-    by_step = {}
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not JSON ({err})") from None
-            by_step[record["step"]] = record
-    return [by_step[step] for step in sorted(by_step)]
+    return read_jsonl_by_step(path)
 
 
 def plot_runs(run_dirs: list[str], out_png: str, labels: list[str] | None = None,

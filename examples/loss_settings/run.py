@@ -12,7 +12,6 @@ already holds all its steps is reused, so the script can be re-run to redo the t
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -63,8 +62,7 @@ def summary_table(out: str) -> str:
     for setting in SETTINGS:
         run_dir = os.path.join(out, folder_name(setting))
         records = read_metrics(run_dir)
-        with open(os.path.join(run_dir, "valid.jsonl")) as f:
-            valid = [json.loads(line) for line in f if line.strip()][-1]
+        valid = read_metrics(run_dir, "valid.jsonl")[-1]
         rows.append(f"| {setting} | {last_mean(records, 'ce'):.3f} | {valid['ce']:.3f} | "
                     f"{valid['ppl']:.1f} | {valid['entropy']:.3f} | {valid['topk_mass']:.3f} | "
                     f"{1 - valid['topk_mass']:.3f} |")
