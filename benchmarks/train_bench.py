@@ -38,44 +38,42 @@ def main(argv=None) -> int:
 
     from megatron_ntp.config import load_config, validate_config
     from megatron_ntp.loss import ShapedLossConfig
-    from megatron_ntp.parallel import destroy_parallel, initialize_parallel_from_config
+    from megatron_ntp.session import parallel_session
     from megatron_ntp.training import data as data_lib
     from megatron_ntp.training.build import build_training_objects, loss_modules
-    from megatron_ntp.training.loop import BatchLayout, _free_port, _iterators
+    from megatron_ntp.training.loop import BatchLayout, micro_batch_iterators
     from megatron_ntp.training.step import train_step
 
     steps = 3 + 3 * args.rounds * args.steps_per_round  # one warm-up step per setting
     config = validate_config(load_config(args.config, [
         *args.overrides, f"train.steps={steps}", "train.lr_warmup_steps=1",
         "train.lr_decay_steps=0", "logging.run_dir=runs/train_bench"]), world_size=1)
-    initialize_parallel_from_config(config, rank=0, world_size=1,
-                                    init_method=f"tcp://127.0.0.1:{_free_port()}")
-    layout = BatchLayout(config)
-    train_data, _, _ = data_lib.build_train_valid(config, layout.global_sequences)
-    objects = build_training_objects(config)
-    # beta alone (k = 0) shows what the top-k selection costs on top of the same passes
-    settings = {"cross-entropy": ShapedLossConfig(),
-                "shaped k=100": dataclasses.replace(ShapedLossConfig(), **SHAPED),
-                "beta=-0.25 k=0": ShapedLossConfig(beta=-0.25)}
-    times = {name: [] for name in settings}
-    step = 0
+    with parallel_session(config):  # one rank on a free local port
+        layout = BatchLayout(config)
+        train_data, _, _ = data_lib.build_train_valid(config, layout.global_sequences)
+        objects = build_training_objects(config)
+        # beta alone (k = 0) shows what the top-k selection costs on top of the same passes
+        settings = {"cross-entropy": ShapedLossConfig(),
+                    "shaped k=100": dataclasses.replace(ShapedLossConfig(), **SHAPED),
+                    "beta=-0.25 k=0": ShapedLossConfig(beta=-0.25)}
+        times = {name: [] for name in settings}
+        step = 0
 
-    def run(loss_config):
-        nonlocal step
-        for module in loss_modules(objects.model):
-            module.set_loss_config(loss_config)
-        start = time.perf_counter()
-        train_step(objects, _iterators(config, train_data, layout, step),
-                   layout.num_microbatches, layout.micro_batch_size, layout.seq_length)
-        step += 1
-        return time.perf_counter() - start
+        def run(loss_config):
+            nonlocal step
+            for module in loss_modules(objects.model):
+                module.set_loss_config(loss_config)
+            start = time.perf_counter()
+            train_step(objects, micro_batch_iterators(config, train_data, layout, step),
+                       layout.num_microbatches, layout.micro_batch_size, layout.seq_length)
+            step += 1
+            return time.perf_counter() - start
 
-    for loss_config in settings.values():  # warm-up, one step each
-        run(loss_config)
-    for _ in range(args.rounds):
-        for name, loss_config in settings.items():
-            times[name] += [run(loss_config) for _ in range(args.steps_per_round)]
-    destroy_parallel()
+        for loss_config in settings.values():  # warm-up, one step each
+            run(loss_config)
+        for _ in range(args.rounds):
+            for name, loss_config in settings.items():
+                times[name] += [run(loss_config) for _ in range(args.steps_per_round)]
 
     m = config.model
     print(f"model {m.preset or '(custom)'}: {m.num_layers} layers, hidden {m.hidden_size}, "

@@ -1,18 +1,20 @@
-"""`megatron-ntp` command line: one subcommand per program, each a thin wrapper over the package.
+"""`megatron-ntp` command line: one subcommand per program, each defined beside its package.
 
-    megatron-ntp plan --config FILE [section.field=value ...]
-    megatron-ntp presets
-    megatron-ntp train --config FILE [section.field=value ...]   (torchrun for several ranks)
+    megatron-ntp plan --config FILE [section.field=value ...]        (models/cli.py)
+    megatron-ntp presets                                              (models/cli.py)
+    megatron-ntp train --config FILE [section.field=value ...]       (training/cli.py; torchrun
+                                                                       for several ranks)
     megatron-ntp eval|generate|passk --checkpoint DIR [options] [section.field=value ...]
-    megatron-ntp export --checkpoint DIR --output DIR   (Hugging Face Qwen3 / Qwen3-MoE)
-    megatron-ntp submit [Slurm options] --config FILE [section.field=value ...]   (Slurm job)
-    megatron-ntp sweep plan|submit|collect|fit ...   (scaling-law sweeps on Slurm)
+                                                                      (eval/cli.py)
+    megatron-ntp export --checkpoint DIR --output DIR                 (export/cli.py)
+    megatron-ntp submit [Slurm options] --config FILE [overrides ...] (jobs/cli.py)
+    megatron-ntp sweep plan|submit|collect|fit ...                    (sweep/cli.py)
 """
 
 import argparse
 import sys
 
-from megatron_ntp.config import ConfigError, config_help, load_config, validate_config
+from megatron_ntp.config import ConfigError
 
 
 def main(argv=None) -> int:
@@ -24,86 +26,39 @@ def main(argv=None) -> int:
     try:
         return args.run(args) or 0
     except ConfigError as err:
-        print(f"megatron-ntp {args.command}: {err}", file=sys.stderr)
-        return 2
+        return fail(args.command, err)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megatron-ntp", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_plan(commands)
-    _add_presets(commands)
-    _add_train(commands)
-    from megatron_ntp.eval.cli import add_eval_commands  # eval, generate, passk, export
-
-    add_eval_commands(commands, _add_config_arguments)
-    from megatron_ntp.sweep.cli import add_commands as add_sweep_commands  # submit, sweep
-
-    add_sweep_commands(commands)
-    return parser
+def fail(command: str, err, code: int = 2) -> int:
+    """Print `megatron-ntp COMMAND: error` to stderr; the exit status `code`."""
+    print(f"megatron-ntp {command}: {err}", file=sys.stderr)
+    return code
 
 
-def _add_config_arguments(parser):
+def add_config_arguments(parser) -> None:
+    """--config FILE and the dotted overrides, as every config-driven subcommand takes them."""
     parser.add_argument("--config", metavar="FILE", help="YAML config (see examples/configs/)")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",
                         help="overrides, e.g. loss.beta=-0.25 parallel.tensor=2")
 
 
-def _add_plan(commands):
-    plan = commands.add_parser(
-        "plan", formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="print parameters, FLOPs/token and per-GPU memory of a config",
-        description="Validate a config and print total/active parameters, training FLOPs per "
-                    "token and the estimated per-GPU memory (weights, gradients, optimizer "
-                    "state, activations) of its parallel layout, per pipeline stage. The "
-                    "data-parallel size is parallel.data, else $WORLD_SIZE / (TP * PP), else 1.",
-        epilog="config fields:\n\n" + config_help())
-    _add_config_arguments(plan)
-    plan.set_defaults(run=_run_plan)
+def build_parser() -> argparse.ArgumentParser:
+    from megatron_ntp.eval import cli as eval_cli
+    from megatron_ntp.export import cli as export_cli
+    from megatron_ntp.jobs import cli as jobs_cli
+    from megatron_ntp.models import cli as models_cli
+    from megatron_ntp.sweep import cli as sweep_cli
+    from megatron_ntp.training import cli as training_cli
 
-
-def _run_plan(args):
-    from megatron_ntp.models.plan import format_plan
-
-    config = validate_config(load_config(args.config, args.overrides))
-    print(format_plan(config), end="")
-
-
-def _add_presets(commands):
-    presets = commands.add_parser(
-        "presets", help="list the model presets and their counted parameters")
-    presets.set_defaults(run=_run_presets)
-
-
-def _run_presets(args):
-    from megatron_ntp.models.plan import format_presets
-
-    print(format_presets(), end="")
-
-
-def _add_train(commands):
-    train = commands.add_parser(
-        "train", formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="train a model (launch with torchrun for several ranks)",
-        description="Validate a config and train it: one process, or one per rank under "
-                    "torchrun (`torchrun --nproc_per_node=N -m megatron_ntp.cli train ...`; "
-                    "gloo on CPU, NCCL on GPU). Writes <logging.run_dir>/metrics.jsonl, "
-                    "valid.jsonl, config.yaml and TensorBoard events.",
-        epilog="config fields:\n\n" + config_help())
-    _add_config_arguments(train)
-    train.set_defaults(run=_run_train)
-
-
-def _run_train(args):
-    from megatron_ntp.config import check_environment
-
-    config = validate_config(load_config(args.config, args.overrides))
-    check_environment(config)  # before any process group or megatron-core import
-    if config.train.steps <= 0:
-        raise ConfigError("train.steps=0 and train.token_budget=0: nothing to train; set one")
-    from megatron_ntp.training import run_training
-
-    run_training(config)
+    parser = argparse.ArgumentParser(prog="megatron-ntp", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    models_cli.add_commands(commands, add_config_arguments)
+    training_cli.add_commands(commands, add_config_arguments)
+    eval_cli.add_commands(commands, add_config_arguments)
+    export_cli.add_commands(commands)
+    jobs_cli.add_commands(commands)
+    sweep_cli.add_commands(commands)
+    return parser
 
 
 if __name__ == "__main__":

@@ -10,16 +10,8 @@ import argparse
 import os
 import sys
 
-
-def read_metrics(run_dir: str, name: str = "metrics.jsonl") -> list[dict]:
-    """The step records of run_dir/<name> (metrics.jsonl or valid.jsonl), the last record of
-    each step kept (megatron_ntp.sweep.jobs.read_jsonl_by_step)."""
-    from megatron_ntp.sweep.jobs import read_jsonl_by_step
-
-    path = os.path.join(run_dir, name)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no metrics (has the run started?)")
-    return read_jsonl_by_step(path)
+from megatron_ntp.files import atomic_path
+from megatron_ntp.jobs.run_folder import read_metrics
 
 
 def plot_runs(run_dirs: list[str], out_png: str, labels: list[str] | None = None,
@@ -47,10 +39,9 @@ def plot_runs(run_dirs: list[str], out_png: str, labels: list[str] | None = None
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    tmp = out_png + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(out_png, suffix=".png") as temporary:
+        fig.savefig(temporary, dpi=110)
     plt.close(fig)
-    os.replace(tmp, out_png)
     return out_png
 
 

@@ -19,7 +19,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from megatron_ntp.plots import plot_runs, read_metrics  # noqa: E402
+from megatron_ntp.jobs.run_folder import read_metrics  # noqa: E402
+from megatron_ntp.plots import plot_runs  # noqa: E402
 
 SETTINGS = {  # METHOD.md section 5
     "cross-entropy": dict(beta=0.0, lambda_topk=0.0, lambda_tail=0.0),

@@ -1,8 +1,8 @@
-"""Subcommands eval, generate, passk and export of `megatron-ntp` (added by megatron_ntp.cli).
+"""Subcommands eval, generate and passk of `megatron-ntp` (added by megatron_ntp.cli).
 
 Each is a thin wrapper: parse, build the config (the checkpoint's, with overrides), call the
 package. eval/generate/passk run on every rank under torchrun (any layout: overrides such as
-parallel.tensor=2 choose it; the checkpoint is resharded on load); export runs as one process.
+parallel.tensor=2 choose it; the checkpoint is resharded on load).
 """
 
 import argparse
@@ -12,11 +12,10 @@ _LAYOUT_NOTE = ("The layout is TP=PP=EP=1 (every rank a data-parallel replica) u
                 "to it on load, whatever layout it was trained in.")
 
 
-def add_eval_commands(commands, add_config_arguments):
+def add_commands(commands, add_config_arguments):
     _add_eval(commands, add_config_arguments)
     _add_generate(commands, add_config_arguments)
     _add_passk(commands, add_config_arguments)
-    _add_export(commands)
 
 
 def _checkpoint_argument(parser):
@@ -78,7 +77,7 @@ def _sampling_arguments(p, num_samples_default):
 def _sampling_run(args):
     from megatron_ntp.config import ConfigError
     from megatron_ntp.eval.generate import SamplingParams
-    from megatron_ntp.eval.tasks import SamplingRun
+    from megatron_ntp.eval.programs import SamplingRun
 
     try:
         params = SamplingParams(temperature=args.temperature, top_k=args.top_k,
@@ -109,7 +108,7 @@ def _add_generate(commands, add_config_arguments):
 
 def _run_generate(args):
     from megatron_ntp.config import ConfigError
-    from megatron_ntp.eval.tasks import run_generate
+    from megatron_ntp.eval.programs import run_generate
 
     prompts = list(args.prompt)
     if args.prompts:
@@ -157,45 +156,8 @@ def _int_list(text: str) -> list[int]:
 
 
 def _run_passk(args):
-    from megatron_ntp.eval.tasks import run_passk
+    from megatron_ntp.eval.programs import run_passk
 
     config, checkpoint = _config(args)
     run_passk(config, checkpoint, args.tasks, args.checker, _sampling_run(args), ks=args.k,
               output=args.output)
-
-
-# --------------------------------------------------------------------------------------------
-def _add_export(commands):
-    p = commands.add_parser(
-        "export", formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="convert a checkpoint to a Hugging Face Qwen3 / Qwen3-MoE folder",
-        description="Load a checkpoint of any TP/PP/EP layout into one process (resharded) "
-                    "and write config.json, generation_config.json, safetensors shards with "
-                    "model.safetensors.index.json and the tokenizer files. The folder is "
-                    "written beside --output and renamed into place when complete. Run as one "
-                    "process (not under torchrun); it needs the whole model in memory.")
-    p.add_argument("--checkpoint", required=True, metavar="DIR")
-    p.add_argument("--output", required=True, metavar="DIR")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --output")
-    p.add_argument("--vocab", default="model", choices=["model", "tokenizer", "padded"],
-                   help="embedding rows to export: model.vocab_size (default), the "
-                        "tokenizer's vocabulary, or megatron-core's padded rows")
-    p.add_argument("--dtype", default="auto",
-                   choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 for a bf16 run, else float32")
-    p.add_argument("--tokenizer", metavar="PATH",
-                   help="tokenizer to copy instead of the run's data.tokenizer_model")
-    p.add_argument("--max-shard-size", type=float, default=5.0, metavar="GB",
-                   help="largest safetensors shard in GiB")
-    p.set_defaults(run=_run_export)
-
-
-def _run_export(args):
-    import json
-
-    from megatron_ntp.export.hf import ExportOptions, export_checkpoint
-
-    summary = export_checkpoint(args.checkpoint, args.output, ExportOptions(
-        vocab=args.vocab, dtype=args.dtype, max_shard_bytes=int(args.max_shard_size * 2**30),
-        force=args.force, tokenizer=args.tokenizer))
-    print(json.dumps(summary, indent=2))

@@ -22,6 +22,8 @@ import torch
 
 from megatron_ntp.config import ConfigError
 from megatron_ntp.eval.metrics import EvalSums, accumulate_token_statistics
+from megatron_ntp.files import write_atomic
+from megatron_ntp.session import is_rank0, local_device, parallel_session
 
 SPLITS = ("train", "valid", "test")
 
@@ -107,8 +109,7 @@ def evaluate_chunks(config, chunks, dataset, sequences: int, topk: int,
         raise ConfigError(f"the interleaved schedule needs the micro-batches per rank "
                           f"({num_microbatches}) to be a multiple of parallel.pipeline="
                           f"{config.parallel.pipeline}; change --sequences")
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-    sums = EvalSums(top1_bins, device=device)
+    sums = EvalSums(top1_bins, device=local_device())
     tp_group = parallel_state.get_tensor_model_parallel_group()
     step = partial(_forward_step, sums=sums, topk=topk, tp_group=tp_group)
     iterators = [data_lib.micro_batches(dataset, first, num_microbatches, mbs)
@@ -153,19 +154,15 @@ def format_results(results: dict) -> str:
 
 def run_eval(config, checkpoint_dir: str | None, options: EvalOptions, stream=None) -> dict:
     """Evaluate on every rank of this launch; rank 0 prints and writes JSON. Returns results."""
-    import torch.distributed as dist
-
     from megatron_ntp.config import check_environment
-    from megatron_ntp.eval.loading import build_inference_model, start_parallel
-    from megatron_ntp.parallel import destroy_parallel
+    from megatron_ntp.eval.loading import build_inference_model
 
     stream = stream or sys.stdout
     check_environment(config)
     topk = resolve_topk(config, options)
     if options.top1_bins < 1:
         raise ConfigError(f"--top1-bins {options.top1_bins} must be >= 1")
-    start_parallel(config)
-    try:
+    with parallel_session(config):
         dataset, _ = build_eval_dataset(config, options.split, options.sequences)
         chunks, step = build_inference_model(config, checkpoint_dir)
         sums = evaluate_chunks(config, chunks, dataset, options.sequences, topk,
@@ -178,19 +175,15 @@ def run_eval(config, checkpoint_dir: str | None, options: EvalOptions, stream=No
                               "virtual_pipeline": p.virtual_pipeline, "data": p.data,
                               "expert": p.expert},
                    **sums.to_dict()}
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if is_rank0():
             stream.write(format_results(results))
             stream.flush()
             if options.output:
-                _write_json(options.output, results)
+                write_json(options.output, results)
         return results
-    finally:
-        destroy_parallel()
 
 
-def _write_json(path: str, results: dict) -> None:
+def write_json(path: str, results: dict) -> None:
+    """`results` as indented JSON at `path` (its folder created), written atomically."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(results, indent=2))

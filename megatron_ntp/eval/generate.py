@@ -35,6 +35,7 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
+from megatron_ntp.session import local_device
 
 _MIX = 0x9E3779B97F4A7C15  # 64-bit golden-ratio constant for seed mixing
 
@@ -201,7 +202,7 @@ def generate_rows(chunks, prompts: list, row_ids: list, params: SamplingParams, 
     """
     from megatron.core import parallel_state
 
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    device = local_device()
     if not row_ids:
         raise ValueError("generate_rows needs at least one row")
     lengths = torch.tensor([len(prompts[i]) for i, _ in row_ids], dtype=torch.long)

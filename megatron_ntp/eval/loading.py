@@ -143,15 +143,3 @@ def build_inference_model(config: Config, checkpoint_dir: str | None):
         chunk.eval()
     return chunks, step
 
-
-def start_parallel(config: Config) -> None:
-    """initialize_parallel for `config`: torchrun's environment, or a one-rank group."""
-    from megatron_ntp.parallel import initialize_parallel_from_config
-
-    if "RANK" in os.environ:
-        initialize_parallel_from_config(config)
-    else:
-        from megatron_ntp.training.loop import _free_port
-
-        initialize_parallel_from_config(config, rank=0, world_size=1,
-                                        init_method=f"tcp://127.0.0.1:{_free_port()}")

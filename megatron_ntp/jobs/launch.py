@@ -1,11 +1,11 @@
 """Per-node launchers for Slurm job steps (slurm/train.sbatch runs them under srun).
 
-    python -m megatron_ntp.sweep.launch torchrun [--nproc-per-node=N] [--forward-sigterm] -- \
+    python -m megatron_ntp.jobs.launch torchrun [--nproc-per-node=N] [--forward-sigterm] -- \
         -m megatron_ntp.cli train ...
         One launcher per node: torchrun (torch.distributed.run, in this process) with the node
         count, node rank and rendezvous address taken from Slurm (SLURM_JOB_NUM_NODES,
         SLURM_NODEID, $MASTER_ADDR:$MASTER_PORT), static rendezvous.
-    python -m megatron_ntp.sweep.launch task -- -m megatron_ntp.cli train ...
+    python -m megatron_ntp.jobs.launch task -- -m megatron_ntp.cli train ...
         One task per GPU: sets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE from SLURM_PROCID,
         SLURM_LOCALID, SLURM_NTASKS and execs the trainer (srun returns the largest exit code).
 
@@ -38,7 +38,7 @@ def _env_int(name: str, default: int | None = None) -> int:
     value = os.environ.get(name)
     if value is None or value == "":
         if default is None:
-            raise SystemExit(f"megatron_ntp.sweep.launch: ${name} is not set (not inside a "
+            raise SystemExit(f"megatron_ntp.jobs.launch: ${name} is not set (not inside a "
                              f"Slurm job step?)")
         return default
     return int(value)
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     mode, options, command = argv[0], argv[1:split], argv[split + 1:]
     if mode == "task":
         if options:
-            print(f"megatron_ntp.sweep.launch task: unexpected options {options}", file=sys.stderr)
+            print(f"megatron_ntp.jobs.launch task: unexpected options {options}", file=sys.stderr)
             return 2
         return run_task(command)
     nproc, forward = 1, False
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
         elif option == "--forward-sigterm":
             forward = True
         else:
-            print(f"megatron_ntp.sweep.launch torchrun: unknown option {option!r}",
+            print(f"megatron_ntp.jobs.launch torchrun: unknown option {option!r}",
                   file=sys.stderr)
             return 2
     return run_torchrun(nproc, command, forward)

@@ -1,7 +1,8 @@
-"""State of one training run on disk: its folder, its metrics, whether it is complete.
+"""A training run's folder on disk: its metric records (read, truncated on resume) and whether it
+is complete.
 
 A run is *complete* when `<logging.run_dir>/COMPLETE` exists. slurm/train.sbatch writes it (with
-`python -m megatron_ntp.sweep.jobs mark-complete`) only after the trainer exited 0 and
+`python -m megatron_ntp.jobs.run_folder mark-complete`) only after the trainer exited 0 and
 metrics.jsonl holds the run's last step; the trainer has then saved its final checkpoint. Nothing
 else writes it, so "complete" never means "the metrics happen to look finished".
 
@@ -11,35 +12,22 @@ record of each step, i.e. the one that belongs to the surviving trajectory.
 
 Command line (used by the batch script; arguments after the subcommand are `megatron-ntp train`'s):
 
-    python -m megatron_ntp.sweep.jobs run-dir [--world-size N] --config FILE [overrides ...]
-    python -m megatron_ntp.sweep.jobs mark-complete [--job ID] --config FILE [overrides ...]
+    python -m megatron_ntp.jobs.run_folder run-dir [--world-size N] --config FILE [overrides ...]
+    python -m megatron_ntp.jobs.run_folder mark-complete [--job ID] --config FILE [overrides ...]
 """
 
 import argparse
 import json
 import os
 import sys
-import tempfile
+import math
 import time
 
+from megatron_ntp.files import write_atomic
+
 COMPLETE_MARKER = "COMPLETE"
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder and a rename, so a
-    reader sees the old content or the new one, never half of it."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+METRICS_FILE = "metrics.jsonl"  # training records, one per step (training/metrics.py writes it)
+VALID_FILE = "valid.jsonl"  # validation records
 
 
 def read_jsonl_by_step(path: str) -> list[dict]:
@@ -65,13 +53,43 @@ def read_jsonl_by_step(path: str) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def read_metrics(run_dir: str, name: str = METRICS_FILE) -> list[dict]:
+    """The step records of run_dir/<name> (metrics.jsonl or valid.jsonl), the last record of
+    each step kept; a missing file is an error naming it."""
+    path = os.path.join(run_dir, name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no metrics (has the run started?)")
+    return read_jsonl_by_step(path)
+
+
+def truncate_records(path: str, first_step: int) -> int:
+    """Drop the records with step >= first_step from a JSONL file (a resumed run redoes those
+    steps), and a last line cut short by a kill; returns how many lines were dropped. The file
+    is replaced atomically."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if line.endswith("\n") and _step(line) < first_step]
+    if len(kept) < len(lines):
+        write_atomic(path, "".join(kept))
+    return len(lines) - len(kept)
+
+
+def _step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # not a complete record: dropped
+
+
 def is_complete(run_dir: str) -> bool:
     return os.path.isfile(os.path.join(run_dir, COMPLETE_MARKER))
 
 
 def last_step(run_dir: str) -> int:
     """The largest step in <run_dir>/metrics.jsonl, -1 when none."""
-    records = read_jsonl_by_step(os.path.join(run_dir, "metrics.jsonl"))
+    records = read_jsonl_by_step(os.path.join(run_dir, METRICS_FILE))
     return records[-1]["step"] if records else -1
 
 
@@ -93,7 +111,7 @@ def _resolved_config(args):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megatron_ntp.sweep.jobs",
+    parser = argparse.ArgumentParser(prog="python -m megatron_ntp.jobs.run_folder",
                                      description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("run-dir", "mark-complete"):

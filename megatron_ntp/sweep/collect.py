@@ -18,7 +18,8 @@ import csv
 import io
 import os
 
-from megatron_ntp.sweep.jobs import is_complete, read_jsonl_by_step, write_atomic
+from megatron_ntp.files import write_atomic
+from megatron_ntp.jobs.run_folder import is_complete, read_jsonl_by_step
 from megatron_ntp.sweep.plan import load_manifest
 
 RUN_COLUMNS = ("run", "model", "setting", "budget_kind", "budget", "params_total",

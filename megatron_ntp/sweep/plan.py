@@ -33,7 +33,7 @@ import yaml
 from megatron_ntp.config import ConfigError, validate_config
 from megatron_ntp.config.load import config_from_dict, dump_yaml, load_yaml, set_dotted
 from megatron_ntp.models.counting import count_params, flops_per_token
-from megatron_ntp.sweep.jobs import write_atomic
+from megatron_ntp.files import write_atomic
 from megatron_ntp.sweep.spec import SpecError, SweepSpec
 
 MANIFEST = "sweep_manifest.json"

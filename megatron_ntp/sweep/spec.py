@@ -16,7 +16,7 @@ README.md, "Sweeps", for the format).
       # flops: [1.0e+17, 1.0e+18]       #   compute: tokens = C / FLOPs-per-token of each model
       # tokens_per_param: [20]          #   tokens = r * active parameters
     schedule: {warmup_fraction: 0.05, decay_fraction: 0.2}   # optional, per run's steps
-    slurm: {nodes: 1, gpus_per_node: 8, time: "04:00:00"}   # megatron_ntp.sweep.slurm.SlurmOptions
+    slurm: {nodes: 1, gpus_per_node: 8, time: "04:00:00"}   # megatron_ntp.jobs.slurm.SlurmOptions
 """
 
 import os
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from megatron_ntp.sweep.slurm import SlurmOptions, slurm_options_from_dict
+from megatron_ntp.jobs.slurm import SlurmOptions, slurm_options_from_dict
 
 # METHOD.md section 5: the paper's loss settings, usable by name in `settings`.
 PAPER_SETTINGS = {

@@ -10,9 +10,9 @@ latest checkpoint.
 import os
 import sys
 
-from megatron_ntp.sweep.jobs import is_complete
+from megatron_ntp.jobs.run_folder import is_complete
 from megatron_ntp.sweep.plan import CONFIG_FILE, load_manifest
-from megatron_ntp.sweep.slurm import (
+from megatron_ntp.jobs.slurm import (
     SlurmError,
     SlurmOptions,
     active_jobs,

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ntp.config import ConfigError
+from megatron_ntp.session import is_rank0, local_device
 
 SAMPLE_CORPUS_BYTES = 4_000_000
 SAMPLE_VOCAB_SIZE = 8000  # fits the tiny presets' 8192-entry vocabulary
@@ -77,7 +78,7 @@ def resolve_data_config(config):
         raise ValueError(f"data.tokenizer_model={data.tokenizer_model!r} is set but data.blend "
                          f"is not: name the dataset prefix tokenized with it")
     folder = sample_data_dir(config)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if is_rank0():
         prefix, model = ensure_sample_dataset(folder)
     if dist.is_initialized():
         dist.barrier()
@@ -123,7 +124,7 @@ def micro_batches(dataset, first_sample: int, num_microbatches: int, micro_batch
     """Collated micro-batches of this data-parallel rank, starting at global sample index
     `first_sample` (tokens/labels/loss_mask/position_ids [b, s], attention_mask [b, 1, s, s]),
     on this rank's GPU when there is one."""
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    device = local_device()
     for i in range(num_microbatches):
         start = first_sample + i * micro_batch_size
         samples = [dataset[j] for j in range(start, start + micro_batch_size)]

@@ -18,15 +18,16 @@ import torch
 
 from megatron_ntp.config import check_environment, dump_yaml
 from megatron_ntp.models.counting import flops_per_token
+from megatron_ntp.session import is_rank0, parallel_session
 from megatron_ntp.training import checkpoint as checkpoint_lib
 from megatron_ntp.training import data as data_lib
 from megatron_ntp.training.build import build_training_objects, loss_modules
+from megatron_ntp.jobs.run_folder import METRICS_FILE, VALID_FILE, truncate_records
 from megatron_ntp.training.metrics import (
     MetricsWriter,
     clear_moe_metrics,
     moe_load_balancing_loss,
     peak_flops_per_gpu,
-    truncate_records,
 )
 from megatron_ntp.training.preemption import (
     PREEMPTED_EXIT_CODE,
@@ -49,29 +50,12 @@ class BatchLayout:
 
 def run_training(config, stream=None) -> list[dict]:
     """Initialise parallelism for `config` (validated), train, tear down; the step records."""
-    from megatron_ntp.parallel import destroy_parallel, initialize_parallel_from_config
-
     check_environment(config)  # FP8/TE without a GPU fails here, before any process group
-    if "RANK" in os.environ:  # torchrun (or Slurm with its variables exported)
-        initialize_parallel_from_config(config)
-    else:  # a single process: a one-rank group on a free local port
-        initialize_parallel_from_config(config, rank=0, world_size=1,
-                                        init_method=f"tcp://127.0.0.1:{_free_port()}")
-    try:
+    with parallel_session(config):
         return train(config, stream=stream)
-    finally:
-        destroy_parallel()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _iterators(config, dataset, layout, step, sample_offset=0):
+def micro_batch_iterators(config, dataset, layout, step, sample_offset=0):
     """Micro-batch iterators of global batch `step`, which starts at sample
     step * global_sequences + sample_offset (the offset moves the data position of a resumed
     run whose global batch size changed; 0 otherwise)."""
@@ -100,7 +84,7 @@ def _train(config, stream, objects, watch) -> list[dict]:
     import torch.distributed as dist
 
     stream = stream or sys.stdout
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    rank0 = is_rank0()
     layout = BatchLayout(config)
     steps, batch = config.train.steps, layout.global_sequences
     start = checkpoint_lib.plan_start(config)
@@ -128,7 +112,7 @@ def _train(config, stream, objects, watch) -> list[dict]:
                 module.set_loss_config(knobs)
             begin = time.perf_counter()
             sums, grad_norm, ok = train_step(
-                objects, _iterators(config, train_data, layout, step, sample_offset),
+                objects, micro_batch_iterators(config, train_data, layout, step, sample_offset),
                 layout.num_microbatches, layout.micro_batch_size, layout.seq_length)
             elapsed = time.perf_counter() - begin
             record = {"step": step, **per_token_metrics(sums),
@@ -181,7 +165,7 @@ def _announce_start(config, start, stream) -> None:
         if start.step >= config.train.steps:
             print(f"train.steps={config.train.steps} is reached already: nothing to train "
                   f"(raise train.steps to continue)", file=stream, flush=True)
-    for name in ("metrics.jsonl", "valid.jsonl"):
+    for name in (METRICS_FILE, VALID_FILE):
         dropped = truncate_records(os.path.join(run_dir, name), start.step)
         if dropped:
             print(f"{name}: dropped {dropped} records of steps >= {start.step} (redone now)",
@@ -193,7 +177,7 @@ def evaluate(config, objects, dataset, layout) -> dict:
     batches every time, so successive validations are comparable)."""
     total = torch.zeros(5, dtype=torch.float64)
     for batch in range(config.train.eval_steps):
-        total += eval_step(objects, _iterators(config, dataset, layout, batch),
+        total += eval_step(objects, micro_batch_iterators(config, dataset, layout, batch),
                            layout.num_microbatches, layout.micro_batch_size, layout.seq_length)
     clear_moe_metrics(config)
     return per_token_metrics(total)

@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from megatron_ntp.jobs.run_folder import METRICS_FILE, VALID_FILE
+
 # Dense bf16 peak of one GPU, for MFU; H100 SXM (the project's target), by device name.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -48,29 +50,6 @@ def peak_flops_per_gpu() -> float | None:
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
-def truncate_records(path: str, first_step: int) -> int:
-    """Drop the records with step >= first_step from a JSONL file (a resumed run redoes those
-    steps), and a last line cut short by a kill; returns how many lines were dropped. The file
-    is replaced atomically."""
-    if not os.path.isfile(path):
-        return 0
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if line.endswith("\n") and _step(line) < first_step]
-    if len(kept) < len(lines):
-        with open(path + ".truncating", "w") as f:
-            f.writelines(kept)
-        os.replace(path + ".truncating", path)
-    return len(lines) - len(kept)
-
-
-def _step(line: str) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf  # not a complete record: dropped
-
-
 class MetricsWriter:
     """Console + JSONL + TensorBoard sink; a no-op object on ranks other than 0."""
 
@@ -82,8 +61,8 @@ class MetricsWriter:
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        self.train_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
-        self.valid_file = open(os.path.join(run_dir, "valid.jsonl"), "a")
+        self.train_file = open(os.path.join(run_dir, METRICS_FILE), "a")
+        self.valid_file = open(os.path.join(run_dir, VALID_FILE), "a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -12,7 +12,7 @@ and the same command resumes from the checkpoint.
 Under plain torchrun the launcher itself exits 1 after its workers exit 75 (it lists their exit
 codes), and when it is the one signalled it kills its workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT
 seconds (default 30) after forwarding SIGTERM: the save must fit in that time.
-megatron_ntp.sweep.launch (used by slurm/train.sbatch) passes the workers' 75 on.
+megatron_ntp.jobs.launch (used by slurm/train.sbatch) passes the workers' 75 on.
 """
 
 import signal
@@ -21,6 +21,7 @@ import threading
 import torch
 import torch.distributed as dist
 
+from megatron_ntp.session import local_device
 from megatron_ntp.training import PREEMPTED_EXIT_CODE
 
 
@@ -64,7 +65,7 @@ class PreemptionWatch:
         """True on every rank when any rank has received the signal (collective)."""
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return self.received
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        device = local_device()
         flag = torch.tensor([1 if self.received else 0], dtype=torch.int32, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ntp.training.build import loss_modules
+from megatron_ntp.session import local_device
 
 STAT_NAMES = ("loss", "ce", "entropy", "topk_mass", "tokens")
 
@@ -67,7 +68,7 @@ def reduce_sums(reports: list) -> torch.Tensor:
     from megatron.core import parallel_state
 
     # on the GPU where there is one: NCCL reduces CUDA tensors only
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    device = local_device()
     sums = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=device)
     for report in reports:
         sums += report["sums"].double()

@@ -80,7 +80,7 @@ def test_stop_strings_and_default_ks():
 
 
 def test_completion_text_keeps_the_space_the_prompt_boundary_carries():
-    from megatron_ntp.eval.tasks import completion_text
+    from megatron_ntp.eval.programs import completion_text
 
     pieces = {1: "▁2", 2: "▁+", 3: "▁3", 4: "▁=", 5: "▁5", 6: "0"}
 

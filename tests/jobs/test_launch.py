@@ -1,4 +1,4 @@
-"""The per-node launcher of slurm/train.sbatch (megatron_ntp.sweep.launch), for real with
+"""The per-node launcher of slurm/train.sbatch (megatron_ntp.jobs.launch), for real with
 torchrun's machinery: exit code 75 survives torchrun, SIGTERM to the launcher reaches the
 workers and the launcher waits for them instead of killing them."""
 
@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from megatron_ntp.sweep import launch
+from megatron_ntp.jobs import launch
 from tests.distributed import free_port
 
 WORKER = textwrap.dedent("""
@@ -39,7 +39,7 @@ def _launcher(tmp_path, *worker_args, options=()):
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "megatron_ntp.sweep.launch", "torchrun", "--nproc-per-node=2",
+        [sys.executable, "-m", "megatron_ntp.jobs.launch", "torchrun", "--nproc-per-node=2",
          *options, "--", str(script), *map(str, worker_args)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

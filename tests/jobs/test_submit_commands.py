@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from megatron_ntp.sweep.slurm import BATCH_SCRIPT, SlurmOptions, sbatch_commands
+from megatron_ntp.jobs.slurm import BATCH_SCRIPT, SlurmOptions, sbatch_commands
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "examples", "configs", "tiny_dense.yaml")
@@ -75,7 +75,7 @@ def test_batch_script_dry_run_torchrun():
     assert "export NCCL_DEBUG=INFO" in out  # the environment wins over the defaults
     assert ("srun --nodes=4 --ntasks-per-node=1 --cpus-per-task=96 --kill-on-bad-exit=0"
             in out)
-    assert ("-m megatron_ntp.sweep.launch torchrun --nproc-per-node=8 -- -m megatron_ntp.cli "
+    assert ("-m megatron_ntp.jobs.launch torchrun --nproc-per-node=8 -- -m megatron_ntp.cli "
             "train --config x.yaml loss.beta=-0.25") in out
 
 
@@ -84,7 +84,7 @@ def test_batch_script_dry_run_one_task_per_gpu_and_no_nccl_defaults():
                              "--config", "x.yaml")
     assert result.returncode == 0, result.stderr
     assert "NCCL_" not in result.stdout.replace("NTP_NCCL", "")
-    assert "-m megatron_ntp.sweep.launch task -- -m megatron_ntp.cli train --config x.yaml" \
+    assert "-m megatron_ntp.jobs.launch task -- -m megatron_ntp.cli train --config x.yaml" \
         in result.stdout
     bad = _script_dry_run({"NTP_LAUNCHER": "mpirun"}, "--config", "x.yaml")
     assert bad.returncode == 2 and "NTP_LAUNCHER=mpirun must be torchrun or srun" in bad.stderr
@@ -92,7 +92,7 @@ def test_batch_script_dry_run_one_task_per_gpu_and_no_nccl_defaults():
 
 
 def test_a_bad_config_fails_the_job_before_srun(tmp_path, capsys):
-    from megatron_ntp.sweep.jobs import main
+    from megatron_ntp.jobs.run_folder import main
 
     assert main(["run-dir", "--config", TINY, "train.lr=-1"]) == 2
     assert "train.lr=-1.0 must be positive" in capsys.readouterr().err

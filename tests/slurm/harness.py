@@ -112,7 +112,7 @@ def read_log(run_dir: str, job_id: str) -> str:
 
 def wait_for_step(run_dir: str, step: int, slurm, job_id: str, timeout=600) -> None:
     """Wait until <run_dir>/metrics.jsonl holds `step` (the job must still be running)."""
-    from megatron_ntp.sweep.jobs import last_step
+    from megatron_ntp.jobs.run_folder import last_step
 
     deadline = time.monotonic() + timeout
     polls = 0

@@ -17,7 +17,7 @@ import re
 import pytest
 import yaml
 
-from megatron_ntp.sweep.jobs import COMPLETE_MARKER, read_jsonl_by_step
+from megatron_ntp.jobs.run_folder import COMPLETE_MARKER, read_jsonl_by_step
 from tests.slurm.harness import (
     read_log,
     submit_chain,

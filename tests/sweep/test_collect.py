@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from megatron_ntp.sweep.collect import collect
-from megatron_ntp.sweep.jobs import (
+from megatron_ntp.jobs.run_folder import (
     COMPLETE_MARKER,
     is_complete,
     mark_complete,

@@ -292,7 +292,7 @@ def test_checkpoint_fields_are_validated(overrides, message):
 
 
 def test_resumed_run_drops_redone_and_cut_records(tmp_path):
-    from megatron_ntp.training.metrics import truncate_records
+    from megatron_ntp.jobs.run_folder import truncate_records
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 0}\n{"step": 1}\n{"step": 2}\n{"step": 3, "lo')  # killed mid-line

@@ -1,0 +1,30 @@
+"""The `megatron-ntp train` subcommand (added by megatron_ntp.cli)."""
+
+import argparse
+
+from megatron_ntp.config import ConfigError, config_help, load_config, validate_config
+
+
+def add_commands(commands, add_config_arguments) -> None:
+    train = commands.add_parser(
+        "train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="train a model (launch with torchrun for several ranks)",
+        description="Validate a config and train it: one process, or one per rank under "
+                    "torchrun (`torchrun --nproc_per_node=N -m megatron_ntp.cli train ...`; "
+                    "gloo on CPU, NCCL on GPU). Writes <logging.run_dir>/metrics.jsonl, "
+                    "valid.jsonl, config.yaml and TensorBoard events.",
+        epilog="config fields:\n\n" + config_help())
+    add_config_arguments(train)
+    train.set_defaults(run=_run_train)
+
+
+def _run_train(args):
+    from megatron_ntp.config import check_environment
+
+    config = validate_config(load_config(args.config, args.overrides))
+    check_environment(config)  # before any process group or megatron-core import
+    if config.train.steps <= 0:
+        raise ConfigError("train.steps=0 and train.token_budget=0: nothing to train; set one")
+    from megatron_ntp.training import run_training
+
+    run_training(config)
