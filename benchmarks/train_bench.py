@@ -41,7 +41,8 @@ def main(argv=None) -> int:
     from megatron_ntp.session import parallel_session
     from megatron_ntp.training import data as data_lib
     from megatron_ntp.training.build import build_training_objects, loss_modules
-    from megatron_ntp.training.loop import BatchLayout, micro_batch_iterators
+    from megatron_ntp.config.batch import BatchLayout
+    from megatron_ntp.training.loop import micro_batch_iterators
     from megatron_ntp.training.step import train_step
 
     steps = 3 + 3 * args.rounds * args.steps_per_round  # one warm-up step per setting

@@ -64,6 +64,8 @@ def _section_help(cls, path: str, width: int) -> list[str]:
 
 
 def _type_text(hint) -> str:
+    if typing.get_origin(hint) is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(hint))
     if isinstance(hint, type):
         return hint.__name__
     return str(hint).replace("typing.", "").replace("megatron_ntp.config.schema.", "")

@@ -139,6 +139,11 @@ def convert(value, hint, path: str):
             except ConfigError as err:
                 errors.append(err)
         raise ConfigError(f"{path}: expected {type_name(hint)}, got {value!r}")
+    if origin is typing.Literal:  # a fixed choice: the field's type lists the allowed values
+        if value in args and type(value) is type(args[0]):
+            return value
+        raise ConfigError(f"{path}={value!r} must be one of "
+                          f"{', '.join(repr(a) for a in args)}")
     if dataclasses.is_dataclass(hint):
         return build(hint, value, path)
     if origin is dict:
@@ -185,6 +190,8 @@ def convert(value, hint, path: str):
 
 
 def type_name(hint) -> str:
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
     if isinstance(hint, type):
         return {"bool": "true/false", "int": "an integer", "float": "a number",
                 "str": "a string"}.get(hint.__name__, hint.__name__)

@@ -9,6 +9,7 @@ megatron_ntp.config.validate, run before any process group starts.
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Literal
 
 from megatron_ntp.data.config import DataConfig
 from megatron_ntp.loss import ShapedLossConfig
@@ -76,27 +77,27 @@ class ModelConfig:
     moe_router_topk: int = 2
     """Experts each token is routed to."""
 
-    moe_load_balancing: str = "aux_loss"
+    moe_load_balancing: Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "none"] = "aux_loss"
     """Router load balancing: aux_loss (per micro-batch), seq_aux_loss, global_aux_loss, none."""
 
     moe_aux_loss_coeff: float = 1e-3
     """Weight of the load-balancing loss."""
 
-    moe_token_dispatcher: str = "alltoall"
+    moe_token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
     """Token dispatcher: alltoall or allgather."""
 
-    transformer_impl: str = "local"
+    transformer_impl: Literal["local", "transformer_engine"] = "local"
     """Layer implementation: local (torch, runs on CPU) or transformer_engine (GPU; needed for
     fp8)."""
 
     bf16: bool = False
     """bf16 weights and activations with fp32 master weights and gradients (mixed precision)."""
 
-    fp8: str = ""
+    fp8: Literal["", "e4m3", "hybrid"] = ""
     """FP8 format through Transformer Engine: "" (off), e4m3 or hybrid. Needs
     transformer_impl=transformer_engine and a GPU."""
 
-    fp8_recipe: str = "delayed"
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
     """Transformer Engine FP8 recipe: delayed, tensorwise, mxfp8 or blockwise."""
 
     fused_output_loss: bool = False
@@ -137,7 +138,7 @@ class ParallelConfig:
     distributed_optimizer: bool = False
     """Shard fp32 master weights and Adam state over data-parallel ranks (ZeRO-1)."""
 
-    recompute: str = "none"
+    recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation: none, selective (attention core) or full (whole layers)."""
 
     recompute_num_layers: int = 1
@@ -186,7 +187,7 @@ class TrainConfig:
     """Length of the final decay phase (from lr to min_lr, ending at the last step);
     0 = no decay (the stable phase lasts to the end, as in pre-training)."""
 
-    lr_decay_style: str = "linear"
+    lr_decay_style: Literal["linear", "cosine", "minus_sqrt"] = "linear"
     """Shape of the decay phase: linear, cosine or minus_sqrt."""
 
     weight_decay: float = 0.1

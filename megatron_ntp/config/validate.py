@@ -8,19 +8,14 @@ values, so a bad launch fails in seconds on the login node instead of minutes in
 import dataclasses
 import math
 import os
+import typing
 
+from megatron_ntp.config.batch import BatchLayout
 from megatron_ntp.config.load import ConfigError, suggestion
 from megatron_ntp.config.schema import Config
 from megatron_ntp.loss import ShapedLossConfig
 from megatron_ntp.models.counting import padded_vocab_size
 
-TRANSFORMER_IMPLS = ("local", "transformer_engine")
-FP8_FORMATS = ("", "e4m3", "hybrid")
-FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
-DISPATCHERS = ("alltoall", "allgather")
-LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
-RECOMPUTE = ("none", "selective", "full")
-DECAY_STYLES = ("linear", "cosine", "minus_sqrt")
 # Loss knobs that may follow a schedule: the real-valued fields of ShapedLossConfig.
 SCHEDULABLE_KNOBS = tuple(f.name for f in dataclasses.fields(ShapedLossConfig)
                           if f.type in (float, "float"))
@@ -37,6 +32,7 @@ def validate_config(config: Config, world_size: int | None = None) -> Config:
     if world_size is None and os.environ.get("WORLD_SIZE"):
         world_size = int(os.environ["WORLD_SIZE"])
     config = _resolve_data_parallel(config, world_size, errors)
+    _check_choices(config, errors)
     _check_model(config, errors)
     _check_parallel(config, errors)
     config = _check_train(config, errors)
@@ -53,9 +49,18 @@ def _positive(errors, **named):
             errors.append(f"{name.replace('__', '.')}={value} must be positive")
 
 
-def _choice(errors, name, value, allowed):
-    if value not in allowed:
-        errors.append(f"{name}={value!r} must be one of {', '.join(map(repr, allowed))}")
+def _check_choices(config: Config, errors):
+    """Every fixed-choice field (typed Literal[...] in schema.py, the one place its values are
+    listed) holds one of its values; configs built in code bypass the loader's type check."""
+    for section in dataclasses.fields(config):
+        value = getattr(config, section.name)
+        if not dataclasses.is_dataclass(value):
+            continue
+        for name, hint in typing.get_type_hints(type(value)).items():
+            if typing.get_origin(hint) is typing.Literal and \
+                    getattr(value, name) not in typing.get_args(hint):
+                errors.append(f"{section.name}.{name}={getattr(value, name)!r} must be one of "
+                              f"{', '.join(map(repr, typing.get_args(hint)))}")
 
 
 def _resolve_data_parallel(config: Config, world_size, errors) -> Config:
@@ -100,13 +105,8 @@ def _check_model(config: Config, errors):
         if m.moe_router_topk > m.num_experts:
             errors.append(f"model.moe_router_topk={m.moe_router_topk} must be <= "
                           f"model.num_experts={m.num_experts}")
-        _choice(errors, "model.moe_token_dispatcher", m.moe_token_dispatcher, DISPATCHERS)
-        _choice(errors, "model.moe_load_balancing", m.moe_load_balancing, LOAD_BALANCING)
     else:
         _positive(errors, model__ffn_hidden_size=m.ffn_hidden_size)
-    _choice(errors, "model.transformer_impl", m.transformer_impl, TRANSFORMER_IMPLS)
-    _choice(errors, "model.fp8", m.fp8, FP8_FORMATS)
-    _choice(errors, "model.fp8_recipe", m.fp8_recipe, FP8_RECIPES)
     if m.fp8 and m.transformer_impl != "transformer_engine":
         errors.append(f"model.fp8={m.fp8!r} needs model.transformer_impl='transformer_engine' "
                       f"(got {m.transformer_impl!r})")
@@ -156,7 +156,6 @@ def _check_parallel(config: Config, errors):
         # megatron-core asserts this in TransformerConfig.__post_init__.
         errors.append(f"parallel.expert={p.expert} with parallel.tensor={p.tensor} needs "
                       f"parallel.sequence_parallel=true")
-    _choice(errors, "parallel.recompute", p.recompute, RECOMPUTE)
     if p.recompute == "full":
         layers_per_stage = m.num_layers // chunks
         if not 1 <= p.recompute_num_layers <= layers_per_stage:
@@ -175,23 +174,22 @@ def _check_train(config: Config, errors) -> Config:
                  "eval_steps", "clip_grad", "weight_decay"):
         if getattr(t, name) < 0:
             errors.append(f"train.{name}={getattr(t, name)} must be >= 0")
-    _choice(errors, "train.lr_decay_style", t.lr_decay_style, DECAY_STYLES)
     if min(t.global_batch_tokens, t.micro_batch_size, p.data) <= 0:
         return config  # reported already
-    per_step = t.micro_batch_size * seq * p.data
-    if t.global_batch_tokens % per_step:
+    layout = BatchLayout(config)
+    if t.global_batch_tokens % layout.tokens_per_round:
         errors.append(
             f"train.global_batch_tokens={t.global_batch_tokens} must be a multiple of "
             f"train.micro_batch_size * data.seq_length * parallel.data = {t.micro_batch_size} * "
-            f"{seq} * {p.data} = {per_step}")
+            f"{seq} * {p.data} = {layout.tokens_per_round}")
     elif p.virtual_pipeline > 1:
-        microbatches = t.global_batch_tokens // per_step
         # pipeline_parallel/schedules.py forward_backward_pipelining_with_interleaving groups
         # micro-batches by `pipeline` per model chunk and rejects a partial last group.
-        if microbatches % p.pipeline:
+        if layout.num_microbatches % p.pipeline:
             errors.append(f"parallel.virtual_pipeline={p.virtual_pipeline} needs the "
-                          f"micro-batches per step ({microbatches} = train.global_batch_tokens / "
-                          f"{per_step}) to be a multiple of parallel.pipeline={p.pipeline}")
+                          f"micro-batches per step ({layout.num_microbatches} = "
+                          f"train.global_batch_tokens / {layout.tokens_per_round}) to be a "
+                          f"multiple of parallel.pipeline={p.pipeline}")
     steps = t.steps
     if t.steps and t.token_budget:
         errors.append(f"set train.steps={t.steps} or train.token_budget={t.token_budget}, "

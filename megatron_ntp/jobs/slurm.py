@@ -6,7 +6,6 @@ still pending or running. Every run gets one log file per job, <run_dir>/logs/sl
 appended to across requeues of that job.
 """
 
-import dataclasses
 import json
 import os
 import shlex
@@ -14,11 +13,11 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BATCH_SCRIPT = os.path.join(REPO_ROOT, "slurm", "train.sbatch")
 JOBS_FILE = "slurm_jobs.jsonl"
-LAUNCHERS = ("torchrun", "srun")
 # squeue states of a job that will still run (or is running): not submitted again.
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
                  "REQUEUE_FED", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "STOPPED",
@@ -43,7 +42,7 @@ class SlurmOptions:
     nproc_per_node: int = 0
     """Ranks per node; 0 = gpus_per_node (or 1 without GPUs)."""
 
-    launcher: str = "torchrun"
+    launcher: Literal["torchrun", "srun"] = "torchrun"
     """torchrun: one launcher task per node starting nproc_per_node ranks; srun: one Slurm task
     per rank (--ntasks-per-node=nproc_per_node)."""
 
@@ -64,28 +63,19 @@ class SlurmOptions:
     for runs longer than the wall time on clusters that do not allow a job to requeue itself.
     Jobs after the run completed exit at once."""
 
-    sbatch_args: list = field(default_factory=list)
+    sbatch_args: list[str] = field(default_factory=list)
     """Extra sbatch options, e.g. ["--exclusive", "--qos=high", "--cpus-per-task=1"]."""
 
-    env: dict = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
     """Environment of the job (exported at submission), e.g. {NCCL_DEBUG: INFO}."""
 
     def __post_init__(self):
-        errors = []
-        for name in ("nodes", "chain"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                errors.append(f"slurm.{name}={getattr(self, name)!r} must be an integer >= 1")
-        for name in ("gpus_per_node", "nproc_per_node", "signal_seconds"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                errors.append(f"slurm.{name}={getattr(self, name)!r} must be an integer >= 0")
-        if self.launcher not in LAUNCHERS:
-            errors.append(f"slurm.launcher={self.launcher!r} must be one of "
-                          f"{', '.join(LAUNCHERS)}")
-        if not isinstance(self.sbatch_args, (list, tuple)) or \
-                not all(isinstance(a, str) for a in self.sbatch_args):
-            errors.append(f"slurm.sbatch_args={self.sbatch_args!r} must be a list of strings")
-        if not isinstance(self.env, dict):
-            errors.append(f"slurm.env={self.env!r} must be a mapping of variable: value")
+        # Types (and the launcher's choices) are checked by the config loader when the options
+        # come from a file (megatron_ntp.config.load.build) and by argparse on the command line.
+        errors = [f"slurm.{name}={getattr(self, name)!r} must be >= {least}"
+                  for name, least in (("nodes", 1), ("chain", 1), ("gpus_per_node", 0),
+                                      ("nproc_per_node", 0), ("signal_seconds", 0))
+                  if getattr(self, name) < least]
         if errors:
             raise ValueError("; ".join(errors))
 
@@ -96,21 +86,6 @@ class SlurmOptions:
     @property
     def world_size(self) -> int:
         return self.nodes * self.ranks_per_node
-
-
-def slurm_options_from_dict(data: dict | None, where: str) -> SlurmOptions:
-    """SlurmOptions from a mapping; errors name `where` (e.g. the spec file) and the field."""
-    data = data or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: slurm must be a mapping, got {data!r}")
-    known = {f.name for f in dataclasses.fields(SlurmOptions)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown key slurm.{unknown[0]}; known: {', '.join(sorted(known))}")
-    try:
-        return SlurmOptions(**data)
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from None
 
 
 def job_environment(options: SlurmOptions) -> dict:

@@ -1,6 +1,7 @@
 """The text `megatron-ntp plan` prints: parameters, FLOPs per token and per-GPU memory of a
 validated config, and the preset table."""
 
+from megatron_ntp.config.batch import BatchLayout
 from megatron_ntp.models.counting import (
     GIB,
     count_params,
@@ -22,8 +23,8 @@ def format_plan(config) -> str:
     counts = count_params(m)
     flops = flops_per_token(m, seq, p.recompute)
     vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, p.tensor)
-    sequences = t.global_batch_tokens // seq
-    microbatches = sequences // (t.micro_batch_size * p.data)
+    batch = BatchLayout(config)
+    sequences, microbatches = batch.global_sequences, batch.num_microbatches
     shape = (f"{m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads / "
              f"{m.num_query_groups} query groups x {m.kv_channels}, ")
     if m.num_experts:

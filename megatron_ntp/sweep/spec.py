@@ -20,11 +20,10 @@ README.md, "Sweeps", for the format).
 """
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import yaml
-
-from megatron_ntp.jobs.slurm import SlurmOptions, slurm_options_from_dict
+from megatron_ntp.config.load import ConfigError, build, load_yaml
+from megatron_ntp.jobs.slurm import SlurmOptions
 
 # METHOD.md section 5: the paper's loss settings, usable by name in `settings`.
 PAPER_SETTINGS = {
@@ -35,13 +34,36 @@ PAPER_SETTINGS = {
     "head_preservation": {"loss.topk": 100, "loss.lambda_topk": 0.1},
 }
 BUDGET_KINDS = ("tokens", "flops", "tokens_per_param")
-TOP_LEVEL = ("name", "root", "base_config", "overrides", "models", "settings", "budgets",
-             "schedule", "slurm")
-SCHEDULE_KEYS = ("warmup_fraction", "decay_fraction")
 
 
 class SpecError(ValueError):
     """An invalid sweep spec; the message names the file, the field and the value."""
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """Learning-rate schedule of every run, as fractions of that run's steps."""
+
+    warmup_fraction: float | None = None
+    """train.lr_warmup_steps = round(fraction * steps); unset: the base config's."""
+
+    decay_fraction: float | None = None
+    """train.lr_decay_steps = round(fraction * steps); unset: the base config's."""
+
+
+@dataclass(frozen=True)
+class SpecFile:
+    """The fields of a sweep spec file as written (types checked by the config loader)."""
+
+    name: str = ""
+    root: str | None = None
+    base_config: str | None = None
+    overrides: dict[str, object] = field(default_factory=dict)
+    models: list[str] | dict[str, dict[str, object]] | None = None
+    settings: list[str] | dict[str, dict[str, object]] | None = None
+    budgets: dict[str, list[float]] = field(default_factory=dict)
+    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    slurm: SlurmOptions = field(default_factory=SlurmOptions)
 
 
 @dataclass(frozen=True)
@@ -88,80 +110,64 @@ def _relative(base_dir: str, path: str) -> str:
 
 
 def load_spec(path: str, root: str | None = None) -> SweepSpec:
-    """Read and check a sweep spec; `root` (e.g. from the command line) replaces spec.root."""
-    if not os.path.isfile(path):
-        raise SpecError(f"sweep spec {path!r} does not exist")
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as err:
-            raise SpecError(f"{path}: not valid YAML ({err})") from None
-    if not isinstance(data, dict):
-        raise SpecError(f"{path}: the top level must be a mapping, got {data!r}")
-    unknown = sorted(set(data) - set(TOP_LEVEL))
-    if unknown:
-        raise SpecError(f"{path}: unknown key {unknown[0]!r}; known keys: {', '.join(TOP_LEVEL)}")
+    """Read and check a sweep spec; `root` (e.g. from the command line) replaces spec.root.
+    Unknown keys (with the closest known one), types and YAML 1.1 numbers are handled by the
+    config loader, as for run configs; errors name the file."""
+    try:
+        raw = build(SpecFile, load_yaml(path), "")
+    except ConfigError as err:
+        message = str(err)
+        raise SpecError(message if message.startswith(path) else f"{path}: {message}") from None
     here = os.path.dirname(os.path.abspath(path))
-    name = data.get("name")
-    if not isinstance(name, str) or not name or any(c in name for c in "/ \t"):
-        raise SpecError(f"{path}: name must be a word without spaces or '/', got {name!r}")
+    if any(c in raw.name for c in "/ \t") or not raw.name:
+        raise SpecError(f"{path}: name must be a word without spaces or '/', got {raw.name!r}")
     if root is None:
-        if not isinstance(data.get("root"), str):
-            raise SpecError(f"{path}: root (the folder of the run folders) must be a path, got "
-                            f"{data.get('root')!r}")
-        root = _relative(here, data["root"])
-    base = data.get("base_config")
-    if base is not None:
-        if not isinstance(base, str):
-            raise SpecError(f"{path}: base_config must be a path, got {base!r}")
-        base = _relative(here, base)
-        if not os.path.isfile(base):
-            raise SpecError(f"{path}: base_config {base!r} does not exist")
+        if raw.root is None:
+            raise SpecError(f"{path}: root (the folder of the run folders) must be a path")
+        root = _relative(here, raw.root)
+    base = _relative(here, raw.base_config) if raw.base_config is not None else None
+    if base is not None and not os.path.isfile(base):
+        raise SpecError(f"{path}: base_config {base!r} does not exist")
+    kind, budgets = _budgets(raw.budgets, path)
+    for key, value in vars(raw.schedule).items():
+        if value is not None and not 0 <= value < 1:
+            raise SpecError(f"{path}: schedule.{key} must be a fraction in [0, 1), got {value!r}")
+    return SweepSpec(
+        path=os.path.abspath(path), name=raw.name, root=os.path.abspath(root), base_config=base,
+        overrides=_overrides(raw.overrides, f"{path}: overrides"),
+        models=_named(raw.models, f"{path}: models", lambda item: _preset(item, path)),
+        settings=_named(raw.settings, f"{path}: settings",
+                        lambda item: _paper_setting(item, path)),
+        budget_kind=kind, budgets=budgets,
+        schedule={k: v for k, v in vars(raw.schedule).items() if v is not None},
+        slurm=raw.slurm)
 
-    def preset(item):
-        from megatron_ntp.models.presets import PRESETS
 
-        if item not in PRESETS:
-            raise SpecError(f"{path}: models: {item!r} is not a preset ({', '.join(PRESETS)}); "
-                            f"use a mapping name -> overrides for custom shapes")
-        return {"model.preset": item}
-
-    def paper_setting(item):
-        if item not in PAPER_SETTINGS:
-            raise SpecError(f"{path}: settings: {item!r} is not one of the paper's settings "
-                            f"({', '.join(PAPER_SETTINGS)}); use a mapping name -> overrides")
-        return dict(PAPER_SETTINGS[item])
-
-    models = _named(data.get("models"), f"{path}: models", preset)
-    settings = _named(data.get("settings"), f"{path}: settings", paper_setting)
-    budgets = data.get("budgets")
-    if not isinstance(budgets, dict) or len(budgets) != 1 or next(iter(budgets)) not in BUDGET_KINDS:
+def _budgets(budgets: dict, path: str) -> tuple[str, tuple]:
+    if len(budgets) != 1 or next(iter(budgets)) not in BUDGET_KINDS:
         raise SpecError(f"{path}: budgets must have exactly one of {', '.join(BUDGET_KINDS)} "
                         f"(a list of numbers), got {budgets!r}")
     (kind, values), = budgets.items()
-    if not isinstance(values, list) or not values:
+    if not values:
         raise SpecError(f"{path}: budgets.{kind} must be a non-empty list, got {values!r}")
-    parsed = []
-    for v in values:
-        try:
-            number = float(v)  # YAML 1.1 reads 1e5 (no dot) as a string
-        except (TypeError, ValueError):
-            number = float("nan")
-        if not number > 0 or number == float("inf"):
-            raise SpecError(f"{path}: budgets.{kind} values must be positive numbers, got {v!r}")
-        parsed.append(number)
-    schedule = data.get("schedule") or {}
-    if not isinstance(schedule, dict) or set(schedule) - set(SCHEDULE_KEYS):
-        raise SpecError(f"{path}: schedule may hold {', '.join(SCHEDULE_KEYS)}, got {schedule!r}")
-    for key, v in schedule.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
-            raise SpecError(f"{path}: schedule.{key} must be a fraction in [0, 1), got {v!r}")
-    try:
-        slurm = slurm_options_from_dict(data.get("slurm"), path)
-    except ValueError as err:
-        raise SpecError(str(err)) from None
-    return SweepSpec(path=os.path.abspath(path), name=name, root=os.path.abspath(root),
-                     base_config=base, overrides=_overrides(data.get("overrides"),
-                                                            f"{path}: overrides"),
-                     models=models, settings=settings, budget_kind=kind, budgets=tuple(parsed),
-                     schedule=dict(schedule), slurm=slurm)
+    for value in values:
+        if not 0 < value < float("inf"):
+            raise SpecError(f"{path}: budgets.{kind} values must be positive numbers, "
+                            f"got {value:g}")
+    return kind, tuple(values)
+
+
+def _preset(item: str, path: str) -> dict:
+    from megatron_ntp.models.presets import PRESETS
+
+    if item not in PRESETS:
+        raise SpecError(f"{path}: models: {item!r} is not a preset ({', '.join(PRESETS)}); "
+                        f"use a mapping name -> overrides for custom shapes")
+    return {"model.preset": item}
+
+
+def _paper_setting(item: str, path: str) -> dict:
+    if item not in PAPER_SETTINGS:
+        raise SpecError(f"{path}: settings: {item!r} is not one of the paper's settings "
+                        f"({', '.join(PAPER_SETTINGS)}); use a mapping name -> overrides")
+    return dict(PAPER_SETTINGS[item])

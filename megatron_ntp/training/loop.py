@@ -17,6 +17,7 @@ import time
 import torch
 
 from megatron_ntp.config import check_environment, dump_yaml
+from megatron_ntp.config.batch import BatchLayout
 from megatron_ntp.models.counting import flops_per_token
 from megatron_ntp.session import is_rank0, parallel_session
 from megatron_ntp.training import checkpoint as checkpoint_lib
@@ -35,17 +36,6 @@ from megatron_ntp.training.preemption import (
     TrainingPreempted,
 )
 from megatron_ntp.training.step import eval_step, per_token_metrics, train_step
-
-
-class BatchLayout:
-    """Global batch in tokens -> sequences, micro-batches per data-parallel rank."""
-
-    def __init__(self, config):
-        t, p = config.train, config.parallel
-        self.seq_length = config.data.seq_length
-        self.micro_batch_size = t.micro_batch_size
-        self.global_sequences = t.global_batch_tokens // self.seq_length
-        self.num_microbatches = self.global_sequences // (t.micro_batch_size * p.data)
 
 
 def run_training(config, stream=None) -> list[dict]:

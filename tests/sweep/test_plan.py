@@ -79,12 +79,14 @@ def test_tokens_per_param(tmp_path):
     ({"budgets": {"tokens": [-5]}}, "budgets.tokens values must be positive numbers, got -5"),
     ({"settings": ["precise"]}, "'precise' is not one of the paper's settings"),
     ({"models": ["tiny-dens"]}, "'tiny-dens' is not a preset"),
-    ({"slurm": {"launcher": "mpirun"}}, "slurm.launcher='mpirun' must be one of torchrun, srun"),
-    ({"slurm": {"nodes": 0}}, "slurm.nodes=0 must be an integer >= 1"),
-    ({"slurm": {"gpus": 8}}, "unknown key slurm.gpus"),
+    ({"slurm": {"launcher": "mpirun"}}, "slurm.launcher='mpirun' must be one of 'torchrun', 'srun'"),
+    ({"slurm": {"nodes": 0}}, "slurm.nodes=0 must be >= 1"),
+    ({"slurm": {"nodes": "two"}}, "slurm.nodes: expected an integer, got 'two'"),
+    ({"slurm": {"gpus": 8}}, "unknown key 'slurm.gpus'; known keys: account"),
+    ({"budgets": {"tokens": ["many"]}}, "budgets.tokens[0]: expected a number, got 'many'"),
     ({"schedule": {"warmup_fraction": 1.5}}, "schedule.warmup_fraction must be a fraction"),
     ({"overrides": {"lr": 1}}, "overrides must be a mapping of dotted keys"),
-    ({"budget": {}}, "unknown key 'budget'"),
+    ({"budget": {}}, "unknown key 'budget' (did you mean 'budgets'?)"),
 ])
 def test_spec_errors_name_the_file_and_field(tmp_path, fields, message):
     path = _write(tmp_path, **fields)
