@@ -42,6 +42,18 @@ def add_config_arguments(parser) -> None:
                         help="overrides, e.g. loss.beta=-0.25 parallel.tensor=2")
 
 
+def add_config_command(commands, name: str, run, help: str, description: str):
+    """A subcommand that takes --config and overrides, with every config field in its --help."""
+    from megatron_ntp.config import config_help
+
+    parser = commands.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 help=help, description=description,
+                                 epilog="config fields:\n\n" + config_help())
+    add_config_arguments(parser)
+    parser.set_defaults(run=run)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     from megatron_ntp.eval import cli as eval_cli
     from megatron_ntp.export import cli as export_cli
@@ -52,9 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="megatron-ntp", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    models_cli.add_commands(commands, add_config_arguments)
-    training_cli.add_commands(commands, add_config_arguments)
-    eval_cli.add_commands(commands, add_config_arguments)
+    models_cli.add_commands(commands)
+    training_cli.add_commands(commands)
+    eval_cli.add_commands(commands)
     export_cli.add_commands(commands)
     jobs_cli.add_commands(commands)
     sweep_cli.add_commands(commands)

@@ -45,7 +45,9 @@ while :; do
   n=$((n + 1))
 done
 echo "== 4/5 training (TP=2 on 2 ranks): $RUN"
-.venv/bin/torchrun --nproc_per_node=2 -m megatron_ntp.cli train \
+# One thread per rank (2 ranks on 2 cores): what torchrun would choose, said here so that it does
+# not print its multi-line notice about choosing it.
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} .venv/bin/torchrun --nproc_per_node=2 -m megatron_ntp.cli train \
     --config examples/configs/tiny_dense.yaml \
     data.blend="$DATA/corpus_text_document" data.tokenizer_model="$DATA/spm8k.model" \
     parallel.tensor=2 parallel.sequence_parallel=true \

@@ -7,15 +7,17 @@ parallel.tensor=2 choose it; the checkpoint is resharded on load).
 
 import argparse
 
+from megatron_ntp.cli import add_config_arguments
+
 _LAYOUT_NOTE = ("The layout is TP=PP=EP=1 (every rank a data-parallel replica) unless overrides "
                 "set it (e.g. parallel.tensor=2 under torchrun); the checkpoint is resharded "
                 "to it on load, whatever layout it was trained in.")
 
 
-def add_commands(commands, add_config_arguments):
-    _add_eval(commands, add_config_arguments)
-    _add_generate(commands, add_config_arguments)
-    _add_passk(commands, add_config_arguments)
+def add_commands(commands):
+    _add_eval(commands)
+    _add_generate(commands)
+    _add_passk(commands)
 
 
 def _checkpoint_argument(parser):
@@ -31,7 +33,7 @@ def _config(args):
 
 
 # --------------------------------------------------------------------------------------------
-def _add_eval(commands, add_config_arguments):
+def _add_eval(commands):
     p = commands.add_parser(
         "eval", help="perplexity, entropy, top-k/tail mass and calibration on a dataset split",
         description="Score a checkpoint on a dataset split (the run's data section, or "
@@ -91,7 +93,7 @@ def _sampling_run(args):
     return SamplingRun(params, stop, args.batch_size)
 
 
-def _add_generate(commands, add_config_arguments):
+def _add_generate(commands):
     p = commands.add_parser(
         "generate", help="sample completions (temperature, top-k, top-p) from a checkpoint",
         description="Sample m completions per prompt; stops at end-of-document or "
@@ -129,7 +131,7 @@ def _run_generate(args):
 
 
 # --------------------------------------------------------------------------------------------
-def _add_passk(commands, add_config_arguments):
+def _add_passk(commands):
     p = commands.add_parser(
         "passk", help="Pass@k (unbiased), Avg@k and Cons@k over a JSONL task file",
         description="Sample m completions per task ({\"prompt\", \"answer\"} per line), "

@@ -1,21 +1,17 @@
 """The `megatron-ntp train` subcommand (added by megatron_ntp.cli)."""
 
-import argparse
+from megatron_ntp.cli import add_config_command
+from megatron_ntp.config import ConfigError, load_config, validate_config
 
-from megatron_ntp.config import ConfigError, config_help, load_config, validate_config
 
-
-def add_commands(commands, add_config_arguments) -> None:
-    train = commands.add_parser(
-        "train", formatter_class=argparse.RawDescriptionHelpFormatter,
+def add_commands(commands) -> None:
+    add_config_command(
+        commands, "train", _run_train,
         help="train a model (launch with torchrun for several ranks)",
         description="Validate a config and train it: one process, or one per rank under "
                     "torchrun (`torchrun --nproc_per_node=N -m megatron_ntp.cli train ...`; "
                     "gloo on CPU, NCCL on GPU). Writes <logging.run_dir>/metrics.jsonl, "
-                    "valid.jsonl, config.yaml and TensorBoard events.",
-        epilog="config fields:\n\n" + config_help())
-    add_config_arguments(train)
-    train.set_defaults(run=_run_train)
+                    "valid.jsonl, config.yaml and TensorBoard events.")
 
 
 def _run_train(args):
