@@ -21,7 +21,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-SHAPED = dict(topk=100, lambda_tail=-0.1)  # METHOD.md's tail-suppression setting
+SHAPED = dict(topk=100, lambda_tail=-0.1)  # the paper's tail-suppression setting
 
 
 def main(argv=None) -> int:

@@ -12,6 +12,7 @@
 """
 
 import argparse
+import os
 import sys
 
 from megatron_ntp.config import ConfigError
@@ -26,6 +27,9 @@ def main(argv=None) -> int:
     try:
         return args.run(args) or 0
     except ConfigError as err:
+        # A config is validated alike on every rank: under torchrun rank 0 alone says why.
+        if os.environ.get("RANK", "0") != "0":
+            return 2
         return fail(args.command, err)
 
 

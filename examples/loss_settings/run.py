@@ -1,4 +1,4 @@
-"""The same tiny model and data trained at the five settings of METHOD.md section 5.
+"""The same tiny model and data trained at the paper's five loss settings.
 
     .venv/bin/python examples/loss_settings/run.py [--out experiments/loss_settings]
         [--steps 200] [overrides ...]
@@ -22,7 +22,7 @@ sys.path.insert(0, ROOT)
 from megatron_ntp.jobs.run_folder import read_metrics  # noqa: E402
 from megatron_ntp.plots import plot_runs  # noqa: E402
 
-SETTINGS = {  # METHOD.md section 5
+SETTINGS = {  # the paper's five loss settings
     "cross-entropy": dict(beta=0.0, lambda_topk=0.0, lambda_tail=0.0),
     "precision (beta=-0.25)": dict(beta=-0.25, lambda_topk=0.0, lambda_tail=0.0),
     "diversity (beta=0.5)": dict(beta=0.5, lambda_topk=0.0, lambda_tail=0.0),

@@ -132,12 +132,11 @@ def convert(value, hint, path: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for option in (a for a in args if a is not type(None)):
             try:
                 return convert(value, option, path)
-            except ConfigError as err:
-                errors.append(err)
+            except ConfigError:
+                pass
         raise ConfigError(f"{path}: expected {type_name(hint)}, got {value!r}")
     if origin is typing.Literal:  # a fixed choice: the field's type lists the allowed values
         if value in args and type(value) is type(args[0]):

@@ -57,7 +57,7 @@ class ModelConfig:
     """Share the input embedding with the output layer."""
 
     rotary_base: float = 10000.0
-    """RoPE base (METHOD section 6: 1e4 in pre-training, 1e6 in mid-training)."""
+    """RoPE base (the paper: 1e4 in pre-training, 1e6 in mid-training)."""
 
     norm_epsilon: float = 1e-6
     """RMSNorm epsilon."""
@@ -172,7 +172,7 @@ class KnobSchedule:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation: AdamW with a warmup-stable-decay learning rate (METHOD section 6)."""
+    """Optimisation: AdamW with a warmup-stable-decay learning rate (the paper's recipe)."""
 
     lr: float = 3e-4
     """Peak learning rate, reached at the end of warmup and held through the stable phase."""
@@ -206,7 +206,7 @@ class TrainConfig:
     """Global gradient-norm clipping threshold; 0 = no clipping."""
 
     global_batch_tokens: int = 16 * 2**20
-    """Tokens per optimizer step over all data-parallel ranks (METHOD: 16M); must be a multiple of
+    """Tokens per optimizer step over all data-parallel ranks (the paper: 16M); must be a multiple of
     micro_batch_size * data.seq_length * data-parallel size."""
 
     micro_batch_size: int = 1
@@ -254,8 +254,8 @@ class CheckpointConfig:
     one is complete (>= 1)."""
 
     finetune: bool = False
-    """Start a new phase from load_dir's weights (Megatron's --finetune; the mid-training of
-    METHOD section 6): step counter, learning-rate schedule, data position and random states
+    """Start a new phase from load_dir's weights (Megatron's --finetune; the paper's
+    mid-training): step counter, learning-rate schedule, data position and random states
     start afresh from this config (seq_length, rotary_base, blend may differ); the optimizer
     state is kept when load_optimizer is true."""
 

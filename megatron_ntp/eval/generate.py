@@ -145,7 +145,7 @@ def _last_position_logits(lengths, tp_group, *, hidden_states, output_layer, out
     return torch.cat(parts, dim=-1)
 
 
-def _causal_mask(length: int, device):
+def causal_mask(length: int, device):
     # megatron-core's convention: True = masked out; [1, 1, s, s]
     return torch.triu(torch.ones(length, length, dtype=torch.bool, device=device),
                       diagonal=1)[None, None]
@@ -169,7 +169,7 @@ def _next_logits(chunks, tokens, lengths):
     rows, length = tokens.shape
     positions = torch.arange(length, device=tokens.device)[None].expand(rows, length)
     batch = {"tokens": tokens, "position_ids": positions.contiguous(),
-             "attention_mask": _causal_mask(length, tokens.device)}
+             "attention_mask": causal_mask(length, tokens.device)}
     tp_group = parallel_state.get_tensor_model_parallel_group()
     store = {}
 

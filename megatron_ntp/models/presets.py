@@ -1,4 +1,4 @@
-"""Qwen3-style model presets: explicit shapes for the paper's model sizes (METHOD section 6).
+"""Qwen3-style model presets: explicit shapes for the paper's model sizes (the paper's recipe).
 
 All presets: pre-RMSNorm, SwiGLU, RoPE, QK-norm, GQA, no linear biases, head dimension 128
 (Qwen3's), Qwen3's vocabulary of 151,936. The paper states sizes, not widths; the shapes below

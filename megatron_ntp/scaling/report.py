@@ -8,7 +8,7 @@
 Which numbers are fitted:
 - L: the metric, default "auto" = valid_ce (the validation cross-entropy) when every point has
   it, else ce (the training cross-entropy of the step's global batch). Cross-entropy, not the
-  surrogate loss, which is not comparable across settings (METHOD.md section 4).
+  surrogate loss, which is not comparable across settings (megatron_ntp/loss/README.md).
 - N: the parameter column, default params_non_embedding (active parameters without the
   embedding and output layer, as Kaplan et al.; at the tiny sizes of CPU sweeps the embedding
   dominates the total). params_active or params_total on request.

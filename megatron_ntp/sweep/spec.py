@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from megatron_ntp.config.load import ConfigError, build, load_yaml
 from megatron_ntp.jobs.slurm import SlurmOptions
 
-# METHOD.md section 5: the paper's loss settings, usable by name in `settings`.
+# The paper's loss settings, usable by name in `settings`.
 PAPER_SETTINGS = {
     "cross_entropy": {},
     "precision": {"loss.beta": -0.25},

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from tests.distributed import run_distributed
@@ -48,12 +49,12 @@ def _gathered_logits(module, tokens):
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from megatron_ntp.eval.generate import _causal_mask
+    from megatron_ntp.eval.generate import causal_mask
 
     b, s = tokens.shape
     positions = torch.arange(s)[None].expand(b, s).contiguous()
     with torch.no_grad():
-        logits = module(tokens, positions, _causal_mask(s, "cpu"))  # [b, s, V_local]
+        logits = module(tokens, positions, causal_mask(s, "cpu"))  # [b, s, V_local]
     group = parallel_state.get_tensor_model_parallel_group()
     parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, logits.contiguous(), group=group)
@@ -93,15 +94,9 @@ def trained_checkpoints(tmp_path_factory, sample_data) -> dict:
              for name, overrides in CASES.items()]
     for name, _ in cases:
         os.makedirs(os.path.join(root, name))
-    previous = os.environ.get("MEGATRON_NTP_COMPILE")
-    os.environ["MEGATRON_NTP_COMPILE"] = "0"  # inherited by the spawned ranks
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MEGATRON_NTP_COMPILE", "0")  # inherited by the spawned ranks
         run_distributed(2, _train_worker, cases, root)
-    finally:
-        if previous is None:
-            os.environ.pop("MEGATRON_NTP_COMPILE")
-        else:
-            os.environ["MEGATRON_NTP_COMPILE"] = previous
     return {
         name: {"checkpoint": os.path.join(root, name, "ckpt"),
                "run_dir": os.path.join(root, name, "run"),

@@ -1,4 +1,4 @@
-"""The method's fixed point (METHOD.md sections 2 and 4): free logits optimised with the shaped
+"""The method's fixed point (megatron_ntp/loss/README.md): free logits optimised with the shaped
 loss against targets sampled from a fixed distribution q settle where the knobs say.
 
 No model: a plain parameter z of [rows, V] (each row an independent copy of the problem), targets
