@@ -41,6 +41,9 @@ BENIGN_LOG_RECORDS = (
     ("megatron.core.models.gpt.gpt_model", "GPTModel IS DEPRECATED",
      "megatron-core 0.19.2 steers new code to HybridModel, which has no GPTModel loss hook yet; "
      "GPTModel is what megatron-core's own GPT training uses"),
+    ("megatron.core.dist_checkpointing.strategies.torch", "MCore's async save is deprecated",
+     "megatron-core 0.19.2's synchronous torch_dist save (TorchDistSaveShardedStrategy.save) "
+     "runs its own async path with async_strategy='mcore'; the project saves synchronously"),
 )
 
 
