@@ -37,12 +37,18 @@ def test_torchrun_two_ranks_on_the_sample_data(tmp_path):
                "parallel.sequence_parallel=true", "loss.topk=100", "loss.lambda_tail=-0.1",
                "data.seq_length=64", "train.global_batch_tokens=256", "train.micro_batch_size=2",
                "train.steps=4", "train.lr_warmup_steps=1", "train.lr_decay_steps=2",
-               "train.eval_interval=2", "train.eval_steps=1", f"logging.run_dir={run_dir}"]
+               "train.eval_interval=2", "train.eval_steps=1", f"logging.run_dir={run_dir}",
+               f"checkpoint.save_dir={tmp_path / 'ckpt'}", "checkpoint.save_interval=4"]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "step 4/4 | loss" in result.stdout  # the console progress line, from rank 0 only
     assert result.stdout.count("step 4/4") == 1
+    # A quiet console (megatron_ntp/console.py): none of megatron-core's or torch's known-benign
+    # warnings, on any rank, and not torchrun's thread notice (OMP_NUM_THREADS is set).
+    noise = [line for line in (result.stdout + result.stderr).splitlines()
+             if any(word in line for word in ("Warning", "DEPRECATED", "deprecated", "is ignored"))]
+    assert noise == []
 
     with open(run_dir / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
@@ -92,3 +98,16 @@ def test_missing_dataset_prefix_is_a_config_error(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "megatron-ntp train:" in result.stderr and f"{tmp_path}/none" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_config_errors_are_printed_by_rank_0_only(monkeypatch, capsys):
+    from megatron_ntp.cli import main
+
+    bad = ["train", "--config", "examples/configs/tiny_dense.yaml", "parallel.tensor=3"]
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("RANK", "1")
+    assert main(bad) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(bad) == 2
+    assert "megatron-ntp train: invalid config" in capsys.readouterr().err
