@@ -2,7 +2,8 @@
 
 One entry point, `initialize_parallel`, does what every rank must do before building a model:
 join the default process group (NCCL on GPU, gloo on CPU), apply the CPU patches where CUDA is
-absent, create megatron-core's TP/PP/VPP/EP/DP groups and seed the model-parallel RNG tracker.
+absent and the exact gradient norm where megatron-core has no fused one, create megatron-core's
+TP/PP/VPP/EP/DP groups and seed the model-parallel RNG tracker.
 `destroy_parallel` undoes it (tests run several layouts in one process).
 """
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_ntp.compat.cpu import apply_cpu_patches
+from megatron_ntp.compat.cpu import apply_cpu_patches, apply_exact_grad_norm
 
 
 def default_backend() -> str:
@@ -76,6 +77,7 @@ def initialize_parallel(
     from megatron.core import parallel_state
 
     apply_cpu_patches()  # no-op with CUDA
+    apply_exact_grad_norm()  # no-op where megatron-core has a fused norm (TE or apex)
     init_process_group(backend, rank=rank, world_size=world_size, init_method=init_method)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor,

@@ -11,10 +11,16 @@ The patches are applied only when CUDA is absent; on a GPU machine `apply_cpu_pa
 nothing, so the GPU path is megatron-core unmodified. Nothing else in the project should know
 about these patches: call `apply_cpu_patches()` (megatron_ntp.parallel does) before building a
 model and forget about it.
+
+One workaround has a different condition: `apply_exact_grad_norm()` replaces megatron-core's
+float32 fallback gradient norm wherever megatron-core found no fused norm (no Transformer Engine,
+no apex), which is every CPU run and also a GPU without those packages. megatron_ntp.parallel
+calls it beside `apply_cpu_patches()`.
 """
 
 import collections
 import contextlib
+import math
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -290,8 +296,8 @@ def _patch_batched_p2p_for_gloo():
 def _patch_distributed_optimizer_checkpoint_for_torch_adam():
     # Without Apex or TE (always the case on CPU) optimizer/distrib_optimizer.py wraps torch's
     # Adam, which keeps a per-parameter 'step' tensor in its state; three places of
-    # DistributedOptimizer's checkpoint code get it wrong (measured in
-    # ../shared/feasibility/t8b_optckpt.py, resharded TP2 -> TP1/TP2):
+    # DistributedOptimizer's checkpoint code get it wrong (each found by saving a distributed-
+    # optimizer checkpoint at TP=2 and loading it at TP=1 and TP=2):
     from megatron.core.optimizer import distrib_optimizer
 
     if distrib_optimizer.HAVE_APEX_OR_TE:
@@ -337,6 +343,80 @@ def _patch_distributed_optimizer_checkpoint_for_torch_adam():
     cls.state_dict = state_dict
     cls.load_state_dict = load_state_dict
     cls._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact gradient norm where megatron-core has no fused norm (CPU, or a GPU without TE/apex)
+# ---------------------------------------------------------------------------------------------
+# Unlike the patches above, this one is needed on a GPU too: its condition is not "no CUDA" but
+# "megatron-core fell back to its local norm", which it does whenever neither Transformer Engine
+# nor apex is installed. megatron_ntp.parallel applies it on every rank; it is idempotent.
+_SQUARES_CHUNK_ELEMENTS = 1 << 24  # float64 temporaries of at most 128 MiB per gradient chunk
+
+
+def megatron_uses_local_l2_norm() -> bool:
+    """True when optimizer/clip_grads.py found neither Transformer Engine's nor apex's fused
+    multi-tensor L2 norm and uses utils.local_multi_tensor_l2_norm instead."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+
+    return clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm
+
+
+def apply_exact_grad_norm() -> bool:
+    """Give megatron-core an exact (float64) gradient 2-norm where it has no fused norm.
+
+    local_multi_tensor_l2_norm takes a float32 torch.norm per tensor, which on CPU errs low by
+    ~1e-5 relative on a 1M-element gradient and more on larger ones; get_grad_norm_fp32 then
+    squares it and sums the ranks' squares in float32. The clip factor and the logged grad_norm
+    inherit the bias, and since a tensor-parallel shard is smaller than the full tensor, layouts
+    disagree by more than their gradients do. Replaces get_grad_norm_fp32 (2-norm only; other
+    norms go to the original) in clip_grads and in the modules that import it by name
+    (optimizer.py: every optimizer, ChainedOptimizer for MoE, the per-group norms;
+    layer_wise_optimizer.py; distrib_optimizer inherits from optimizer.py). Returns True when
+    applied, False when megatron-core has a fused norm (then nothing is touched).
+    """
+    from megatron.core.optimizer import clip_grads, layer_wise_optimizer, optimizer
+
+    if not megatron_uses_local_l2_norm():
+        return False
+    if getattr(clip_grads.get_grad_norm_fp32, "exact_float64", False):
+        return True
+    exact = _exact_get_grad_norm_fp32(clip_grads.get_grad_norm_fp32)
+    for module in (clip_grads, optimizer, layer_wise_optimizer):
+        module.get_grad_norm_fp32 = exact
+    return True
+
+
+def _sum_of_squares_float64(grad: torch.Tensor) -> torch.Tensor:
+    """sum(grad**2) accumulated in float64, chunked so that the float64 copy stays small
+    (an output layer's gradient can have ~1e9 elements); shape [] on grad's device."""
+    chunks = grad.reshape(-1).split(_SQUARES_CHUNK_ELEMENTS)
+    return torch.stack([chunk.to(torch.float64).square().sum() for chunk in chunks]).sum()
+
+
+def _exact_get_grad_norm_fp32(original):
+    from megatron.core.utils import get_data_parallel_group_if_dtensor, to_local_if_dtensor
+
+    def get_grad_norm_fp32(grads_for_norm, norm_type=2, grad_stats_parallel_group=None):
+        if float(norm_type) != 2.0:
+            return original(grads_for_norm, norm_type, grad_stats_parallel_group)
+        if isinstance(grads_for_norm, torch.Tensor):
+            grads_for_norm = [grads_for_norm]
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        squares = torch.zeros(1, dtype=torch.float64, device=device)
+        data_parallel_group = None  # set for FSDP's DTensor gradients, as in the original
+        for grad in grads_for_norm:
+            data_parallel_group = get_data_parallel_group_if_dtensor(grad, data_parallel_group)
+            squares += _sum_of_squares_float64(to_local_if_dtensor(grad))
+        if data_parallel_group:
+            torch.distributed.all_reduce(squares, group=data_parallel_group)
+        torch.distributed.all_reduce(squares, group=grad_stats_parallel_group)
+        # a Python float, as the original returns without Transformer Engine
+        return math.sqrt(squares.item())
+
+    get_grad_norm_fp32.exact_float64 = True
+    return get_grad_norm_fp32
 
 
 # ---------------------------------------------------------------------------------------------

@@ -87,3 +87,56 @@ def test_no_op_in_process_with_monkeypatched_cuda(monkeypatch):
     assert cpu.apply_cpu_patches() is False and not cpu.cpu_patches_applied()
     assert before == (torch.cuda.current_device, torch.cuda.Stream, torch.cuda.Event,
                       len(_get_current_function_mode_stack()))
+
+
+EXACT_NORM_SETUP = """
+    import math, tempfile, torch
+    torch.distributed.init_process_group(
+        "gloo", rank=0, world_size=1, init_method=f"file://{tempfile.mktemp()}")
+    from megatron_ntp.compat import cpu
+    from megatron.core.optimizer import clip_grads, optimizer
+    grads = [torch.randn(8192, 128, generator=torch.Generator().manual_seed(0)) * 1e-3,
+             torch.randn(300, generator=torch.Generator().manual_seed(1)) * 1e-3]
+    exact = math.sqrt(sum(g.double().square().sum().item() for g in grads))
+"""
+
+
+def test_exact_grad_norm_replaces_the_float32_fallback_norm():
+    out = run_python(EXACT_NORM_SETUP + """
+    cpu.apply_cpu_patches()
+    original = clip_grads.get_grad_norm_fp32
+    biased = original(grads)
+    assert abs(biased / exact - 1) > 1e-6, (biased, exact)  # the float32 fallback errs low
+    assert cpu.megatron_uses_local_l2_norm() and cpu.apply_exact_grad_norm()
+    norm = clip_grads.get_grad_norm_fp32(grads)
+    assert isinstance(norm, float) and abs(norm / exact - 1) < 1e-14, (norm, exact)
+    # the optimizers (plain, distributed, chained for MoE) call it through optimizer.py's name
+    assert optimizer.get_grad_norm_fp32 is clip_grads.get_grad_norm_fp32
+    assert cpu.apply_exact_grad_norm() and optimizer.get_grad_norm_fp32(grads) == norm
+    # the inf-norm goes to megatron-core's own code; an empty list is a zero norm
+    inf_norm = clip_grads.get_grad_norm_fp32(grads, norm_type=float("inf"))
+    assert inf_norm == original(grads, norm_type=float("inf"))
+    assert clip_grads.get_grad_norm_fp32([]) == 0.0
+    print("exact")
+    """)
+    assert "exact" in out
+
+
+def test_exact_grad_norm_follows_the_fused_norm_not_cuda():
+    # with a fused norm (Transformer Engine or apex) megatron-core's is kept; a GPU without
+    # either gets the exact norm, although the CPU patches are off there
+    out = run_python(EXACT_NORM_SETUP + """
+    local_l2_norm = clip_grads.l2_norm_impl
+    clip_grads.l2_norm_impl = lambda *args: None  # as if Transformer Engine's were imported
+    before = (clip_grads.get_grad_norm_fp32, optimizer.get_grad_norm_fp32)
+    assert not cpu.megatron_uses_local_l2_norm() and cpu.apply_exact_grad_norm() is False
+    assert before == (clip_grads.get_grad_norm_fp32, optimizer.get_grad_norm_fp32)
+    clip_grads.l2_norm_impl = local_l2_norm
+    torch.cuda.is_available = lambda: True
+    torch.cuda.current_device = lambda: "cpu"  # where this machine keeps the norm's sum
+    assert cpu.apply_cpu_patches() is False
+    assert cpu.apply_exact_grad_norm() is True
+    assert abs(clip_grads.get_grad_norm_fp32(grads) / exact - 1) < 1e-14
+    print("fused norm untouched, exact without it")
+    """)
+    assert "exact without it" in out

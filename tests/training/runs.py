@@ -64,6 +64,49 @@ def load_initial_weights(objects, path):
     objects.optimizer.reload_model_params()
 
 
+def _shard_key(module, name, param, full_numel):
+    """(single-rank name, shard index): equal for replicas of the same elements, so that each
+    element of the gathered gradient is counted once (TP shards differ, DP/TP replicas not)."""
+    from megatron.core import parallel_state
+
+    if param.numel() == full_numel:
+        return _global_name(module, name), 0
+    if not getattr(param, "allreduce", True):  # an expert weight, cut over the expert-TP group
+        return _global_name(module, name), parallel_state.get_expert_tensor_parallel_rank()
+    return _global_name(module, name), parallel_state.get_tensor_model_parallel_rank()
+
+
+def gathered_grad_norm_float64(objects, full_shapes):
+    """The 2-norm, summed in float64, of the gradients of all ranks gathered into the
+    single-rank model's parameters: what the reported grad_norm must equal. Read from the
+    main_grad buffers after finalize_model_grads (not valid with the distributed optimizer,
+    whose buffers hold only this rank's reduced shard)."""
+    from megatron_ntp.training.build import loss_modules
+
+    squares = {}
+    for module in loss_modules(objects.model):
+        for name, param in module.named_parameters():
+            full_numel = full_shapes[_global_name(module, name)].numel()
+            key = _shard_key(module, name, param, full_numel)
+            squares[key] = param.main_grad.double().square().sum().item()
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, squares)
+    union = {key: value for part in gathered for key, value in part.items()}
+    return sum(union.values()) ** 0.5
+
+
+def record_step0_gathered_grad_norm(objects, full_shapes, into: list):
+    """Append gathered_grad_norm_float64 to `into` just before the first optimizer step."""
+    step = objects.optimizer.step
+
+    def first_step():
+        into.append(gathered_grad_norm_float64(objects, full_shapes))
+        objects.optimizer.step = step
+        return step()
+
+    objects.optimizer.step = first_step
+
+
 def run_cases(rank, world_size, cases, out_dir):
     from megatron.core import parallel_state
     from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
@@ -81,8 +124,13 @@ def run_cases(rank, world_size, cases, out_dir):
             save_initial_weights(objects, weights)
         else:
             load_initial_weights(objects, weights)
+        step0_norm = []
+        if not config.parallel.distributed_optimizer:
+            record_step0_gathered_grad_norm(objects, torch.load(weights), step0_norm)
         with open(os.devnull, "w") as quiet:
             records = train(config, stream=quiet, objects=objects)
+        if step0_norm:
+            records[0]["gathered_grad_norm_float64"] = step0_norm[0]
         if rank == 0:
             with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
                 json.dump(records, f)
