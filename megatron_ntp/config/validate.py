@@ -20,6 +20,13 @@ FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
 DISPATCHERS = ("alltoall", "allgather")
 LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
 RECOMPUTE = ("none", "selective", "full")
+# megatron-core's recompute_modules names that apply to this project's models.
+RECOMPUTE_MODULES = ("core_attn", "mlp", "moe", "moe_act", "layernorm", "shared_experts")
+FP8_AMAX_ALGOS = ("max", "most_recent")
+# Compute capability each FP8 recipe needs: FP8 tensor cores arrive with Ada/Hopper (8.9, 9.0),
+# MXFP8 block scaling with Blackwell (10.0).
+FP8_MIN_CAPABILITY = {"mxfp8": (10, 0)}
+FP8_DEFAULT_MIN_CAPABILITY = (8, 9)
 DECAY_STYLES = ("linear", "cosine", "minus_sqrt")
 # Loss knobs that may follow a schedule: the real-valued fields of ShapedLossConfig.
 SCHEDULABLE_KNOBS = tuple(f.name for f in dataclasses.fields(ShapedLossConfig)
@@ -110,6 +117,8 @@ def _check_model(config: Config, errors):
     if m.fp8 and m.transformer_impl != "transformer_engine":
         errors.append(f"model.fp8={m.fp8!r} needs model.transformer_impl='transformer_engine' "
                       f"(got {m.transformer_impl!r})")
+    _choice(errors, "model.fp8_amax_compute_algo", m.fp8_amax_compute_algo, FP8_AMAX_ALGOS)
+    _positive(errors, model__fp8_amax_history_len=m.fp8_amax_history_len)
 
 
 def _check_parallel(config: Config, errors):
@@ -157,11 +166,32 @@ def _check_parallel(config: Config, errors):
         errors.append(f"parallel.expert={p.expert} with parallel.tensor={p.tensor} needs "
                       f"parallel.sequence_parallel=true")
     _choice(errors, "parallel.recompute", p.recompute, RECOMPUTE)
+    _check_recompute_modules(config, errors)
+    _positive(errors, parallel__distributed_timeout_minutes=p.distributed_timeout_minutes)
     if p.recompute == "full":
         layers_per_stage = m.num_layers // chunks
         if not 1 <= p.recompute_num_layers <= layers_per_stage:
             errors.append(f"parallel.recompute_num_layers={p.recompute_num_layers} must be "
                           f"between 1 and the layers per pipeline chunk ({layers_per_stage})")
+
+
+def _check_recompute_modules(config: Config, errors):
+    m, p = config.model, config.parallel
+    if p.recompute_modules is None:
+        return
+    if p.recompute != "selective":
+        errors.append(f"parallel.recompute_modules={list(p.recompute_modules)} needs "
+                      f"parallel.recompute='selective' (got {p.recompute!r})")
+    for name in p.recompute_modules:
+        _choice(errors, "parallel.recompute_modules entry", name, RECOMPUTE_MODULES)
+    moe_only = sorted({"moe", "moe_act", "shared_experts"} & set(p.recompute_modules))
+    if moe_only and not m.num_experts:
+        errors.append(f"parallel.recompute_modules {moe_only} need an MoE model "
+                      f"(model.num_experts=0)")
+    if "moe_act" in p.recompute_modules and m.transformer_impl != "transformer_engine":
+        # megatron-core supports it only with grouped GEMM, which needs Transformer Engine
+        errors.append("parallel.recompute_modules 'moe_act' needs "
+                      "model.transformer_impl='transformer_engine' (grouped GEMM)")
 
 
 def _check_train(config: Config, errors) -> Config:
@@ -261,6 +291,22 @@ def check_environment(config: Config) -> None:
     except Exception as err:  # ImportError, or OSError when libcuda is missing
         raise ConfigError(f"{needs} needs Transformer Engine, which cannot be imported "
                           f"({type(err).__name__}: {err})") from None
+    if m.fp8:
+        _check_fp8_capability(m)
+
+
+def _check_fp8_capability(m) -> None:
+    """FP8 recipes against this GPU: otherwise they fail inside Transformer Engine at the first
+    forward, after the whole job has started."""
+    import torch
+
+    needed = FP8_MIN_CAPABILITY.get(m.fp8_recipe, FP8_DEFAULT_MIN_CAPABILITY)
+    have = tuple(torch.cuda.get_device_capability())
+    if have < needed:
+        raise ConfigError(
+            f"model.fp8={m.fp8!r} with model.fp8_recipe={m.fp8_recipe!r} needs a GPU of compute "
+            f"capability >= {needed[0]}.{needed[1]}; {torch.cuda.get_device_name()} has "
+            f"{have[0]}.{have[1]}")
 
 
 __all__ = ["check_environment", "validate_config"]

@@ -7,6 +7,8 @@ SP on gloo) and GPTModel with the TE spec is the established GPU path. One model
 the CPU tests and the GPU runs on the same code.
 """
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 
@@ -65,15 +67,74 @@ def transformer_config(config: Config, **overrides):
             # Grouped GEMM needs Transformer Engine; the local spec uses SequentialMLP.
             moe_grouped_gemm=m.transformer_impl == "transformer_engine",
         )
-    if p.recompute == "selective":
-        kwargs.update(recompute_granularity="selective")
-    elif p.recompute == "full":
-        kwargs.update(recompute_granularity="full", recompute_method="uniform",
-                      recompute_num_layers=p.recompute_num_layers)
-    if m.fp8:
-        kwargs.update(fp8=m.fp8, fp8_recipe=m.fp8_recipe)
+    kwargs.update(recompute_settings(config))
+    kwargs.update(fp8_settings(config))
+    kwargs.update(fusion_settings(config))
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+def recompute_settings(config: Config) -> dict:
+    """TransformerConfig fields of parallel.recompute. Selective recomputation defaults to the
+    attention core with local layers; Transformer Engine's fused attention keeps no [s, s]
+    scores, so under it the default recomputes nothing (parallel.recompute_modules chooses)."""
+    m, p = config.model, config.parallel
+    if p.recompute == "selective":
+        modules = p.recompute_modules
+        if modules is None:
+            modules = () if m.transformer_impl == "transformer_engine" else ("core_attn",)
+        return dict(recompute_granularity="selective", recompute_modules=list(modules))
+    if p.recompute == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform",
+                    recompute_num_layers=p.recompute_num_layers)
+    return {}
+
+
+def fp8_settings(config: Config) -> dict:
+    """TransformerConfig fields of model.fp8: format, recipe, amax history and FP8 weights
+    (fp8_param, all-gathered in FP8 by the distributed optimizer)."""
+    m = config.model
+    if not m.fp8:
+        return {}
+    return dict(fp8=m.fp8, fp8_recipe=m.fp8_recipe, fp8_amax_history_len=m.fp8_amax_history_len,
+                fp8_amax_compute_algo=m.fp8_amax_compute_algo,
+                fp8_param=m.fp8_param_gather and config.parallel.distributed_optimizer)
+
+
+def fusion_settings(config: Config) -> dict:
+    """TransformerConfig fields of Megatron-LM's fused kernels (its command-line defaults), on a
+    GPU with model.kernel_fusions; none on CPU, where megatron-core's fusions have no kernels."""
+    m = config.model
+    if not (m.kernel_fusions and torch.cuda.is_available()):
+        return {}
+    te = m.transformer_impl == "transformer_engine"
+    settings = dict(
+        bias_activation_fusion=True,  # SwiGLU (megatron-core's bias_swiglu_impl)
+        masked_softmax_fusion=True,
+        bias_dropout_fusion=True,
+        apply_rope_fusion=te,  # the fused RoPE kernel is Transformer Engine's
+        # megatron-core's own output layer (ColumnParallelLinear) raises without Apex's kernel
+        gradient_accumulation_fusion=apex_grad_accumulation_available(),
+    )
+    if m.num_experts and te:
+        settings.update(moe_permute_fusion=True,
+                        moe_router_fusion=te_version_at_least("2.7.0"))
+    return settings
+
+
+def apex_grad_accumulation_available() -> bool:
+    """Whether Apex's fused_weight_gradient_mlp_cuda (gradient-accumulation fusion) is installed."""
+    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+
+
+def te_version_at_least(version: str) -> bool:
+    """Transformer Engine is installed at `version` or newer (megatron-core's router fusion
+    needs 2.7)."""
+    if importlib.util.find_spec("transformer_engine") is None:
+        return False
+    from megatron.core.utils import is_te_min_version
+
+    return is_te_min_version(version)
 
 
 def layer_spec(config: Config):

@@ -12,11 +12,13 @@ Reporting: each micro-batch yields the masked sums [loss, ce, entropy, topk_mass
 so that every rank ends with the global sums of the step.
 """
 
+import math
 from functools import partial
 
 import torch
 import torch.distributed as dist
 
+from megatron_ntp.parallel import local_device
 from megatron_ntp.training.build import loss_modules
 
 STAT_NAMES = ("loss", "ce", "entropy", "topk_mass", "tokens")
@@ -67,8 +69,7 @@ def reduce_sums(reports: list) -> torch.Tensor:
     from megatron.core import parallel_state
 
     # on the GPU where there is one: NCCL reduces CUDA tensors only
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-    sums = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=device)
+    sums = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=local_device())
     for report in reports:
         sums += report["sums"].double()
     if dist.is_initialized():
@@ -82,7 +83,7 @@ def per_token_metrics(sums: torch.Tensor) -> dict:
     """Means per loss token from the global sums, plus perplexity = exp(mean ce)."""
     tokens = max(sums[4].item(), 1.0)
     out = {name: sums[i].item() / tokens for i, name in enumerate(STAT_NAMES[:4])}
-    out["ppl"] = float(torch.tensor(out["ce"]).exp())
+    out["ppl"] = math.exp(out["ce"])
     out["tokens"] = int(sums[4].item())
     return out
 
