@@ -26,6 +26,20 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def overlap_settings(config, gpu: bool | None = None) -> dict:
+    """megatron-core DistributedDataParallelConfig fields of the overlapped data-parallel
+    communication (parallel.overlap_*): on a GPU only (gpu default: whether CUDA is available);
+    the parameter all-gather exists with the distributed optimizer only."""
+    p = config.parallel
+    gpu = torch.cuda.is_available() if gpu is None else gpu
+    param_gather = gpu and p.overlap_param_gather and p.distributed_optimizer
+    # Megatron-LM aligns the all-gathers of all pipeline stages under the interleaved schedule
+    # only (its --no-align-param-gather default, reset without interleaving)
+    return dict(overlap_grad_reduce=gpu and p.overlap_grad_reduce,
+                overlap_param_gather=param_gather,
+                align_param_gather=param_gather and p.virtual_pipeline > 1)
+
+
 def local_device() -> torch.device:
     """This rank's device: its GPU (bound by init_process_group) or the CPU."""
     if torch.cuda.is_available():

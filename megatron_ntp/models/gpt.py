@@ -101,11 +101,13 @@ def fp8_settings(config: Config) -> dict:
                 fp8_param=m.fp8_param_gather and config.parallel.distributed_optimizer)
 
 
-def fusion_settings(config: Config) -> dict:
+def fusion_settings(config: Config, gpu: bool | None = None) -> dict:
     """TransformerConfig fields of Megatron-LM's fused kernels (its command-line defaults), on a
-    GPU with model.kernel_fusions; none on CPU, where megatron-core's fusions have no kernels."""
+    GPU with model.kernel_fusions; none on CPU, where megatron-core's fusions have no kernels.
+    gpu: whether the run is on a GPU (default: whether CUDA is available here)."""
     m = config.model
-    if not (m.kernel_fusions and torch.cuda.is_available()):
+    gpu = torch.cuda.is_available() if gpu is None else gpu
+    if not (m.kernel_fusions and gpu):
         return {}
     te = m.transformer_impl == "transformer_engine"
     settings = dict(

@@ -23,7 +23,7 @@ import torch
 
 from megatron_ntp.models.gpt import build_gpt_model, transformer_config
 from megatron_ntp.models.shaped_gpt import ShapedLossGPTModel
-from megatron_ntp.parallel import local_device
+from megatron_ntp.parallel import local_device, overlap_settings
 
 
 @dataclass
@@ -56,18 +56,11 @@ def ddp_config(config):
     check, and on a GPU the overlapped communication of parallel.overlap_*."""
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    p = config.parallel
-    gpu = torch.cuda.is_available()
-    overlap_param_gather = gpu and p.overlap_param_gather and p.distributed_optimizer
     return DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=gpu and p.overlap_grad_reduce,
-        overlap_param_gather=overlap_param_gather,
-        # Megatron-LM aligns the all-gathers of all pipeline stages under the interleaved
-        # schedule only (its --no-align-param-gather default, reset without interleaving)
-        align_param_gather=overlap_param_gather and p.virtual_pipeline > 1,
-        use_distributed_optimizer=p.distributed_optimizer,
-        check_for_nan_in_grad=True)
+        use_distributed_optimizer=config.parallel.distributed_optimizer,
+        check_for_nan_in_grad=True,
+        **overlap_settings(config))
 
 
 def wrap_ddp(config, model: list, mcore_config) -> list:
