@@ -9,16 +9,6 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${NTP_PYTHON:-$root/.venv/bin/python}"
 cd "$root"
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader || true
-"$python" - <<'PY'
-import importlib.metadata as md
-import torch
-def version(name):
-    try:
-        return md.version(name)
-    except md.PackageNotFoundError:
-        return "absent"
-print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), GPUs: {torch.cuda.device_count()}, "
-      f"transformer-engine {version('transformer_engine')}, apex {version('apex')}, "
-      f"megatron-core {version('megatron-core')}")
-PY
+source "$root/tools/install.sh"  # functions only
+describe_gpu_stack "$python"
 exec "$python" -m pytest tests/gpu -m gpu -v -rs -p no:cacheprovider "$@"

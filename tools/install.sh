@@ -31,7 +31,8 @@ install_kind() {
   if [ -n "$(cuda_torch_of "$1")" ]; then echo gpu; else echo cpu; fi
 }
 
-# What the container provides, one line: torch / Transformer Engine / Apex versions.
+# The GPU stack of interpreter `$1`, one line: torch, visible GPUs, Transformer Engine, Apex,
+# megatron-core (also printed by tools/gpu_check.sh).
 describe_gpu_stack() {
   "$1" - <<'EOF'
 import importlib.metadata as md
@@ -41,8 +42,9 @@ def version(name):
         return md.version(name)
     except md.PackageNotFoundError:
         return "absent"
-print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformer-engine "
-      f"{version('transformer_engine')}, apex {version('apex')}")
+print(f"torch {torch.__version__} (CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPUs), "
+      f"transformer-engine {version('transformer_engine')}, apex {version('apex')}, "
+      f"megatron-core {version('megatron-core')}")
 EOF
 }
 

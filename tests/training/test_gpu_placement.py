@@ -89,9 +89,11 @@ def _fused_head_finishes_the_param_gather(rank, world_size):
     settings = build.ddp_config(config)
     settings.overlap_param_gather = True  # what a GPU run gets (the CPU config keeps it off)
     settings.overlap_grad_reduce = True
+    settings.bucket_size = 1  # one bucket per parameter: only the output layer's hook waits
     chunk = DistributedDataParallel(mcore_config, settings, model[0])
     weight = model[0].output_layer.weight
     bucket_group = chunk.param_to_bucket_group[weight]
+    assert bucket_group.params == {weight}
     finished = []
     original = bucket_group.finish_param_sync
     bucket_group.finish_param_sync = lambda **kwargs: (finished.append(1), original(**kwargs))
