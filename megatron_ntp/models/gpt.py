@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from megatron_ntp.config.schema import Config
 from megatron_ntp.models.counting import padded_vocab_size
+from megatron_ntp.parallel import local_device
 
 
 def transformer_config(config: Config, **overrides):
@@ -164,7 +165,9 @@ def build_gpt_model(config: Config, pre_process: bool | None = None,
 
     Call after megatron_ntp.parallel.initialize_parallel. pre_process/post_process default to
     whether this rank is the first/last pipeline stage (for chunk `vp_stage` when interleaved).
-    The vocabulary is padded as counted in megatron_ntp.models.counting.
+    The vocabulary is padded as counted in megatron_ntp.models.counting. The model is moved to
+    this rank's device (its GPU), as Megatron-LM's get_model does before any wrapper sees it:
+    megatron-core creates some weights on the CPU whatever the device (the MoE router's).
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -177,7 +180,7 @@ def build_gpt_model(config: Config, pre_process: bool | None = None,
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False,
                                                              vp_stage=vp_stage)
     rotary_base = int(m.rotary_base) if float(m.rotary_base).is_integer() else m.rotary_base
-    return (model_class or GPTModel)(
+    model = (model_class or GPTModel)(
         config=mcore_config or transformer_config(config),
         transformer_layer_spec=layer_spec(config),
         vocab_size=padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, p.tensor),
@@ -190,3 +193,4 @@ def build_gpt_model(config: Config, pre_process: bool | None = None,
         vp_stage=vp_stage,
         **model_kwargs,
     )
+    return model.to(local_device())

@@ -4,8 +4,7 @@
   schedules read it from the first chunk). calculate_per_token_loss is on: the loss function
   returns (sum of masked per-token losses, token count) and finalize_model_grads divides the
   gradients once by the global token count (all micro-batches, all data-parallel ranks).
-- On a GPU each chunk is moved to this rank's device before anything wraps it (Megatron-LM's
-  get_model does the same): megatron-core creates some weights on the CPU (the MoE router's).
+- Each chunk is on this rank's device before anything wraps it (build_gpt_model moves it).
 - bf16: Float16Module around each chunk (fp32 master weights in the optimizer), as
   Megatron-LM does.
 - On a GPU, Megatron-LM's H100 data-parallel settings: gradient reduction overlapped with the
@@ -23,7 +22,7 @@ import torch
 
 from megatron_ntp.models.gpt import build_gpt_model, transformer_config
 from megatron_ntp.models.shaped_gpt import ShapedLossGPTModel
-from megatron_ntp.parallel import local_device, overlap_settings
+from megatron_ntp.parallel import overlap_settings
 
 
 @dataclass
@@ -47,8 +46,7 @@ def build_model_chunks(config) -> tuple[list, object]:
             config, vp_stage=vp_stage if chunks > 1 else None, model_class=ShapedLossGPTModel,
             mcore_config=mcore_config, loss_config=config.loss_at(0),
             fused_output_loss=config.model.fused_output_loss))
-    device = local_device()
-    return [chunk.to(device) for chunk in model], mcore_config
+    return model, mcore_config
 
 
 def ddp_config(config):

@@ -1,7 +1,8 @@
 """Device placement of the GPU path, checked on CPU.
 
-- The model chunks go to the rank's device before Float16Module, DDP and the optimizer see
-  them (megatron-core creates the MoE router weight on the CPU even on a GPU machine). The
+- The model chunks (of training, and of megatron_ntp.eval: both come from build_gpt_model) go
+  to the rank's device before Float16Module, DDP and the optimizer see them (megatron-core
+  creates the MoE router weight on the CPU even on a GPU machine). The
   rank's device is replaced by `meta` here: any parameter or buffer left behind is on the CPU.
 - The fused output head runs the output layer's forward pre-hooks, where megatron-core's DDP
   waits for the layer's parameter all-gather under overlap_param_gather; and with that overlap
@@ -31,12 +32,13 @@ def tiny(*overrides):
 
 
 def _chunks_on_the_rank_device(rank, world_size):
+    from megatron_ntp.models import gpt
     from megatron_ntp.parallel import initialize_parallel_from_config
     from megatron_ntp.training import build
 
     config = tiny("model.preset=tiny-moe", "model.num_layers=2", "model.bf16=true")
     initialize_parallel_from_config(config)
-    build.local_device = lambda: torch.device("meta")  # this process only (spawned)
+    gpt.local_device = lambda: torch.device("meta")  # this process only (spawned)
     model, _ = build.build_model_chunks(config)
     left = [name for chunk in model
             for name, tensor in [*chunk.named_parameters(), *chunk.named_buffers()]

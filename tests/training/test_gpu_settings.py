@@ -140,3 +140,19 @@ def test_recompute_modules_validated():
         example(None, "parallel.distributed_timeout_minutes=0")
     with pytest.raises(ConfigError, match="model.fp8_amax_compute_algo='mean'"):
         example(None, "model.fp8_amax_compute_algo=mean")
+
+
+def test_no_dataloader_attention_mask_under_transformer_engine():
+    from megatron_ntp.training.data import micro_batches, uses_attention_mask
+
+    seq = 8
+    sample = {"tokens": torch.arange(seq), "labels": torch.arange(seq),
+              "loss_mask": torch.ones(seq), "position_ids": torch.arange(seq),
+              "attention_mask": torch.ones(1, seq, seq, dtype=torch.bool).triu(1)}
+    dataset = [sample] * 4
+    te = example(H100_EXAMPLES[0])
+    (batch,) = micro_batches(dataset, 0, 1, 4, uses_attention_mask(te))
+    assert "attention_mask" not in batch and batch["tokens"].shape == (4, seq)
+    local = example(H100_EXAMPLES[0], "model.transformer_impl=local")
+    (batch,) = micro_batches(dataset, 0, 1, 4, uses_attention_mask(local))
+    assert batch["attention_mask"].shape == (4, 1, seq, seq)
