@@ -113,10 +113,10 @@ class ModelConfig:
     them in FP8 (half the parameter all-gather volume; megatron-core's fp8_param)."""
 
     kernel_fusions: bool = True
-    """On a GPU, Megatron-LM's fused kernels: SwiGLU bias-activation, RoPE, masked softmax,
-    bias-dropout-add; with transformer_engine layers also the MoE permute and router fusions;
-    gradient-accumulation fusion where Apex's fused_weight_gradient_mlp_cuda is installed.
-    Ignored on CPU (the unfused torch code runs there)."""
+    """On a GPU, Megatron-LM's fused kernels: SwiGLU bias-activation, bias-dropout-add; with
+    transformer_engine layers RoPE and the MoE permute and router fusions; where Apex's kernels
+    are installed, gradient-accumulation fusion and (local layers) the masked softmax. Ignored
+    on CPU (the unfused torch code runs there)."""
 
     fused_output_loss: bool = False
     """Fuse the output layer with the shaped loss, chunked over tokens, so the [tokens, vocab]

@@ -113,11 +113,12 @@ def fusion_settings(config: Config, gpu: bool | None = None) -> dict:
     te = m.transformer_impl == "transformer_engine"
     settings = dict(
         bias_activation_fusion=True,  # SwiGLU (megatron-core's bias_swiglu_impl)
-        masked_softmax_fusion=True,
+        # local attention's fused softmax imports Apex's kernel at the first forward
+        masked_softmax_fusion=kernel_installed("scaled_upper_triang_masked_softmax_cuda"),
         bias_dropout_fusion=True,
         apply_rope_fusion=te,  # the fused RoPE kernel is Transformer Engine's
         # megatron-core's own output layer (ColumnParallelLinear) raises without Apex's kernel
-        gradient_accumulation_fusion=apex_grad_accumulation_available(),
+        gradient_accumulation_fusion=kernel_installed("fused_weight_gradient_mlp_cuda"),
     )
     if m.num_experts and te:
         settings.update(moe_permute_fusion=True,
@@ -125,9 +126,9 @@ def fusion_settings(config: Config, gpu: bool | None = None) -> dict:
     return settings
 
 
-def apex_grad_accumulation_available() -> bool:
-    """Whether Apex's fused_weight_gradient_mlp_cuda (gradient-accumulation fusion) is installed."""
-    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+def kernel_installed(module: str) -> bool:
+    """Whether an extension module of fused kernels (Apex builds them) can be imported."""
+    return importlib.util.find_spec(module) is not None
 
 
 def te_version_at_least(version: str) -> bool:

@@ -86,7 +86,8 @@ def gpu_settings_lines(config) -> list[str]:
     recompute = recompute_settings(config)
     lines = [
         f"on GPU       fusions: {on_names(fusion_settings(config, gpu=True))}"
-        + ("; gradient_accumulation_fusion with Apex, moe_router_fusion with TE >= 2.7"
+        + ("; with Apex also gradient_accumulation_fusion (and masked_softmax_fusion for local"
+           " layers); moe_router_fusion with TE >= 2.7"
            if m.kernel_fusions else ""),
         f"             overlap: {on_names(overlap_settings(config, gpu=True))}; "
         f"recompute_modules: {recompute.get('recompute_modules', '-')}; "

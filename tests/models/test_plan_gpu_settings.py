@@ -12,8 +12,7 @@ def test_plan_prints_the_gpu_settings():
     text = plan_of("examples/configs/dense_4b.yaml", "model.fp8=hybrid",
                    "parallel.distributed_timeout_minutes=45")
     fusions = next(line for line in text.splitlines() if line.startswith("on GPU"))
-    for name in ("bias_activation_fusion", "masked_softmax_fusion", "bias_dropout_fusion",
-                 "apply_rope_fusion"):
+    for name in ("bias_activation_fusion", "bias_dropout_fusion", "apply_rope_fusion"):
         assert name in fusions
     assert "moe_permute_fusion" not in fusions  # dense
     assert ("overlap: overlap_grad_reduce, overlap_param_gather; recompute_modules: []; "

@@ -37,7 +37,7 @@ def fake_gpu(monkeypatch):
                  "fused_sort_chunks_by_index_with_probs", "fused_unpermute"):
         monkeypatch.setattr(moe_utils, name, kernel)
     monkeypatch.setattr(gpt, "te_version_at_least", lambda version: True)
-    monkeypatch.setattr(gpt, "apex_grad_accumulation_available", lambda: True)
+    monkeypatch.setattr(gpt, "kernel_installed", lambda module: True)  # Apex's kernels
 
 
 @pytest.mark.parametrize("path", H100_EXAMPLES)
@@ -67,15 +67,16 @@ def test_fp8_settings_of_the_dense_example(fake_gpu):
 
 
 def test_switches_turn_the_gpu_settings_off(fake_gpu, monkeypatch):
-    monkeypatch.setattr(gpt, "apex_grad_accumulation_available", lambda: False)
+    monkeypatch.setattr(gpt, "kernel_installed", lambda module: False)  # no Apex
     config = example(H100_EXAMPLES[1], "model.kernel_fusions=false",
                      "parallel.recompute_modules=[core_attn]")
     mcore = gpt.transformer_config(config)
     assert not (mcore.bias_activation_fusion or mcore.apply_rope_fusion
                 or mcore.moe_permute_fusion or mcore.gradient_accumulation_fusion)
     assert mcore.recompute_modules == ["core_attn"]
-    config = example(H100_EXAMPLES[0])
-    assert not gpt.transformer_config(config).gradient_accumulation_fusion  # no Apex kernel
+    mcore = gpt.transformer_config(example(H100_EXAMPLES[0]))
+    assert not (mcore.gradient_accumulation_fusion or mcore.masked_softmax_fusion)  # no Apex
+    assert mcore.bias_activation_fusion and mcore.apply_rope_fusion
 
 
 @pytest.mark.parametrize("path", H100_EXAMPLES)
