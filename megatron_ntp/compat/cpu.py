@@ -303,8 +303,8 @@ def apply_torch_adam_patches() -> bool:
 def _patch_distributed_optimizer_checkpoint_for_torch_adam() -> bool:
     # Without Apex or TE (always the case on CPU, possible on GPU) optimizer/distrib_optimizer.py
     # wraps torch's Adam, which keeps a per-parameter 'step' tensor in its state; three places of
-    # DistributedOptimizer's checkpoint code get it wrong (measured in
-    # ../shared/feasibility/t8b_optckpt.py, resharded TP2 -> TP1/TP2):
+    # DistributedOptimizer's checkpoint code get it wrong (measured with checkpoints resharded
+    # TP2 -> TP1/TP2):
     from megatron.core.optimizer import distrib_optimizer
 
     if distrib_optimizer.HAVE_APEX_OR_TE:
