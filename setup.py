@@ -1,7 +1,8 @@
 from setuptools import find_packages, setup
 
-# torch and megatron-core are pinned and installed by tools/install.sh (megatron-core 0.19.2
-# must be installed with --ignore-requires-python on Python 3.11, which setup.py cannot express).
+# Ranges here; the exact CPU versions are in tools/constraints-cpu.txt. megatron-core 0.19.2 is
+# installed by tools/install.sh (with --ignore-requires-python on Python 3.11, which setup.py
+# cannot express). A range for torch lets `pip install -e .` keep a GPU container's own torch.
 setup(
     name="megatron_ntp",
     version="0.1.0",
@@ -10,7 +11,7 @@ setup(
     package_data={"megatron_ntp.loss": ["csrc/*.cpp"]},
     python_requires=">=3.11",
     install_requires=[
-        "torch==2.13.0",
+        "torch>=2.6",  # megatron-core 0.19.2's own lower bound
         "numpy<3",
         "pyyaml",
         "sentencepiece",
@@ -21,11 +22,15 @@ setup(
         "tensorboard",
         "ninja",  # torch's extension builder (the CPU top-k scan, megatron_ntp/loss/csrc)
         # Hugging Face export (megatron_ntp/export): Qwen3 / Qwen3-MoE classes, offline loading
-        "transformers==4.57.6",
+        "transformers>=4.57,<5",
         "safetensors",
     ],
     extras_require={
         "dev": ["pytest", "pytest-timeout"],
+        # Transformer Engine for GPU machines without a container that has it: the version
+        # megatron-core 0.19 is built and tested with (its uv metadata: transformer-engine
+        # 2.17.1; its `te` extra leaves the version open). Needs a CUDA torch already installed.
+        "gpu": ["transformer-engine[pytorch]~=2.17.0"],
     },
     entry_points={"console_scripts": ["megatron-ntp=megatron_ntp.cli:main"]},
 )

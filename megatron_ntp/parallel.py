@@ -1,9 +1,10 @@
 """Start torch.distributed and megatron-core's parallel state for a parallel layout.
 
 One entry point, `initialize_parallel`, does what every rank must do before building a model:
-join the default process group (NCCL on GPU, gloo on CPU), apply the CPU patches where CUDA is
-absent and the exact gradient norm where megatron-core has no fused one, create megatron-core's
-TP/PP/VPP/EP/DP groups and seed the model-parallel RNG tracker.
+join the default process group (NCCL on GPU, gloo on CPU; every collective times out after
+parallel.distributed_timeout_minutes), apply the CPU patches where CUDA is absent and the exact
+gradient norm where megatron-core has no fused one, create megatron-core's TP/PP/VPP/EP/DP
+groups and seed the model-parallel RNG tracker.
 `destroy_parallel` undoes it (tests run several layouts in one process).
 """
 
@@ -15,7 +16,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_ntp.compat.cpu import apply_cpu_patches, apply_exact_grad_norm
+from megatron_ntp.compat.cpu import (
+    apply_cpu_patches,
+    apply_exact_grad_norm,
+    apply_torch_adam_patches,
+)
+from megatron_ntp.config.schema import ParallelConfig
+
+DEFAULT_TIMEOUT_MINUTES = ParallelConfig.distributed_timeout_minutes
 
 
 def default_backend() -> str:
@@ -23,24 +31,50 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def overlap_settings(config, gpu: bool | None = None) -> dict:
+    """megatron-core DistributedDataParallelConfig fields of the overlapped data-parallel
+    communication (parallel.overlap_*): on a GPU only (gpu default: whether CUDA is available);
+    the parameter all-gather exists with the distributed optimizer only."""
+    p = config.parallel
+    gpu = torch.cuda.is_available() if gpu is None else gpu
+    param_gather = gpu and p.overlap_param_gather and p.distributed_optimizer
+    # Megatron-LM aligns the all-gathers of all pipeline stages under the interleaved schedule
+    # only (its --no-align-param-gather default, reset without interleaving)
+    return dict(overlap_grad_reduce=gpu and p.overlap_grad_reduce,
+                overlap_param_gather=param_gather,
+                align_param_gather=param_gather and p.virtual_pipeline > 1)
+
+
+def bind_local_gpu() -> int:
+    """Bind this process to its GPU and return the index: LOCAL_RANK among the visible GPUs.
+
+    When Slurm binds one GPU per task (--gpus-per-task=1, or a CUDA_VISIBLE_DEVICES per task)
+    the only visible GPU is 0 whatever LOCAL_RANK is, so the index wraps around the visible
+    count, as Megatron-LM's `rank % device_count` does.
+    """
+    index = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return index
+
+
 def init_process_group(
     backend: str | None = None,
     rank: int | None = None,
     world_size: int | None = None,
     init_method: str | None = None,
-    timeout_minutes: int = 30,
+    timeout_minutes: int = DEFAULT_TIMEOUT_MINUTES,
 ) -> None:
     """Join the default process group unless already joined.
 
     Without arguments it reads torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR,
-    MASTER_PORT, LOCAL_RANK). On GPU it binds this process to cuda:LOCAL_RANK first, as
-    NCCL requires.
+    MASTER_PORT, LOCAL_RANK). On GPU it binds this process to its GPU first (bind_local_gpu),
+    as NCCL requires.
     """
     if dist.is_initialized():
         return
     backend = backend or default_backend()
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        bind_local_gpu()
     kwargs = {}
     if rank is not None:
         kwargs["rank"] = rank
@@ -65,6 +99,7 @@ def initialize_parallel(
     rank: int | None = None,
     world_size: int | None = None,
     init_method: str | None = None,
+    timeout_minutes: int = DEFAULT_TIMEOUT_MINUTES,
 ) -> None:
     """Process group + megatron-core parallel state + seeds, for one rank.
 
@@ -78,7 +113,9 @@ def initialize_parallel(
 
     apply_cpu_patches()  # no-op with CUDA
     apply_exact_grad_norm()  # no-op where megatron-core has a fused norm (TE or apex)
-    init_process_group(backend, rank=rank, world_size=world_size, init_method=init_method)
+    apply_torch_adam_patches()  # no-op with Apex or Transformer Engine
+    init_process_group(backend, rank=rank, world_size=world_size, init_method=init_method,
+                       timeout_minutes=timeout_minutes)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor,
         pipeline_model_parallel_size=pipeline,
@@ -95,7 +132,7 @@ def initialize_parallel_from_config(config, **kwargs) -> None:
     p = config.parallel
     initialize_parallel(tensor=p.tensor, pipeline=p.pipeline, virtual_pipeline=p.virtual_pipeline,
                         expert=p.expert, expert_tensor=p.expert_tensor, seed=config.train.seed,
-                        **kwargs)
+                        timeout_minutes=p.distributed_timeout_minutes, **kwargs)
 
 
 def set_seed(seed: int) -> None:

@@ -8,7 +8,9 @@ the distributed optimizer) run on CPU torch with gloo. Each patch names the mega
 function it answers and is kept as narrow as the call site allows.
 
 The patches are applied only when CUDA is absent; on a GPU machine `apply_cpu_patches()` does
-nothing, so the GPU path is megatron-core unmodified. Nothing else in the project should know
+nothing, so the GPU path is megatron-core unmodified. One exception: the distributed optimizer's
+checkpoint fixes for torch's Adam (`apply_torch_adam_patches()`) answer the absence of Apex and
+Transformer Engine, not of CUDA, so they apply on a GPU without those too. Nothing else in the project should know
 about these patches: call `apply_cpu_patches()` (megatron_ntp.parallel does) before building a
 model and forget about it.
 
@@ -26,6 +28,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 _applied = False
+_torch_adam_applied = False
 
 
 def cpu_patches_applied() -> bool:
@@ -51,7 +54,7 @@ def apply_cpu_patches() -> bool:
     _patch_alltoall_split_sizes()
     _patch_uneven_first_dim_collectives()
     _patch_batched_p2p_for_gloo()
-    _patch_distributed_optimizer_checkpoint_for_torch_adam()
+    apply_torch_adam_patches()
     _enter_cuda_to_cpu_mode()
     _applied = True
     return True
@@ -293,15 +296,25 @@ def _patch_batched_p2p_for_gloo():
 # ---------------------------------------------------------------------------------------------
 # Distributed-optimizer checkpoints with torch's Adam (no Apex / Transformer Engine)
 # ---------------------------------------------------------------------------------------------
-def _patch_distributed_optimizer_checkpoint_for_torch_adam():
-    # Without Apex or TE (always the case on CPU) optimizer/distrib_optimizer.py wraps torch's
-    # Adam, which keeps a per-parameter 'step' tensor in its state; three places of
+def apply_torch_adam_patches() -> bool:
+    """Patch DistributedOptimizer's checkpoint code for torch's Adam; idempotent. Applies
+    wherever megatron-core falls back to torch's Adam (no Apex, no Transformer Engine): on CPU,
+    and on a GPU without either. Returns True when the patches are active."""
+    global _torch_adam_applied
+    if not _torch_adam_applied:
+        _torch_adam_applied = _patch_distributed_optimizer_checkpoint_for_torch_adam()
+    return _torch_adam_applied
+
+
+def _patch_distributed_optimizer_checkpoint_for_torch_adam() -> bool:
+    # Without Apex or TE (always the case on CPU, possible on GPU) optimizer/distrib_optimizer.py
+    # wraps torch's Adam, which keeps a per-parameter 'step' tensor in its state; three places of
     # DistributedOptimizer's checkpoint code get it wrong (each found by saving a distributed-
     # optimizer checkpoint at TP=2 and loading it at TP=1 and TP=2):
     from megatron.core.optimizer import distrib_optimizer
 
     if distrib_optimizer.HAVE_APEX_OR_TE:
-        return
+        return False
     cls = distrib_optimizer.DistributedOptimizer
     original_state_dict = cls.state_dict
     original_load_state_dict = cls.load_state_dict
@@ -343,6 +356,7 @@ def _patch_distributed_optimizer_checkpoint_for_torch_adam():
     cls.state_dict = state_dict
     cls.load_state_dict = load_state_dict
     cls._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+    return True
 
 
 # ---------------------------------------------------------------------------------------------

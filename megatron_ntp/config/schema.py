@@ -98,7 +98,26 @@ class ModelConfig:
     transformer_impl=transformer_engine and a GPU."""
 
     fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
-    """Transformer Engine FP8 recipe: delayed, tensorwise, mxfp8 or blockwise."""
+    """Transformer Engine FP8 recipe: delayed, tensorwise, mxfp8 or blockwise. fp8 needs a GPU of
+    compute capability >= 8.9 (Ada, Hopper); mxfp8 needs >= 10.0 (Blackwell)."""
+
+    fp8_amax_history_len: int = 1024
+    """With fp8 and the delayed recipe: steps of amax history behind each scaling factor
+    (Megatron-LM's H100 FP8 example uses 1024; megatron-core's own default is 1)."""
+
+    fp8_amax_compute_algo: Literal["max", "most_recent"] = "max"
+    """With fp8 and the delayed recipe: scaling from the max of the amax history, or its
+    most_recent entry."""
+
+    fp8_param_gather: bool = True
+    """With fp8 and parallel.distributed_optimizer: keep the layer weights in FP8 and all-gather
+    them in FP8 (half the parameter all-gather volume; megatron-core's fp8_param)."""
+
+    kernel_fusions: bool = True
+    """On a GPU, Megatron-LM's fused kernels: SwiGLU bias-activation, bias-dropout-add; with
+    transformer_engine layers RoPE and the MoE permute and router fusions; where Apex's kernels
+    are installed, gradient-accumulation fusion and (local layers) the masked softmax. Ignored
+    on CPU (the unfused torch code runs there)."""
 
     fused_output_loss: bool = False
     """Fuse the output layer with the shaped loss, chunked over tokens, so the [tokens, vocab]
@@ -143,6 +162,24 @@ class ParallelConfig:
 
     recompute_num_layers: int = 1
     """With recompute=full: layers per recomputed block (uniform method)."""
+
+    recompute_modules: tuple[Literal["core_attn", "mlp", "moe", "moe_act", "layernorm",
+                                     "shared_experts"], ...] | None = None
+    """With recompute=selective: megatron-core's submodule names to recompute (core_attn, mlp,
+    moe, moe_act, layernorm, shared_experts); null = core_attn with local layers and none with
+    transformer_engine layers, whose fused attention keeps no [s, s] scores to recompute."""
+
+    overlap_grad_reduce: bool = True
+    """On a GPU: overlap the data-parallel gradient reduce(-scatter) with the backward pass.
+    Ignored on CPU."""
+
+    overlap_param_gather: bool = True
+    """On a GPU with distributed_optimizer: overlap the parameter all-gather after each
+    optimizer step with the next forward pass. Ignored on CPU."""
+
+    distributed_timeout_minutes: int = 30
+    """Timeout of every collective (NCCL/gloo) before the job fails. Megatron-LM's default is
+    10; 30 leaves room for rank 0 building dataset indices while the others wait."""
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ values, so a bad launch fails in seconds on the login node instead of minutes in
 import dataclasses
 import math
 import os
+import types
 import typing
 
 from megatron_ntp.config.batch import BatchLayout
@@ -16,6 +17,10 @@ from megatron_ntp.config.schema import Config
 from megatron_ntp.loss import ShapedLossConfig
 from megatron_ntp.models.counting import padded_vocab_size
 
+# Compute capability each FP8 recipe needs: FP8 tensor cores arrive with Ada/Hopper (8.9, 9.0),
+# MXFP8 block scaling with Blackwell (10.0).
+FP8_MIN_CAPABILITY = {"mxfp8": (10, 0)}
+FP8_DEFAULT_MIN_CAPABILITY = (8, 9)
 # Loss knobs that may follow a schedule: the real-valued fields of ShapedLossConfig.
 SCHEDULABLE_KNOBS = tuple(f.name for f in dataclasses.fields(ShapedLossConfig)
                           if f.type in (float, "float"))
@@ -57,10 +62,27 @@ def _check_choices(config: Config, errors):
         if not dataclasses.is_dataclass(value):
             continue
         for name, hint in typing.get_type_hints(type(value)).items():
-            if typing.get_origin(hint) is typing.Literal and \
-                    getattr(value, name) not in typing.get_args(hint):
-                errors.append(f"{section.name}.{name}={getattr(value, name)!r} must be one of "
-                              f"{', '.join(map(repr, typing.get_args(hint)))}")
+            choices, values = _literal_choices(hint, getattr(value, name))
+            for item in values:
+                if item not in choices:
+                    errors.append(f"{section.name}.{name}={item!r} must be one of "
+                                  f"{', '.join(map(repr, choices))}")
+
+
+def _literal_choices(hint, value) -> tuple[tuple, list]:
+    """(allowed values, values to check) of a field typed Literal[...], a tuple or list of
+    Literal[...], or either | None; ((), []) for other types."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None:
+            return (), []
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is typing.Literal:
+        return typing.get_args(hint), [value]
+    if typing.get_origin(hint) in (tuple, list):
+        item = typing.get_args(hint)[0] if typing.get_args(hint) else None
+        if typing.get_origin(item) is typing.Literal:
+            return typing.get_args(item), list(value)
+    return (), []
 
 
 def _resolve_data_parallel(config: Config, world_size, errors) -> Config:
@@ -110,6 +132,7 @@ def _check_model(config: Config, errors):
     if m.fp8 and m.transformer_impl != "transformer_engine":
         errors.append(f"model.fp8={m.fp8!r} needs model.transformer_impl='transformer_engine' "
                       f"(got {m.transformer_impl!r})")
+    _positive(errors, model__fp8_amax_history_len=m.fp8_amax_history_len)
 
 
 def _check_parallel(config: Config, errors):
@@ -156,11 +179,30 @@ def _check_parallel(config: Config, errors):
         # megatron-core asserts this in TransformerConfig.__post_init__.
         errors.append(f"parallel.expert={p.expert} with parallel.tensor={p.tensor} needs "
                       f"parallel.sequence_parallel=true")
+    _check_recompute_modules(config, errors)
+    _positive(errors, parallel__distributed_timeout_minutes=p.distributed_timeout_minutes)
     if p.recompute == "full":
         layers_per_stage = m.num_layers // chunks
         if not 1 <= p.recompute_num_layers <= layers_per_stage:
             errors.append(f"parallel.recompute_num_layers={p.recompute_num_layers} must be "
                           f"between 1 and the layers per pipeline chunk ({layers_per_stage})")
+
+
+def _check_recompute_modules(config: Config, errors):
+    m, p = config.model, config.parallel
+    if p.recompute_modules is None:
+        return
+    if p.recompute != "selective":
+        errors.append(f"parallel.recompute_modules={list(p.recompute_modules)} needs "
+                      f"parallel.recompute='selective' (got {p.recompute!r})")
+    moe_only = sorted({"moe", "moe_act", "shared_experts"} & set(p.recompute_modules))
+    if moe_only and not m.num_experts:
+        errors.append(f"parallel.recompute_modules {moe_only} need an MoE model "
+                      f"(model.num_experts=0)")
+    if "moe_act" in p.recompute_modules and m.transformer_impl != "transformer_engine":
+        # megatron-core supports it only with grouped GEMM, which needs Transformer Engine
+        errors.append("parallel.recompute_modules 'moe_act' needs "
+                      "model.transformer_impl='transformer_engine' (grouped GEMM)")
 
 
 def _check_train(config: Config, errors) -> Config:
@@ -259,6 +301,22 @@ def check_environment(config: Config) -> None:
     except Exception as err:  # ImportError, or OSError when libcuda is missing
         raise ConfigError(f"{needs} needs Transformer Engine, which cannot be imported "
                           f"({type(err).__name__}: {err})") from None
+    if m.fp8:
+        _check_fp8_capability(m)
+
+
+def _check_fp8_capability(m) -> None:
+    """FP8 recipes against this GPU: otherwise they fail inside Transformer Engine at the first
+    forward, after the whole job has started."""
+    import torch
+
+    needed = FP8_MIN_CAPABILITY.get(m.fp8_recipe, FP8_DEFAULT_MIN_CAPABILITY)
+    have = tuple(torch.cuda.get_device_capability())
+    if have < needed:
+        raise ConfigError(
+            f"model.fp8={m.fp8!r} with model.fp8_recipe={m.fp8_recipe!r} needs a GPU of compute "
+            f"capability >= {needed[0]}.{needed[1]}; {torch.cuda.get_device_name()} has "
+            f"{have[0]}.{have[1]}")
 
 
 __all__ = ["check_environment", "validate_config"]

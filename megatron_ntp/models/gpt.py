@@ -7,11 +7,14 @@ SP on gloo) and GPTModel with the TE spec is the established GPU path. One model
 the CPU tests and the GPU runs on the same code.
 """
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 
 from megatron_ntp.config.schema import Config
 from megatron_ntp.models.counting import padded_vocab_size
+from megatron_ntp.session import local_device
 
 
 def transformer_config(config: Config, **overrides):
@@ -65,15 +68,77 @@ def transformer_config(config: Config, **overrides):
             # Grouped GEMM needs Transformer Engine; the local spec uses SequentialMLP.
             moe_grouped_gemm=m.transformer_impl == "transformer_engine",
         )
-    if p.recompute == "selective":
-        kwargs.update(recompute_granularity="selective")
-    elif p.recompute == "full":
-        kwargs.update(recompute_granularity="full", recompute_method="uniform",
-                      recompute_num_layers=p.recompute_num_layers)
-    if m.fp8:
-        kwargs.update(fp8=m.fp8, fp8_recipe=m.fp8_recipe)
+    kwargs.update(recompute_settings(config))
+    kwargs.update(fp8_settings(config))
+    kwargs.update(fusion_settings(config))
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+def recompute_settings(config: Config) -> dict:
+    """TransformerConfig fields of parallel.recompute. Selective recomputation defaults to the
+    attention core with local layers; Transformer Engine's fused attention keeps no [s, s]
+    scores, so under it the default recomputes nothing (parallel.recompute_modules chooses)."""
+    m, p = config.model, config.parallel
+    if p.recompute == "selective":
+        modules = p.recompute_modules
+        if modules is None:
+            modules = () if m.transformer_impl == "transformer_engine" else ("core_attn",)
+        return dict(recompute_granularity="selective", recompute_modules=list(modules))
+    if p.recompute == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform",
+                    recompute_num_layers=p.recompute_num_layers)
+    return {}
+
+
+def fp8_settings(config: Config) -> dict:
+    """TransformerConfig fields of model.fp8: format, recipe, amax history and FP8 weights
+    (fp8_param, all-gathered in FP8 by the distributed optimizer)."""
+    m = config.model
+    if not m.fp8:
+        return {}
+    return dict(fp8=m.fp8, fp8_recipe=m.fp8_recipe, fp8_amax_history_len=m.fp8_amax_history_len,
+                fp8_amax_compute_algo=m.fp8_amax_compute_algo,
+                fp8_param=m.fp8_param_gather and config.parallel.distributed_optimizer)
+
+
+def fusion_settings(config: Config, gpu: bool | None = None) -> dict:
+    """TransformerConfig fields of Megatron-LM's fused kernels (its command-line defaults), on a
+    GPU with model.kernel_fusions; none on CPU, where megatron-core's fusions have no kernels.
+    gpu: whether the run is on a GPU (default: whether CUDA is available here)."""
+    m = config.model
+    gpu = torch.cuda.is_available() if gpu is None else gpu
+    if not (m.kernel_fusions and gpu):
+        return {}
+    te = m.transformer_impl == "transformer_engine"
+    settings = dict(
+        bias_activation_fusion=True,  # SwiGLU (megatron-core's bias_swiglu_impl)
+        # local attention's fused softmax imports Apex's kernel at the first forward
+        masked_softmax_fusion=kernel_installed("scaled_upper_triang_masked_softmax_cuda"),
+        bias_dropout_fusion=True,
+        apply_rope_fusion=te,  # the fused RoPE kernel is Transformer Engine's
+        # megatron-core's own output layer (ColumnParallelLinear) raises without Apex's kernel
+        gradient_accumulation_fusion=kernel_installed("fused_weight_gradient_mlp_cuda"),
+    )
+    if m.num_experts and te:
+        settings.update(moe_permute_fusion=True,
+                        moe_router_fusion=te_version_at_least("2.7.0"))
+    return settings
+
+
+def kernel_installed(module: str) -> bool:
+    """Whether an extension module of fused kernels (Apex builds them) can be imported."""
+    return importlib.util.find_spec(module) is not None
+
+
+def te_version_at_least(version: str) -> bool:
+    """Transformer Engine is installed at `version` or newer (megatron-core's router fusion
+    needs 2.7)."""
+    if importlib.util.find_spec("transformer_engine") is None:
+        return False
+    from megatron.core.utils import is_te_min_version
+
+    return is_te_min_version(version)
 
 
 def layer_spec(config: Config):
@@ -101,7 +166,9 @@ def build_gpt_model(config: Config, pre_process: bool | None = None,
 
     Call after megatron_ntp.parallel.initialize_parallel. pre_process/post_process default to
     whether this rank is the first/last pipeline stage (for chunk `vp_stage` when interleaved).
-    The vocabulary is padded as counted in megatron_ntp.models.counting.
+    The vocabulary is padded as counted in megatron_ntp.models.counting. The model is moved to
+    this rank's device (its GPU), as Megatron-LM's get_model does before any wrapper sees it:
+    megatron-core creates some weights on the CPU whatever the device (the MoE router's).
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -114,7 +181,7 @@ def build_gpt_model(config: Config, pre_process: bool | None = None,
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False,
                                                              vp_stage=vp_stage)
     rotary_base = int(m.rotary_base) if float(m.rotary_base).is_integer() else m.rotary_base
-    return (model_class or GPTModel)(
+    model = (model_class or GPTModel)(
         config=mcore_config or transformer_config(config),
         transformer_layer_spec=layer_spec(config),
         vocab_size=padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, p.tensor),
@@ -127,3 +194,4 @@ def build_gpt_model(config: Config, pre_process: bool | None = None,
         vp_stage=vp_stage,
         **model_kwargs,
     )
+    return model.to(local_device())

@@ -9,7 +9,9 @@ from megatron_ntp.models.counting import (
     memory_per_gpu,
     padded_vocab_size,
 )
+from megatron_ntp.models.gpt import fp8_settings, fusion_settings, recompute_settings
 from megatron_ntp.models.presets import NOMINAL_PARAMS, PRESETS, preset_model_config
+from megatron_ntp.parallel import overlap_settings
 
 
 def billions(n: float) -> str:
@@ -51,6 +53,7 @@ def format_plan(config) -> str:
         f"batch        {t.global_batch_tokens:,} tokens = {sequences} sequences of {seq}; "
         f"micro-batch {t.micro_batch_size} -> {microbatches} micro-batches per DP rank per step",
     ]
+    lines += gpu_settings_lines(config)
     loss = config.loss
     knobs = (f"beta={loss.beta:g} topk={loss.topk} lambda_topk={loss.lambda_topk:g} "
              f"lambda_tail={loss.lambda_tail:g}")
@@ -72,6 +75,31 @@ def format_plan(config) -> str:
                      f"{s.grads / GIB:>9.2f} {s.optimizer / GIB:>10.2f} "
                      f"{s.activations / GIB:>12.2f} {s.total / GIB:>9.2f}")
     return "\n".join(lines) + "\n"
+
+
+def on_names(settings: dict) -> str:
+    return ", ".join(name for name, value in settings.items() if value is True) or "none"
+
+
+def gpu_settings_lines(config) -> list[str]:
+    """What a GPU run of `config` gets (megatron-core field names), whatever machine plans it."""
+    m, p = config.model, config.parallel
+    recompute = recompute_settings(config)
+    lines = [
+        f"on GPU       fusions: {on_names(fusion_settings(config, gpu=True))}"
+        + ("; with Apex also gradient_accumulation_fusion (and masked_softmax_fusion for local"
+           " layers); moe_router_fusion with TE >= 2.7"
+           if m.kernel_fusions else ""),
+        f"             overlap: {on_names(overlap_settings(config, gpu=True))}; "
+        f"recompute_modules: {recompute.get('recompute_modules', '-')}; "
+        f"distributed timeout {p.distributed_timeout_minutes} min",
+    ]
+    fp8 = fp8_settings(config)
+    if fp8:
+        lines.append(f"             fp8: amax history {fp8['fp8_amax_history_len']} "
+                     f"({fp8['fp8_amax_compute_algo']}), fp8_param "
+                     f"{'on' if fp8['fp8_param'] else 'off'}")
+    return lines
 
 
 def format_presets() -> str:

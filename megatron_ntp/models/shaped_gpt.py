@@ -9,7 +9,10 @@ Two paths, chosen by model.fused_output_loss:
   cross-entropy does.
 - fused: the logits are never materialised. GPTModel._postprocess hands the final hidden states
   to an `output_processor` when one is given (its hook for custom heads); this class passes one
-  that calls `fused_linear_shaped_loss` with the output-layer weight.
+  that calls `fused_linear_shaped_loss` with the output-layer weight. The output layer's
+  forward is skipped, so its forward pre-hooks are run by hand first: megatron-core's DDP
+  finishes a parameter's all-gather there under overlap_param_gather (the weight would be last
+  step's otherwise), as its fused experts do for their submodules (transformer/moe/experts.py).
 
 Either way forward returns the per-token surrogate loss [b, s] (what GPTModel returns with
 labels), and the per-token statistics of the same reductions (ce, entropy, topk_mass, each
@@ -61,6 +64,7 @@ class ShapedLossGPTModel(GPTModel):
             # the fused loss already all-reduces the hidden-state gradient over the TP group.
             hidden_states = gather_from_sequence_parallel_region(
                 hidden_states, tensor_parallel_output_grad=False, group=self.tp_group)
+        run_forward_pre_hooks(output_layer)
         weight = output_layer.weight if output_weight is None else output_weight  # [V_local, h]
         target = labels.transpose(0, 1).contiguous()  # [s, b]
         loss, stats = fused_linear_shaped_loss(hidden_states, weight, target, self.loss_config,
@@ -71,3 +75,12 @@ class ShapedLossGPTModel(GPTModel):
         # [s, b] -> [b, s], the layout GPTModel returns its loss in
         self.loss_stats = {name: value.detach().transpose(0, 1) for name, value in stats.items()}
         return loss.transpose(0, 1).contiguous()
+
+
+def run_forward_pre_hooks(module) -> None:
+    """Call `module`'s forward pre-hooks without its forward (no inputs): megatron-core's DDP
+    hooks only wait for the all-gather of the module's parameters."""
+    for hook in module._forward_pre_hooks.values():
+        if hook(module, None) is not None:
+            raise RuntimeError(f"a forward pre-hook of {type(module).__name__} returned new "
+                               f"inputs, which the fused output loss cannot pass on")

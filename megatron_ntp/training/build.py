@@ -4,8 +4,13 @@
   schedules read it from the first chunk). calculate_per_token_loss is on: the loss function
   returns (sum of masked per-token losses, token count) and finalize_model_grads divides the
   gradients once by the global token count (all micro-batches, all data-parallel ranks).
+- Each chunk is on this rank's device before anything wraps it (build_gpt_model moves it).
 - bf16: Float16Module around each chunk (fp32 master weights in the optimizer), as
   Megatron-LM does.
+- On a GPU, Megatron-LM's H100 data-parallel settings: gradient reduction overlapped with the
+  backward pass and, with the distributed optimizer, the parameter all-gather overlapped with
+  the next forward (parallel.overlap_grad_reduce / overlap_param_gather); NaN/Inf gradients
+  stop the step on every rank (megatron-core's check_for_nan_in_grad).
 - AdamW (megatron-core's "adam" is torch AdamW or a fused equivalent: decoupled weight decay),
   no weight decay on norms and biases, gradient clipping; optionally the distributed optimizer.
 - Warmup-stable-decay through OptimizerParamScheduler's WSD style.
@@ -17,6 +22,7 @@ import torch
 
 from megatron_ntp.models.gpt import build_gpt_model, transformer_config
 from megatron_ntp.models.shaped_gpt import ShapedLossGPTModel
+from megatron_ntp.parallel import overlap_settings
 
 
 @dataclass
@@ -43,32 +49,78 @@ def build_model_chunks(config) -> tuple[list, object]:
     return model, mcore_config
 
 
+def ddp_config(config):
+    """megatron-core DistributedDataParallelConfig of the run: fp32 gradient reduction, NaN
+    check, and on a GPU the overlapped communication of parallel.overlap_*."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=config.parallel.distributed_optimizer,
+        check_for_nan_in_grad=True,
+        **overlap_settings(config))
+
+
 def wrap_ddp(config, model: list, mcore_config) -> list:
     """Float16Module (bf16) and megatron-core DDP around each chunk."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import DistributedDataParallel
     from megatron.core.transformer.module import Float16Module
 
     if config.model.bf16:
         model = [Float16Module(mcore_config, chunk) for chunk in model]
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-        use_distributed_optimizer=config.parallel.distributed_optimizer)
-    return [DistributedDataParallel(mcore_config, ddp_config, chunk,
+    settings = ddp_config(config)
+    return [DistributedDataParallel(mcore_config, settings, chunk,
                                     # Megatron-LM buckets only the first chunk's gradients.
                                     disable_bucketing=i > 0)
             for i, chunk in enumerate(model)]
 
 
-def build_optimizer(config, model: list):
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+def optimizer_config(config, settings):
+    """megatron-core OptimizerConfig: AdamW of the train section; `settings` is the DDP config,
+    whose overlap_param_gather the optimizer must agree with."""
+    from megatron.core.optimizer import OptimizerConfig
 
     t = config.train
-    return get_megatron_optimizer(OptimizerConfig(
+    return OptimizerConfig(
         optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
         clip_grad=t.clip_grad, bf16=config.model.bf16,
         params_dtype=torch.bfloat16 if config.model.bf16 else torch.float32,
-        use_distributed_optimizer=config.parallel.distributed_optimizer), model)
+        use_distributed_optimizer=config.parallel.distributed_optimizer,
+        overlap_param_gather=settings.overlap_param_gather)
+
+
+def build_optimizer(config, model: list):
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    return get_megatron_optimizer(optimizer_config(config, model[0].ddp_config), model)
+
+
+def set_sync_functions(model: list, mcore_config) -> None:
+    """Hand the DDP chunks' communication hooks to the pipeline schedules, as Megatron-LM's
+    training loop does: with overlapped gradient reduction the schedules must hold the
+    reduction back until the last micro-batch (no_sync) and start it per chunk
+    (start_grad_sync); aligned parameter all-gathers are started by the schedules too."""
+    def one_or_list(funcs):
+        return funcs[0] if len(funcs) == 1 else funcs
+
+    settings = model[0].ddp_config
+    if settings.overlap_grad_reduce:
+        mcore_config.no_sync_func = one_or_list([chunk.no_sync for chunk in model])
+        mcore_config.grad_sync_func = one_or_list([chunk.start_grad_sync for chunk in model])
+    if settings.overlap_param_gather and settings.align_param_gather:
+        mcore_config.param_sync_func = one_or_list([chunk.start_param_sync for chunk in model])
+
+
+def force_param_sync(objects) -> None:
+    """Finish the parameter all-gather of the last optimizer step now (with
+    overlap_param_gather it otherwise completes inside the next forward): before a checkpoint
+    is saved or validation runs, as Megatron-LM does. No-op without the overlap."""
+    if not objects.model[0].ddp_config.overlap_param_gather:
+        return
+    objects.optimizer.prepare_model_params_for_param_sync()
+    for chunk in objects.model:
+        chunk.start_param_sync(force_sync=True)
 
 
 def build_scheduler(config, optimizer):
@@ -90,6 +142,7 @@ def build_scheduler(config, optimizer):
 def build_training_objects(config) -> TrainingObjects:
     model, mcore_config = build_model_chunks(config)
     model = wrap_ddp(config, model, mcore_config)
+    set_sync_functions(model, mcore_config)
     optimizer = build_optimizer(config, model)
     return TrainingObjects(model, optimizer, build_scheduler(config, optimizer), mcore_config)
 

@@ -120,17 +120,25 @@ def _build_train_valid(config, global_batch_sequences: int, train_samples: int |
     return train, valid, tokenizer
 
 
-def micro_batches(dataset, first_sample: int, num_microbatches: int, micro_batch_size: int):
+def uses_attention_mask(config) -> bool:
+    """Whether the model reads the dataloader's [b, 1, s, s] attention mask: local layers do;
+    Transformer Engine's fused attention builds the causal mask itself and ignores it (16 MiB
+    per sample at s = 4096, collated and copied to the GPU for nothing)."""
+    return config.model.transformer_impl != "transformer_engine"
+
+
+def micro_batches(dataset, first_sample: int, num_microbatches: int, micro_batch_size: int,
+                  attention_mask: bool = True):
     """Collated micro-batches of this data-parallel rank, starting at global sample index
-    `first_sample` (tokens/labels/loss_mask/position_ids [b, s], attention_mask [b, 1, s, s]),
-    on this rank's GPU when there is one."""
+    `first_sample` (tokens/labels/loss_mask/position_ids [b, s], and attention_mask
+    [b, 1, s, s] when `attention_mask`), on this rank's GPU when there is one."""
     device = local_device()
     for i in range(num_microbatches):
         start = first_sample + i * micro_batch_size
         samples = [dataset[j] for j in range(start, start + micro_batch_size)]
         yield {key: torch.stack([torch.as_tensor(s[key]) for s in samples]).to(
                    device, non_blocking=True)
-               for key in samples[0]}
+               for key in samples[0] if attention_mask or key != "attention_mask"}
 
 
 def rank_first_sample(step: int, global_batch_sequences: int, dp_rank: int, dp_size: int) -> int:

@@ -22,7 +22,7 @@ from megatron_ntp.models.counting import flops_per_token
 from megatron_ntp.session import is_rank0, parallel_session
 from megatron_ntp.training import checkpoint as checkpoint_lib
 from megatron_ntp.training import data as data_lib
-from megatron_ntp.training.build import build_training_objects, loss_modules
+from megatron_ntp.training.build import build_training_objects, force_param_sync, loss_modules
 from megatron_ntp.jobs.run_folder import METRICS_FILE, VALID_FILE, truncate_records
 from megatron_ntp.training.metrics import (
     MetricsWriter,
@@ -56,7 +56,7 @@ def micro_batch_iterators(config, dataset, layout, step, sample_offset=0):
         parallel_state.get_data_parallel_world_size())
     # one iterator per model chunk: with interleaving every chunk consumes every micro-batch
     return [data_lib.micro_batches(dataset, first, layout.num_microbatches,
-                                   layout.micro_batch_size)
+                                   layout.micro_batch_size, data_lib.uses_attention_mask(config))
             for _ in range(config.parallel.virtual_pipeline)]
 
 
@@ -120,12 +120,14 @@ def _train(config, stream, objects, watch) -> list[dict]:
             writer.train(record, steps)
             interval = config.train.eval_interval
             if interval and ((step + 1) % interval == 0 or step + 1 == steps):
+                force_param_sync(objects)
                 writer.valid({"step": step, **evaluate(config, objects, valid_data, layout)})
             done = step + 1
             # collective, every step: all ranks leave after the same step
             preempted = watch.requested() and done < steps
             if save_every and (done % save_every == 0 or done == steps or preempted):
                 consumed = start.consumed_samples + (done - start.step) * batch
+                force_param_sync(objects)
                 path = checkpoint_lib.save_checkpoint(config, objects, done, consumed)
                 if rank0:
                     print(f"saved checkpoint {path}", file=stream, flush=True)
@@ -165,7 +167,7 @@ def _announce_start(config, start, stream) -> None:
 def evaluate(config, objects, dataset, layout) -> dict:
     """Per-token means over train.eval_steps global batches of the validation split (the same
     batches every time, so successive validations are comparable)."""
-    total = torch.zeros(5, dtype=torch.float64)
+    total = torch.zeros(5, dtype=torch.float64, device="cpu")  # eval_step's sums are on CPU
     for batch in range(config.train.eval_steps):
         total += eval_step(objects, micro_batch_iterators(config, dataset, layout, batch),
                            layout.num_microbatches, layout.micro_batch_size, layout.seq_length)

@@ -12,6 +12,7 @@ Reporting: each micro-batch yields the masked sums [loss, ce, entropy, topk_mass
 so that every rank ends with the global sums of the step.
 """
 
+import math
 from functools import partial
 
 import torch
@@ -68,8 +69,7 @@ def reduce_sums(reports: list) -> torch.Tensor:
     from megatron.core import parallel_state
 
     # on the GPU where there is one: NCCL reduces CUDA tensors only
-    device = local_device()
-    sums = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=device)
+    sums = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=local_device())
     for report in reports:
         sums += report["sums"].double()
     if dist.is_initialized():
@@ -83,7 +83,7 @@ def per_token_metrics(sums: torch.Tensor) -> dict:
     """Means per loss token from the global sums, plus perplexity = exp(mean ce)."""
     tokens = max(sums[4].item(), 1.0)
     out = {name: sums[i].item() / tokens for i, name in enumerate(STAT_NAMES[:4])}
-    out["ppl"] = float(torch.tensor(out["ce"]).exp())
+    out["ppl"] = math.exp(out["ce"])
     out["tokens"] = int(sums[4].item())
     return out
 

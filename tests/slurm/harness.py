@@ -93,9 +93,11 @@ def submit_training(overrides: dict, extra=(), env=None) -> str:
 
 
 def submit_chain(overrides: dict, extra=(), env=None) -> list[str]:
-    """The job ids of `megatron-ntp submit` (several with --chain)."""
+    """The job ids of `megatron-ntp submit` (several with --chain). The one-CPU jobs share the
+    node: --oversubscribe overrides the batch script's --exclusive (as --mem its --mem=0)."""
     command = CLI + ["submit", "--gpus-per-node=0", "--nproc-per-node=1",
-                     "--sbatch-arg=--cpus-per-task=1", "--sbatch-arg=--mem=1500", *extra,
+                     "--sbatch-arg=--cpus-per-task=1", "--sbatch-arg=--mem=1500",
+                     "--sbatch-arg=--oversubscribe", *extra,
                      "--config", os.path.join(ROOT, "examples", "configs", "tiny_dense.yaml"),
                      *as_args(overrides)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT,
