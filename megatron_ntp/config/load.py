@@ -132,7 +132,10 @@ def convert(value, hint, path: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for option in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # X | None: X's own error is the precise one
+            return convert(value, options[0], path)
+        for option in options:
             try:
                 return convert(value, option, path)
             except ConfigError:

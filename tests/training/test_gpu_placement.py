@@ -140,13 +140,14 @@ def test_step_metric_reduction_under_the_meta_guard():
 
 
 def test_validation_statistics_under_the_meta_guard(monkeypatch):
+    from megatron_ntp.config.batch import BatchLayout
     from megatron_ntp.training import loop
 
     step_sums = torch.tensor([6.0, 4.0, 2.0, 1.5, 3.0], dtype=torch.float64)
     monkeypatch.setattr(loop, "eval_step", lambda *args: step_sums.clone())
-    monkeypatch.setattr(loop, "_iterators", lambda *args: [])
+    monkeypatch.setattr(loop, "micro_batch_iterators", lambda *args: [])
     config = tiny("train.eval_steps=3")
-    layout = loop.BatchLayout(config)
+    layout = BatchLayout(config)
     expected = loop.evaluate(config, None, None, layout)
     with torch.device("meta"):
         got = loop.evaluate(config, None, None, layout)
