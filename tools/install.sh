@@ -48,6 +48,15 @@ print(f"torch {torch.__version__} (CUDA {torch.version.cuda}, {torch.cuda.device
 EOF
 }
 
+# pip prints a warning for every configured package location that does not exist on this machine
+# (a site-wide pip.conf's find-links or index folder, say); they are harmless, so their lines are
+# dropped. Everything else pip prints is kept, and pip's exit status is returned.
+run_pip() {
+  local status=0
+  "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; } || status=$?
+  return "$status"
+}
+
 # A venv made without --system-site-packages cannot see the container's packages.
 venv_sees_system_packages() {
   grep -qs '^include-system-site-packages = true' "$1/pyvenv.cfg"
@@ -99,7 +108,7 @@ main() {
          "container's torch / Transformer Engine / Apex; remove it and rerun" >&2
     exit 2
   fi
-  pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+  pip=(run_pip "$venv/bin/python" -m pip --disable-pip-version-check -q)
 
   stamp="$venv/.megatron_ntp_install_stamp"
   want="$(cat "$root/tools/install.sh" "$root/setup.py" "$root/tools/constraints-cpu.txt" \
