@@ -7,6 +7,7 @@
     megatron-ntp export --checkpoint DIR --output DIR   (Hugging Face Qwen3 / Qwen3-MoE)
     megatron-ntp submit [Slurm options] --config FILE [section.field=value ...]   (Slurm job)
     megatron-ntp sweep plan|submit|collect|fit ...   (scaling-law sweeps on Slurm)
+    megatron-ntp checkpoint verify DIR   (each checkpoint's state against its manifest)
 """
 
 import argparse
@@ -40,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_ntp.sweep.cli import add_commands as add_sweep_commands  # submit, sweep
 
     add_sweep_commands(commands)
+    from megatron_ntp.training.checkpoint_cli import add_checkpoint_command
+
+    add_checkpoint_command(commands)
     return parser
 
 

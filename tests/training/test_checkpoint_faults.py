@@ -1,0 +1,164 @@
+"""Damaged checkpoints: detected against the manifest, named, skipped on resume.
+
+The fault matrix runs in one spawned rank (tests/training/checkpoint_runs.py fault_matrix): an
+uninterrupted run with checkpoints at steps 2, 4 and 6, then, for each fault, a copy of its
+state after step 4 with the latest checkpoint or the tracker damaged, resumed by the same
+command; each resumed run must end with the uninterrupted run's per-step losses. The TP=2
+scenario runs under torchrun as a user would. SIGKILL during the rename is in test_checkpoint.py
+(it reuses that module's reference run).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.distributed import run_distributed
+from tests.training.checkpoint_runs import fault_matrix
+from tests.training.test_checkpoint import (
+    ENV,
+    HANG,
+    ROOT,
+    assert_same,
+    base_overrides,
+    checkpoints,
+    cli,
+    records,
+    run,
+    run_args,
+    tracker,
+)
+
+
+@pytest.fixture(scope="module")
+def base(sample_data):
+    return base_overrides(*sample_data)
+
+
+@pytest.fixture(scope="module")
+def faults(base, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("faults")
+    run_distributed(1, fault_matrix, base, str(folder))
+    with open(folder / "faults.json") as f:
+        return folder, json.load(f)
+
+
+@pytest.mark.parametrize("fault, what", [
+    ("truncated_shard", "is 1000 bytes, the manifest says"),
+    ("missing_shard", "is missing"),
+    ("corrupted_metadata", "has CRC-32"),
+])
+def test_a_damaged_latest_checkpoint_is_skipped(faults, fault, what):
+    folder, r = faults
+    got, damaged = r[fault], f"{folder}/{fault}/ckpt/iter_0000004"
+    assert got["error"] is None
+    # one loud warning naming the checkpoint, the file and what is wrong
+    assert f"WARNING: checkpoint {damaged} is damaged: {got['file']} {what}" in got["warnings"]
+    assert got["warnings"].count(" is damaged: ") == 1
+    # resumed from iter_0000002: steps 2..5 redone, equal to the uninterrupted run
+    assert [x["step"] for x in got["metrics"]] == list(range(6))
+    assert_same(got["metrics"], r["reference"])
+    # the damaged folder is kept (set aside by the new save of step 4), nothing complete lost
+    assert f"WARNING: the damaged {damaged} was renamed to {damaged}.damaged" in got["warnings"]
+    assert got["entries"] == ["iter_0000002", "iter_0000004", "iter_0000004.damaged",
+                              "iter_0000006", "latest_checkpointed_iteration.txt"]
+    assert got["tracker"] == "6\n"
+
+
+@pytest.mark.parametrize("fault, what", [
+    ("tracker_names_missing_step", "names step 5, but iter_0000005 is missing or incomplete"),
+    ("tracker_garbage", "holds '\\x00\\x17garbage', not a step"),
+])
+def test_a_bad_tracker_falls_back_to_the_newest_checkpoint(faults, fault, what):
+    folder, r = faults
+    got = r[fault]
+    assert got["error"] is None
+    assert f"latest_checkpointed_iteration.txt {what}: ignored" in got["warnings"]
+    assert_same(got["metrics"], r["reference"])  # resumed from iter_0000004
+    assert got["entries"] == ["iter_0000002", "iter_0000004", "iter_0000006",
+                              "latest_checkpointed_iteration.txt"]
+    assert got["tracker"] == "6\n"
+
+
+def test_a_full_disk_during_a_save_is_a_clear_error_and_loses_nothing(faults):
+    folder, r = faults
+    failed, rerun = r["enospc"], r["enospc_rerun"]
+    ckpt = f"{folder}/enospc/ckpt"
+    assert failed["error"].startswith(f"saving checkpoint {ckpt}/iter_0000006 failed (rank 0: ")
+    assert failed["error"].endswith("the previous checkpoint stays the latest, and the next "
+                                    "save removes iter_0000006.tmp")
+    # megatron-core logs the cause (its exception keeps only the class)
+    assert (f"[Errno 28] No space left on device: '{ckpt}/iter_0000006.tmp/"
+            in failed["warnings"])
+    assert failed["tracker"] == "4\n"  # the previous checkpoint stays the latest
+    assert failed["entries"] == ["iter_0000002", "iter_0000004", "iter_0000006.tmp",
+                                 "latest_checkpointed_iteration.txt"]
+    assert rerun["error"] is None and "megatron-ntp: WARNING" not in rerun["warnings"]
+    assert_same(rerun["metrics"], r["reference"])
+    assert rerun["entries"] == ["iter_0000002", "iter_0000004", "iter_0000006",
+                                "latest_checkpointed_iteration.txt"]
+
+
+def verify_command(path, *extra):
+    return subprocess.run([sys.executable, "-m", "megatron_ntp.cli", "checkpoint", "verify",
+                           path, *extra], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=HANG)
+
+
+def test_verify_command_lists_each_iteration_and_its_state(faults):
+    folder, r = faults
+    ckpt = f"{folder}/truncated_shard/ckpt"
+    result = verify_command(ckpt)
+    assert result.returncode == 1, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("iter_0000002             intact: ")
+    assert lines[1].startswith("iter_0000004             intact: ")
+    assert lines[2] == "iter_0000004.damaged      DAMAGED (set aside)"
+    assert lines[3] == (f"    {r['truncated_shard']['file']} is 1000 bytes, the manifest says "
+                        f"{_manifest_size(ckpt, r['truncated_shard']['file'])} (truncated)")
+    assert lines[4].startswith("iter_0000006             intact: ")
+    assert lines[-1] == "a resume starts from: iter_0000006"
+    clean = verify_command(f"{folder}/pristine/ckpt", "--sizes-only")
+    assert clean.returncode == 0 and "(sizes checked)" in clean.stdout
+    assert verify_command(f"{folder}/absent").returncode == 2
+
+
+def _manifest_size(ckpt, name):
+    with open(os.path.join(ckpt, "iter_0000006", "checkpoint.json")) as f:
+        return json.load(f)["files"][name]["bytes"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The scenario of the issue, at TP=2 under torchrun
+# ---------------------------------------------------------------------------------------------
+def test_tp2_resume_skips_a_truncated_shard_and_tracks_the_uninterrupted_run(base, tmp_path):
+    """Checkpoints at 3 and 6; one shard of iter_0000006 truncated to 1,000 bytes; the same
+    command resumes from iter_0000003 with a warning naming the file and ends with the same
+    per-step losses. Loading the damaged checkpoint explicitly is one clear error per rank."""
+    reference, damaged = tmp_path / "reference", tmp_path / "damaged"
+    args = run_args(base, reference, "parallel.tensor=2")
+    run(args, nproc=2)
+    shutil.copytree(reference, damaged)
+    latest = damaged / "ckpt" / "iter_0000006"
+    shard = max((p for p in latest.iterdir() if p.suffix == ".distcp"),
+                key=lambda p: p.stat().st_size)
+    os.truncate(shard, 1000)
+    resumed = run(run_args(base, damaged, "parallel.tensor=2"), nproc=2)
+    assert (f"megatron-ntp: WARNING: checkpoint {latest} is damaged: {shard.name} is 1000 bytes"
+            in resumed.stderr)
+    assert f"resuming from {damaged}/ckpt/iter_0000003 at step 3/6" in resumed.stdout
+    assert_same(records(damaged), records(reference))
+    assert tracker(damaged) == "6"
+    assert checkpoints(damaged) == ["iter_0000003", "iter_0000006", "iter_0000006.damaged",
+                                    "latest_checkpointed_iteration.txt"]
+
+    explicit = subprocess.run(
+        cli(run_args(base, tmp_path / "other", "parallel.tensor=2",
+                     f"checkpoint.load_dir={latest}.damaged"), nproc=2),
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=HANG)
+    error = (f"megatron-ntp train: checkpoint {latest}.damaged is damaged: {shard.name} is "
+             f"1000 bytes, the manifest says")
+    assert explicit.returncode != 0 and explicit.stderr.count(error) == 2, explicit.stderr
