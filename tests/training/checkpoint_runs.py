@@ -312,3 +312,19 @@ def train_killed_after_rename(args, step):
 
     os.rename = rename_then_die
     cli.main(["train", *args])
+
+
+def verify_on_every_rank(rank, world_size, checkpoint_dirs, out_dir):
+    """verify_checkpoint of each folder on every rank (checksums spread over the ranks); each
+    rank writes the messages it raised to <out_dir>/verify_<rank>.json."""
+    from megatron_ntp.training.checkpoint import CheckpointDamaged, verify_checkpoint
+
+    messages = []
+    for path in checkpoint_dirs:
+        try:
+            verify_checkpoint(path)
+            messages.append(None)
+        except CheckpointDamaged as err:
+            messages.append(str(err))
+    with open(os.path.join(out_dir, f"verify_{rank}.json"), "w") as f:
+        json.dump(messages, f)
