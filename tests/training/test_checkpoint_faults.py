@@ -23,7 +23,7 @@ from tests.training.test_checkpoint import (
     HANG,
     ROOT,
     assert_same,
-    base_overrides,
+    base,  # noqa: F401 (a fixture)
     checkpoints,
     cli,
     records,
@@ -31,11 +31,6 @@ from tests.training.test_checkpoint import (
     run_args,
     tracker,
 )
-
-
-@pytest.fixture(scope="module")
-def base(sample_data):
-    return base_overrides(*sample_data)
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +143,48 @@ def test_every_rank_raises_the_same_clear_error(faults, tmp_path):
 def _manifest_size(checkpoint_dir, name):
     with open(os.path.join(checkpoint_dir, "checkpoint.json")) as f:
         return json.load(f)["files"][name]["bytes"]
+
+
+def test_manifest_pruning_and_publishing_keep_damaged_checkpoints(tmp_path):
+    """The file-level pieces alone: what counts as damaged, pruning leaves damaged folders alone
+    (and does not count them), a new save of a damaged step sets the old folder aside."""
+    from megatron_ntp.training import checkpoint_files as files
+    from megatron_ntp.training import checkpoint_manifest as manifest
+
+    def make(step, shard=b"0123456789"):
+        folder = tmp_path / f"iter_{step:07d}"
+        folder.mkdir()
+        (folder / "__0_0.distcp").write_bytes(shard)
+        entries = manifest.manifest_entries(str(folder), manifest.list_files(str(folder)))
+        (folder / files.INFO_FILE).write_text(json.dumps({"format": 2, "files": entries}))
+        return folder
+
+    intact, truncated, changed = make(2), make(4), make(6)
+    (truncated / "__0_0.distcp").write_bytes(b"012")
+    (changed / "__0_0.distcp").write_bytes(b"0123456788")
+    assert manifest.find_problems(str(intact)) == []
+    assert manifest.find_problems(str(truncated)) == [
+        "__0_0.distcp is 3 bytes, the manifest says 10 (truncated)"]
+    assert manifest.find_problems(str(changed), checksums=False) == []
+    assert manifest.find_problems(str(changed))[0].startswith("__0_0.distcp has CRC-32 ")
+    (intact / files.INFO_FILE).write_text('{"format": 2}')
+    assert manifest.find_problems(str(intact)) == ["checkpoint.json has no manifest ('files')"]
+    (intact / files.INFO_FILE).write_text("{not json")
+    assert manifest.find_problems(str(intact))[0].startswith("checkpoint.json cannot be read")
+
+    make(8)
+    files.prune_checkpoints(str(tmp_path), keep_last=2, newest=8,
+                            damaged=lambda path: bool(manifest.find_problems(path)))
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000002", "iter_0000004", "iter_0000006",
+                                            "iter_0000008"]  # all damaged but the newest
+    for expected in ("iter_0000004.damaged", "iter_0000004.damaged.1"):
+        (tmp_path / "iter_0000004.tmp").mkdir()
+        set_aside = files.publish(str(tmp_path / "iter_0000004.tmp"), str(truncated),
+                                  keep_existing=True)
+        assert set_aside == str(tmp_path / expected) and os.path.isdir(set_aside)
+    # no tracker: newest first; the empty iter_0000004 published last is no checkpoint
+    assert files.resume_candidates(str(tmp_path)) == (
+        [str(tmp_path / f"iter_{step:07d}") for step in (8, 6, 2)], [])
 
 
 # ---------------------------------------------------------------------------------------------
