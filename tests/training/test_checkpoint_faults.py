@@ -145,19 +145,28 @@ def _manifest_size(checkpoint_dir, name):
         return json.load(f)["files"][name]["bytes"]
 
 
+def fake_checkpoint(root, step, shard=b"0123456789"):
+    """An iter_ folder with one shard and checkpoint.json holding its manifest."""
+    from megatron_ntp.training import checkpoint_files as files
+    from megatron_ntp.training import checkpoint_manifest as manifest
+
+    folder = root / f"iter_{step:07d}"
+    folder.mkdir(parents=True)
+    (folder / "__0_0.distcp").write_bytes(shard)
+    entries = manifest.manifest_entries(str(folder), manifest.list_files(str(folder)))
+    (folder / files.INFO_FILE).write_text(json.dumps(
+        {"format": 2, "step": step, "consumed_samples": 4 * step, "files": entries}))
+    return folder
+
+
 def test_manifest_pruning_and_publishing_keep_damaged_checkpoints(tmp_path):
     """The file-level pieces alone: what counts as damaged, pruning leaves damaged folders alone
     (and does not count them), a new save of a damaged step sets the old folder aside."""
     from megatron_ntp.training import checkpoint_files as files
     from megatron_ntp.training import checkpoint_manifest as manifest
 
-    def make(step, shard=b"0123456789"):
-        folder = tmp_path / f"iter_{step:07d}"
-        folder.mkdir()
-        (folder / "__0_0.distcp").write_bytes(shard)
-        entries = manifest.manifest_entries(str(folder), manifest.list_files(str(folder)))
-        (folder / files.INFO_FILE).write_text(json.dumps({"format": 2, "files": entries}))
-        return folder
+    def make(step):
+        return fake_checkpoint(tmp_path, step)
 
     intact, truncated, changed = make(2), make(4), make(6)
     (truncated / "__0_0.distcp").write_bytes(b"012")
@@ -185,6 +194,36 @@ def test_manifest_pruning_and_publishing_keep_damaged_checkpoints(tmp_path):
     # no tracker: newest first; the empty iter_0000004 published last is no checkpoint
     assert files.resume_candidates(str(tmp_path)) == (
         [str(tmp_path / f"iter_{step:07d}") for step in (8, 6, 2)], [])
+
+
+def test_checkpoint_verify_false_checks_sizes_only(tmp_path, capsys):
+    """plan_start: a same-size corruption of the latest checkpoint is caught by the checksums
+    (fallback to the older one), not with checkpoint.verify=false; a truncation is caught by
+    both; with no intact checkpoint left, the error names them all."""
+    from megatron_ntp.config import load_config
+    from megatron_ntp.training import checkpoint
+
+    fake_checkpoint(tmp_path, 2)
+    latest = fake_checkpoint(tmp_path, 4)
+    (tmp_path / checkpoint.TRACKER_FILE).write_text("4\n")
+    (latest / "__0_0.distcp").write_bytes(b"0123456788")
+
+    def start(verify):
+        return checkpoint.plan_start(load_config(None, [
+            f"checkpoint.save_dir={tmp_path}", f"checkpoint.verify={verify}"]))
+
+    assert start("true") == checkpoint.StartPoint(2, 8, str(tmp_path / "iter_0000002"))
+    assert f"checkpoint {latest} is damaged: __0_0.distcp has CRC-32" in capsys.readouterr().err
+    assert start("false") == checkpoint.StartPoint(4, 16, str(latest))
+    (latest / "__0_0.distcp").write_bytes(b"0")
+    assert start("false").step == 2
+    (tmp_path / "iter_0000002" / "__0_0.distcp").unlink()
+    with pytest.raises(checkpoint.CheckpointDamaged, match=(
+            r"no intact checkpoint to resume from: checkpoint .*iter_0000004 is damaged: "
+            r"__0_0.distcp is 1 bytes, .* \| checkpoint .*iter_0000002 is damaged: "
+            r"__0_0.distcp is missing")):
+        start("true")
+    assert (tmp_path / checkpoint.TRACKER_FILE).read_text() == "4\n"  # left as it was
 
 
 # ---------------------------------------------------------------------------------------------
