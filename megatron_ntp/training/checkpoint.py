@@ -118,8 +118,8 @@ def read_checkpoint_config(checkpoint_dir: str) -> Config:
     against the manifest first (a small file: sizes and checksum)."""
     path = resolve_checkpoint_dir(checkpoint_dir)
     manifest, problems = read_manifest(path)
-    if manifest is not None and not problems:
-        config_only = {CONFIG_FILE: manifest.get(CONFIG_FILE, {"bytes": -1, "crc32": ""})}
+    if manifest and CONFIG_FILE in manifest:
+        config_only = {CONFIG_FILE: manifest[CONFIG_FILE]}
         problems = (size_problems(path, config_only)
                     or checksum_problems(path, config_only, [CONFIG_FILE]))
     if problems:
@@ -158,12 +158,8 @@ def save_checkpoint(config: Config, objects, step: int, consumed_samples: int) -
     root = config.checkpoint.save_dir
     final = os.path.join(root, iteration_dir_name(step))
     temporary = final + TEMP_SUFFIX
-    if _is_rank0():
-        os.makedirs(root, exist_ok=True)
-        remove_temporaries(root)
-        os.makedirs(temporary)
-    _barrier()
     try:
+        _decided_on_rank0(_prepare_folder, root, temporary)  # and every rank waits for it
         _write_shards(config, objects, step, consumed_samples, temporary)
         names = _decided_on_rank0(_write_config_and_list, config, temporary)
         rank, world = _rank_and_world()
@@ -194,6 +190,12 @@ def _write_shards(config: Config, objects, step: int, consumed_samples: int,
     # Writes every rank's shards and ends with a barrier: on return the folder is complete.
     dist_checkpointing.save(state, folder,
                             content_metadata=_clean_metadata_for_serialization(metadata))
+
+
+def _prepare_folder(root: str, temporary: str) -> None:
+    os.makedirs(root, exist_ok=True)
+    remove_temporaries(root)
+    os.makedirs(temporary)
 
 
 def _write_config_and_list(config: Config, folder: str) -> list[str]:
@@ -484,11 +486,6 @@ def _rank_and_world() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _gathered(items: list) -> list:
