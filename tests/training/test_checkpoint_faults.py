@@ -122,6 +122,19 @@ def test_verify_command_lists_each_iteration_and_its_state(faults):
     assert verify_command(f"{folder}/absent").returncode == 2
 
 
+def test_export_of_a_damaged_checkpoint_is_a_clear_error(faults, tmp_path):
+    """Eval and export load weights through load_model_weights, which verifies first."""
+    folder, r = faults
+    damaged = f"{folder}/truncated_shard/ckpt/iter_0000004.damaged"
+    result = subprocess.run([sys.executable, "-m", "megatron_ntp.cli", "export", "--checkpoint",
+                             damaged, "--output", str(tmp_path / "hf")], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=HANG)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-4000:]
+    assert (f"megatron-ntp export: checkpoint {damaged} is damaged: "
+            f"{r['truncated_shard']['file']} is 1000 bytes" in result.stderr)
+    assert not os.path.exists(tmp_path / "hf" / "config.json")
+
+
 def test_every_rank_raises_the_same_clear_error(faults, tmp_path):
     """Two ranks share the checksums: a same-size corruption found by one rank is reported by
     both, as is a truncation (found by rank 0's size check)."""
