@@ -5,7 +5,6 @@ One process, no megatron-core: the files are checked against each checkpoint's m
 intact, 1 when one is damaged, 2 when DIR holds none.
 """
 
-import argparse
 import os
 import re
 

@@ -112,9 +112,9 @@ def test_verify_command_lists_each_iteration_and_its_state(faults):
     assert lines[0].startswith(f"{'iter_0000002':<24} intact: ")
     assert lines[1].startswith(f"{'iter_0000004':<24} intact: ")
     assert lines[2] == f"{'iter_0000004.damaged':<24} DAMAGED (set aside)"
-    assert lines[3] == (f"    {r['truncated_shard']['file']} is 1000 bytes, the manifest says "
-                        f"{_manifest_size(ckpt + '/iter_0000004.damaged', r['truncated_shard']['file'])} "
-                        f"(truncated)")
+    shard = r["truncated_shard"]["file"]
+    saved = _manifest_size(f"{ckpt}/iter_0000004.damaged", shard)
+    assert lines[3] == f"    {shard} is 1000 bytes, the manifest says {saved} (truncated)"
     assert lines[4].startswith(f"{'iter_0000006':<24} intact: ")
     assert lines[-1] == "a resume starts from: iter_0000006"
     clean = verify_command(f"{folder}/pristine/ckpt", "--sizes-only")
