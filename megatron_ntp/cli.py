@@ -9,6 +9,7 @@
     megatron-ntp export --checkpoint DIR --output DIR                 (export/cli.py)
     megatron-ntp submit [Slurm options] --config FILE [overrides ...] (jobs/cli.py)
     megatron-ntp sweep plan|submit|collect|fit ...                    (sweep/cli.py)
+    megatron-ntp checkpoint verify DIR                                (training/checkpoint_cli.py)
 """
 
 import argparse
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_ntp.jobs import cli as jobs_cli
     from megatron_ntp.models import cli as models_cli
     from megatron_ntp.sweep import cli as sweep_cli
+    from megatron_ntp.training import checkpoint_cli
     from megatron_ntp.training import cli as training_cli
 
     parser = argparse.ArgumentParser(prog="megatron-ntp", description=__doc__.split("\n")[0])
@@ -74,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     export_cli.add_commands(commands)
     jobs_cli.add_commands(commands)
     sweep_cli.add_commands(commands)
+    checkpoint_cli.add_commands(commands)
     return parser
 
 

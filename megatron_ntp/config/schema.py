@@ -304,6 +304,12 @@ class CheckpointConfig:
     """Restore the python/numpy/torch/tensor-parallel random states on resume; false = Megatron's
     --no-load-rng. They are not restored with finetune or when the parallel layout changed."""
 
+    verify: bool = True
+    """Before loading, check every file of the checkpoint against the CRC-32 in its manifest
+    (reads the whole checkpoint once more, spread over the ranks); false checks presence and
+    sizes only (one stat per file, always done). On resume a damaged checkpoint is skipped for
+    the newest intact one before it."""
+
 
 @dataclass(frozen=True)
 class LoggingConfig:

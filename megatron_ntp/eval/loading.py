@@ -138,7 +138,7 @@ def build_inference_model(config: Config, checkpoint_dir: str | None):
     if checkpoint_dir:
         from megatron_ntp.training.checkpoint import load_model_weights
 
-        step = load_model_weights(chunks, checkpoint_dir)
+        step = load_model_weights(chunks, checkpoint_dir, verify=config.checkpoint.verify)
     for chunk in chunks:
         chunk.eval()
     return chunks, step

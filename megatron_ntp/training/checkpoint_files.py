@@ -5,11 +5,13 @@ Pure file operations (no process group, no megatron-core), done by global rank 0
     <save_dir>/latest_checkpointed_iteration.txt   the newest complete checkpoint's step
     <save_dir>/iter_0000300/                        a complete checkpoint (has checkpoint.json)
     <save_dir>/iter_0000400.tmp/                    being written, crashed, or being deleted
+    <save_dir>/iter_0000200.damaged/                a damaged checkpoint, set aside (kept)
 
 Only a folder named iter_XXXXXXX with checkpoint.json in it counts as a checkpoint. A save
 writes iter_N.tmp, renames it to iter_N when complete (`publish`), then replaces the tracker
 (`write_durably(..., atomic=True)`). Deleting renames to a .tmp name first, so a half-deleted
-folder never looks like a checkpoint.
+folder never looks like a checkpoint. A damaged checkpoint is never deleted: a new save of its
+step renames it to iter_N.damaged (checkpoint.py decides what is damaged).
 """
 
 import json
@@ -23,6 +25,7 @@ TRACKER_FILE = "latest_checkpointed_iteration.txt"
 CONFIG_FILE = "config.yaml"
 INFO_FILE = "checkpoint.json"
 TEMP_SUFFIX = ".tmp"
+DAMAGED_SUFFIX = ".damaged"  # a damaged checkpoint set aside by a new save of its step
 _ITERATION_DIR = re.compile(r"iter_(\d{7,})$")
 _TEMPORARY_DIR = re.compile(r"iter_\d{7,}.*\.tmp$")
 
@@ -46,11 +49,28 @@ def complete_checkpoints(root: str) -> dict[int, str]:
 def latest_checkpoint(root: str) -> str | None:
     """The folder the tracker names; the newest complete one if the tracker is missing or
     names a folder that is gone; None when `root` holds no checkpoint."""
+    candidates, _ = resume_candidates(root)
+    return candidates[0] if candidates else None
+
+
+def resume_candidates(root: str) -> tuple[list[str], list[str]]:
+    """(checkpoints to resume from, best first; notes on the tracker): the one the tracker
+    names, then the older complete ones, newest first (later folders belong to an abandoned
+    timeline); without a usable tracker every complete one, newest first. The notes say why a
+    tracker was not usable."""
     complete = complete_checkpoints(root)
-    tracked = _read_tracker(root)
+    tracked, notes = _read_tracker(root), []
+    if isinstance(tracked, str):
+        notes.append(f"{os.path.join(root, TRACKER_FILE)} holds {tracked!r}, not a step: "
+                     f"ignored")
+    elif tracked is not None and tracked not in complete:
+        notes.append(f"{os.path.join(root, TRACKER_FILE)} names step {tracked}, but "
+                     f"{iteration_dir_name(tracked)} is missing or incomplete: ignored")
     if tracked in complete:
-        return complete[tracked]
-    return complete[max(complete)] if complete else None
+        steps = [tracked] + sorted((s for s in complete if s < tracked), reverse=True)
+    else:
+        steps = sorted(complete, reverse=True)
+    return [complete[step] for step in steps], notes
 
 
 def resolve_checkpoint_dir(path: str) -> str:
@@ -72,14 +92,14 @@ def read_checkpoint_info(checkpoint_dir: str) -> dict:
         return json.load(f)
 
 
-
-def _read_tracker(root: str) -> int | None:
+def _read_tracker(root: str) -> int | str | None:
+    """The tracker's step; its text when that is not a step; None without a tracker."""
     try:
-        with open(os.path.join(root, TRACKER_FILE)) as f:
-            return int(f.read().strip())
-    except (FileNotFoundError, ValueError):
+        with open(os.path.join(root, TRACKER_FILE), "rb") as f:
+            text = f.read(100).decode("utf-8", errors="replace").strip()
+    except FileNotFoundError:
         return None
-
+    return int(text) if text.isdigit() else text
 
 
 def remove_temporaries(root: str) -> None:
@@ -89,10 +109,14 @@ def remove_temporaries(root: str) -> None:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def prune_checkpoints(root: str, keep_last: int, newest: int) -> None:
+def prune_checkpoints(root: str, keep_last: int, newest: int,
+                      damaged=lambda path: False) -> None:
     """Keep `newest` and the keep_last - 1 checkpoints before it; delete older ones. Folders of
-    later steps (left by an abandoned timeline) are not touched."""
-    older = sorted(step for step in complete_checkpoints(root) if step < newest)
+    later steps (left by an abandoned timeline) are not touched; nor is a checkpoint that
+    `damaged(folder)` says is damaged (it is not counted among the kept ones either: it is left
+    for a person to look at)."""
+    older = sorted(step for step, path in complete_checkpoints(root).items()
+                   if step < newest and not damaged(path))
     for step in older[:max(0, len(older) - (keep_last - 1))]:
         path = os.path.join(root, iteration_dir_name(step))
         doomed = path + ".deleted" + TEMP_SUFFIX
@@ -100,18 +124,35 @@ def prune_checkpoints(root: str, keep_last: int, newest: int) -> None:
         shutil.rmtree(doomed, ignore_errors=True)
 
 
-def publish(temporary: str, final: str) -> None:
-    """Rename a finished iter_N.tmp to iter_N (replacing an iter_N left by an earlier try)."""
+def publish(temporary: str, final: str, keep_existing: bool = False) -> str | None:
+    """Rename a finished iter_N.tmp to iter_N. An iter_N already there (an earlier attempt: a
+    crash between its rename and the tracker update, or a damaged checkpoint the run fell back
+    from) is replaced; with keep_existing it is renamed to iter_N.damaged[.K] instead, never
+    deleted, and that name is returned."""
+    set_aside = None
     if os.path.exists(final):
-        # iter_N of an earlier attempt (a crash between its rename and the tracker update)
-        replaced = final + ".replaced" + TEMP_SUFFIX
-        shutil.rmtree(replaced, ignore_errors=True)
-        os.rename(final, replaced)
-        os.rename(temporary, final)
-        shutil.rmtree(replaced, ignore_errors=True)
+        if keep_existing:
+            set_aside = _free_name(final + DAMAGED_SUFFIX)
+            os.rename(final, set_aside)
+            os.rename(temporary, final)
+        else:
+            replaced = final + ".replaced" + TEMP_SUFFIX
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.rename(final, replaced)
+            os.rename(temporary, final)
+            shutil.rmtree(replaced, ignore_errors=True)
     else:
         os.rename(temporary, final)
     _fsync_dir(os.path.dirname(final))
+    return set_aside
+
+
+def _free_name(path: str) -> str:
+    count, candidate = 0, path
+    while os.path.exists(candidate):
+        count += 1
+        candidate = f"{path}.{count}"
+    return candidate
 
 
 def write_durably(path: str, text: str, atomic: bool = False) -> None:

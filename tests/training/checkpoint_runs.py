@@ -27,11 +27,13 @@ def _config(overrides):
 
 
 def _train(overrides, keep=None):
-    """Train `overrides` on this rank; returns (records or the raised exception, snapshot)."""
+    """Train `overrides` on this rank; returns (records or the raised CheckpointSaveFailed or
+    CheckpointDamaged, snapshot)."""
     from megatron.core import parallel_state
 
     from megatron_ntp.parallel import initialize_parallel_from_config
     from megatron_ntp.training.build import build_training_objects
+    from megatron_ntp.training.checkpoint import CheckpointDamaged, CheckpointSaveFailed
     from megatron_ntp.training.loop import train
 
     config = _config(overrides)
@@ -41,7 +43,7 @@ def _train(overrides, keep=None):
         with open(os.devnull, "w") as quiet:
             try:
                 result = train(config, stream=quiet, objects=objects)
-            except InjectedSaveFailure as err:
+            except (CheckpointSaveFailed, CheckpointDamaged) as err:
                 result = err
         return result, (keep(objects) if keep else None)
     finally:
@@ -111,7 +113,7 @@ def crash_resume_finetune(rank, world_size, base, out_dir):
         crashed, _ = _train(pretrain)
     finally:
         dist_checkpointing.save = real_save
-    results["crash_raised"] = isinstance(crashed, InjectedSaveFailure)
+    results["crash_raised"] = str(crashed)
     results["after_crash"] = {
         "tracker": open(os.path.join(ckpt, checkpoint.TRACKER_FILE)).read().strip(),
         "complete": sorted(checkpoint.complete_checkpoints(ckpt)),
@@ -174,3 +176,155 @@ def crash_resume_finetune(rank, world_size, base, out_dir):
 
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fault matrix: damage after a save, a full disk during one
+# ---------------------------------------------------------------------------------------------
+def _largest_shard(checkpoint_dir):
+    shards = [n for n in os.listdir(checkpoint_dir) if n.endswith(".distcp")]
+    return max(shards, key=lambda n: os.path.getsize(os.path.join(checkpoint_dir, n)))
+
+
+def _truncate_shard(ckpt):
+    folder = os.path.join(ckpt, "iter_0000004")
+    name = _largest_shard(folder)
+    os.truncate(os.path.join(folder, name), 1000)
+    return name
+
+
+def _remove_shard(ckpt):
+    folder = os.path.join(ckpt, "iter_0000004")
+    name = _largest_shard(folder)
+    os.remove(os.path.join(folder, name))
+    return name
+
+
+def _corrupt_metadata(ckpt):
+    """Same size, other bytes: only the checksum can tell."""
+    path = os.path.join(ckpt, "iter_0000004", "metadata.json")
+    with open(path, "r+b") as f:
+        data = bytearray(f.read())
+        data[len(data) // 2:len(data) // 2 + 8] = b"garbage!"
+        f.seek(0)
+        f.write(bytes(data))
+    return "metadata.json"
+
+
+def _write_tracker(text):
+    def fault(ckpt):
+        with open(os.path.join(ckpt, "latest_checkpointed_iteration.txt"), "w") as f:
+            f.write(text)
+        return "latest_checkpointed_iteration.txt"
+    return fault
+
+
+FAULTS = {"truncated_shard": _truncate_shard, "missing_shard": _remove_shard,
+          "corrupted_metadata": _corrupt_metadata,
+          "tracker_names_missing_step": _write_tracker("5\n"),
+          "tracker_garbage": _write_tracker("\x00\x17garbage")}
+
+
+def _state_after_step4(pristine, folder):
+    """A copy of the uninterrupted run as it was after saving step 4 (iter_0000006 gone)."""
+    import shutil
+
+    shutil.copytree(pristine, folder)
+    shutil.rmtree(os.path.join(folder, "ckpt", "iter_0000006"))
+    with open(os.path.join(folder, "ckpt", "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write("4\n")
+
+
+def _outcome(args, folder):
+    """Train; what a person would see: the error or the records, the warnings, the files."""
+    import contextlib
+    import io
+
+    warnings = io.StringIO()
+    with contextlib.redirect_stderr(warnings):
+        result, _ = _train(args)
+    ckpt = os.path.join(folder, "ckpt")
+    return {"error": None if isinstance(result, list) else str(result),
+            "warnings": warnings.getvalue(),
+            "metrics": _read_steps(os.path.join(folder, "run", "metrics.jsonl")),
+            "entries": sorted(os.listdir(ckpt)),
+            "tracker": open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read()}
+
+
+def _enospc_during_save(args, folder):
+    """A resume whose save of step 6 finds the disk full, then the same command again."""
+    import errno
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    real_write = filesystem_async._write_item
+
+    def full_disk(*args, **kwargs):
+        stream = args[-4] if len(args) >= 4 else kwargs.get("stream")
+        if "iter_0000006" in str(getattr(stream, "name", "")):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), stream.name)
+        return real_write(*args, **kwargs)
+
+    filesystem_async._write_item = full_disk
+    try:
+        failed = _outcome(args, folder)
+    finally:
+        filesystem_async._write_item = real_write
+    return failed, _outcome(args, folder)
+
+
+def fault_matrix(rank, world_size, base, out_dir):
+    """An uninterrupted 6-step run (checkpoints at 2, 4, 6); for each fault, a copy of its state
+    after step 4 with iter_0000004 (or the tracker) damaged, resumed with the same command; and
+    a full disk while saving step 6. Writes <out_dir>/faults.json."""
+    def args(folder):
+        return base + ["train.steps=6", "checkpoint.save_interval=2", "checkpoint.keep_last=3",
+                       f"checkpoint.save_dir={folder}/ckpt", f"logging.run_dir={folder}/run"]
+
+    pristine = os.path.join(out_dir, "pristine")
+    _train(args(pristine))
+    results = {"reference": _read_steps(os.path.join(pristine, "run", "metrics.jsonl"))}
+    for name, fault in FAULTS.items():
+        folder = os.path.join(out_dir, name)
+        _state_after_step4(pristine, folder)
+        damaged_file = fault(os.path.join(folder, "ckpt"))
+        results[name] = {"file": damaged_file, **_outcome(args(folder), folder)}
+    folder = os.path.join(out_dir, "enospc")
+    _state_after_step4(pristine, folder)
+    results["enospc"], results["enospc_rerun"] = _enospc_during_save(args(folder), folder)
+    with open(os.path.join(out_dir, "faults.json"), "w") as f:
+        json.dump(results, f)
+
+
+def train_killed_after_rename(args, step):
+    """`megatron-ntp train args` in this process, SIGKILLed by itself right after the rename of
+    iter_<step>.tmp to iter_<step> (before the directory's fsync and the tracker update)."""
+    import signal
+
+    from megatron_ntp import cli
+
+    real_rename, final = os.rename, f"iter_{step:07d}"
+
+    def rename_then_die(source, target):
+        real_rename(source, target)
+        if str(target).endswith(final) and str(source).endswith(".tmp"):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    os.rename = rename_then_die
+    cli.main(["train", *args])
+
+
+def verify_on_every_rank(rank, world_size, checkpoint_dirs, out_dir):
+    """verify_checkpoint of each folder on every rank (checksums spread over the ranks); each
+    rank writes the messages it raised to <out_dir>/verify_<rank>.json."""
+    from megatron_ntp.training.checkpoint import CheckpointDamaged, verify_checkpoint
+
+    messages = []
+    for path in checkpoint_dirs:
+        try:
+            verify_checkpoint(path)
+            messages.append(None)
+        except CheckpointDamaged as err:
+            messages.append(str(err))
+    with open(os.path.join(out_dir, f"verify_{rank}.json"), "w") as f:
+        json.dump(messages, f)

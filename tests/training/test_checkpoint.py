@@ -1,5 +1,6 @@
-"""Checkpoints: exact resume after SIGKILL, a crash while saving, resume into another layout,
-SIGTERM (exit code 75 and a checkpoint, ranks agreeing under torchrun), mid-training start.
+"""Checkpoints: exact resume after SIGKILL (also during the rename), a crash while saving, resume
+into another layout, SIGTERM (exit code 75 and a checkpoint, ranks agreeing under torchrun),
+mid-training start. Damaged checkpoints: test_checkpoint_faults.py.
 
 Runs go through the command line (`python -m megatron_ntp.cli train`, torchrun for several
 ranks) as a Slurm job would, on a tiny float32 model with the full shaped loss; every process
@@ -172,6 +173,27 @@ def test_resume_after_sigkill_gives_identical_losses(reference, killed_and_resum
                                    "latest_checkpointed_iteration.txt"]
 
 
+def test_sigkill_during_the_rename_loses_nothing(base, reference, tmp_path):
+    """Killed right after iter_0000006.tmp became iter_0000006, before the tracker moved: the
+    rerun resumes from the tracker's iter_0000003 and ends as the uninterrupted run."""
+    args = run_args(base, tmp_path)
+    code = ("import sys; from tests.training.checkpoint_runs import train_killed_after_rename; "
+            "train_killed_after_rename(sys.argv[1:], 6)")
+    killed = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=HANG)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
+    assert tracker(tmp_path) == "3"
+    assert checkpoints(tmp_path) == ["iter_0000003", "iter_0000006",
+                                     "latest_checkpointed_iteration.txt"]
+    resumed = run(args)
+    assert f"resuming from {tmp_path}/ckpt/iter_0000003 at step 3/6" in resumed.stdout
+    assert "WARNING" not in resumed.stderr
+    assert_same(records(tmp_path), records(reference))
+    assert tracker(tmp_path) == "6"
+    assert checkpoints(tmp_path) == ["iter_0000003", "iter_0000006",
+                                     "latest_checkpointed_iteration.txt"]
+
+
 def test_resume_into_tp2_pp2(base, reference, killed_and_resumed, tmp_path):
     """A single-rank checkpoint continued at TP=2 x PP=2 (4 ranks) tracks the single rank."""
     folder, _, _ = killed_and_resumed
@@ -222,7 +244,8 @@ def test_crash_during_save_and_mid_training_start(base, sample_data, tmp_path):
     with open(tmp_path / "results.json") as f:
         r = json.load(f)
     # a failed save leaves the previous checkpoint the latest; its temporary folder is ignored
-    assert r["crash_raised"]
+    assert r["crash_raised"].startswith(f"saving checkpoint {tmp_path}/ckpt/iter_0000004 failed "
+                                        f"(injected: the job died while saving iter_0000004)")
     assert r["after_crash"]["tracker"] == "2" and r["after_crash"]["complete"] == [2]
     assert r["after_crash"]["latest"] == "iter_0000002"
     assert "iter_0000004.tmp" in r["after_crash"]["entries"]
