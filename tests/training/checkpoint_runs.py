@@ -89,18 +89,26 @@ def _equal(a: dict, b: dict) -> bool:
 
 
 def crash_resume_finetune(rank, world_size, base, out_dir):
-    from megatron.core import dist_checkpointing, parallel_state
-
-    from megatron_ntp.parallel import initialize_parallel_from_config
-    from megatron_ntp.training import checkpoint
-    from megatron_ntp.training.build import build_model_chunks, build_training_objects
-
+    """A save that dies, the resume, a mid-training phase and load_model_weights, in turn;
+    results.json collects what each phase saw."""
     results = {}
     ckpt, run_dir = os.path.join(out_dir, "ckpt"), os.path.join(out_dir, "run")
     pretrain = base + ["train.steps=4", "checkpoint.save_interval=2",
                        f"checkpoint.save_dir={ckpt}", f"logging.run_dir={run_dir}"]
+    _crash_during_save(pretrain, ckpt, run_dir, results)
+    weights, adam = _resume_after_crash(pretrain, ckpt, run_dir, results)
+    _finetune_phase(base, ckpt, os.path.join(out_dir, "mid"), weights, adam, results)
+    _load_weights_into_bare_chunks(pretrain, ckpt, weights, results)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f)
 
-    # 1. the save of step 4 dies after writing its shards, before it is published
+
+def _crash_during_save(pretrain, ckpt, run_dir, results):
+    """1. the save of step 4 dies after writing its shards, before it is published"""
+    from megatron.core import dist_checkpointing
+
+    from megatron_ntp.training import checkpoint
+
     real_save = dist_checkpointing.save
 
     def dying_save(state, directory, *args, **kwargs):
@@ -122,7 +130,11 @@ def crash_resume_finetune(rank, world_size, base, out_dir):
     }
     results["crashed_metrics"] = _read_steps(os.path.join(run_dir, "metrics.jsonl"))
 
-    # 2. the same command again: resumes from iter_0000002
+
+def _resume_after_crash(pretrain, ckpt, run_dir, results):
+    """2. the same command again: resumes from iter_0000002; returns (weights, Adam state)"""
+    from megatron_ntp.training import checkpoint
+
     resumed, (weights, adam) = _train(pretrain, keep=_snapshot)
     results["resumed_records"] = resumed
     results["resumed_metrics"] = _read_steps(os.path.join(run_dir, "metrics.jsonl"))
@@ -130,10 +142,18 @@ def crash_resume_finetune(rank, world_size, base, out_dir):
         "tracker": open(os.path.join(ckpt, checkpoint.TRACKER_FILE)).read().strip(),
         "entries": sorted(os.listdir(ckpt)),
     }
+    return weights, adam
 
-    # 3. mid-training: new sequence length, RoPE base, schedule and blend; weights and Adam
-    #    state kept
-    mid_dir = os.path.join(out_dir, "mid")
+
+def _finetune_phase(base, ckpt, mid_dir, weights, adam, results):
+    """3. mid-training: new sequence length, RoPE base, schedule and blend; weights and Adam
+    state kept"""
+    from megatron.core import parallel_state
+
+    from megatron_ntp.parallel import initialize_parallel_from_config
+    from megatron_ntp.training import checkpoint
+    from megatron_ntp.training.build import build_training_objects
+
     prefix = next(o for o in base if o.startswith("data.blend=")).split("=", 1)[1]
     mid = base + [f"data.blend=0.7 {prefix} 0.3 {prefix}", "data.seed=7",
                   "data.seq_length=64", "train.global_batch_tokens=256", "model.rotary_base=1e6",
@@ -164,7 +184,15 @@ def crash_resume_finetune(rank, world_size, base, out_dir):
                                         "seq_length": saved.data.seq_length,
                                         "blend": saved.data.blend}
 
-    # 4. load_model_weights into bare chunks of the pre-training config
+
+def _load_weights_into_bare_chunks(pretrain, ckpt, weights, results):
+    """4. load_model_weights into bare chunks of the pre-training config"""
+    from megatron.core import parallel_state
+
+    from megatron_ntp.parallel import initialize_parallel_from_config
+    from megatron_ntp.training import checkpoint
+    from megatron_ntp.training.build import build_model_chunks
+
     config = _config(pretrain)
     initialize_parallel_from_config(config)
     try:
@@ -173,9 +201,6 @@ def crash_resume_finetune(rank, world_size, base, out_dir):
         results["load_model_weights_equal"] = _equal(_weights(chunks), weights)
     finally:
         parallel_state.destroy_model_parallel()
-
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f)
 
 
 # ---------------------------------------------------------------------------------------------
