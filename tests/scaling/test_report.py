@@ -77,14 +77,27 @@ def test_comparison_table_json_and_plots(tmp_path):
     assert len(curve["steeper"].loss) == 20 * 6  # steps 5..10 of 20 runs
     final = fit_points(table, "auto", points="final")
     fits = fit_settings(curve, bootstrap=10, final_points=final)
-    text = format_comparison(fits, "valid_ce", "params_non_embedding")
+    text = format_comparison(fits, "valid_ce", "params_non_embedding", budgets=[1e21],
+                             at=[(1e9, 2e10)])
     assert "constant_shift" in text and "alpha" in text and "[" in text
-    saved = json.loads(fits_to_json(fits, "valid_ce", "params_non_embedding", "curve"))
+    assert "at C = 1e+21 FLOPs, law (approach 3): N_opt" in text
+    assert "IsoFLOP law N_opt" in text and "L(N = 1e+09, D = 2e+10) = " in text
+    saved = json.loads(fits_to_json(fits, "valid_ce", "params_non_embedding", "curve",
+                                    budgets=[1e21], at=[(1e9, 2e10)]))
     assert set(saved["settings"]) == set(SETTINGS)
     for entry in saved["settings"].values():
-        assert set(entry["fit"]) == {"E", "A", "alpha", "B", "b", "objective"}
+        assert set(entry["fit"]) == {"E", "A", "alpha", "B", "b", "objective", "starts",
+                                     "starts_at_best", "starts_converged"}
+        assert entry["bootstrap"]["resamples"] == 10
         low, high = entry["intervals"]["alpha"]
         assert low <= entry["fit"]["alpha"] <= high or high - low < 1e-3
+        budget = entry["predictions"]["budgets"][0]
+        law = budget["law"]
+        assert law["n_interval"][0] <= law["n_opt"] <= law["n_interval"][1]
+        assert 6 * law["n_opt"] * law["d_opt"] == pytest.approx(1e21)
+        assert budget["isoflop"]["n_opt"] > 0 and entry["isoflop_law"]["exponent"] > 0
+        point = entry["predictions"]["points"][0]
+        assert point["loss_interval"][0] <= point["loss"] <= point["loss_interval"][1]
     paths = write_plots(table, fits, str(tmp_path / "plots"), "valid_ce", "valid_entropy",
                         "params_non_embedding")
     for p in paths:
