@@ -127,3 +127,23 @@ def test_isoflop_groups_by_planned_flop_budget():
     assert [o["flops"] for o in optima] == pytest.approx([1e18, 1e19], rel=0.1)
     assert all(o["bracketed"] for o in optima)
     assert optima[1]["n_opt"] > optima[0]["n_opt"]  # more compute, larger optimal model
+
+
+def test_sweep_fit_cli_prints_predictions_with_intervals(tmp_path, capsys):
+    from megatron_ntp.cli import main
+
+    rows = _table(sizes=5, budgets=4)
+    path = tmp_path / "sweep_metrics.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert main(["sweep", "fit", str(path), "--bootstrap", "5", "--budget", "1e21",
+                 "--predict", "1e9:2e10", "--out", str(tmp_path / "fit")]) == 0
+    text = capsys.readouterr().out
+    assert "at C = 1e+21 FLOPs, law (approach 3): N_opt" in text
+    assert "L(N = 1e+09, D = 2e+10) = " in text
+    saved = json.loads((tmp_path / "fit" / "fits.json").read_text())
+    assert saved["settings"]["steeper"]["predictions"]["points"][0]["n"] == 1e9
+    assert main(["sweep", "fit", str(path), "--predict", "1e9"]) == 2
+    assert "--predict '1e9': expected N:D" in capsys.readouterr().err
