@@ -103,8 +103,10 @@ def build(prefixes, cache, seq, train_samples, valid_samples) -> dict:
     elapsed = time.perf_counter() - start
     sample = train[len(train) - 1]  # touch the indices end to end (reads the sparse .bin: zeros)
     assert sample["tokens"].shape == (seq,)
-    return {"seconds": elapsed, "peak_rss_gib": resource.getrusage(
-        resource.RUSAGE_SELF).ru_maxrss / 2**20, "train": len(train), "valid": len(valid)}
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    # CPU seconds hardly move when other jobs compete for the cores; wall seconds do.
+    return {"seconds": elapsed, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "peak_rss_gib": usage.ru_maxrss / 2**20, "train": len(train), "valid": len(valid)}
 
 
 def run_rank(args, name):
@@ -143,7 +145,8 @@ def main():
         print(json.dumps(build(prefixes, os.path.join(args.folder, "cache"), args.seq,
                                train_samples, valid_samples)))
         return
-    print(f"CPU: {cpu_model()} ({os.cpu_count()} cores)")
+    print(f"CPU: {cpu_model()} ({os.cpu_count()} cores), load average "
+          f"{os.getloadavg()[0]:.1f} at the start")
     shutil.rmtree(args.folder, ignore_errors=True)
     os.makedirs(args.folder)
     # Each prefix holds its share plus 1% (the 99.8% train split must cover the run's tokens
@@ -161,11 +164,13 @@ def main():
     print(f"run: {args.tokens:.3e} tokens = {train_samples:,} samples of {args.seq}, "
           f"{valid_samples:,} valid samples")
     first = run_rank(args, "rank 0")
-    print(f"rank 0 (builds, writes the cache): {first['seconds']:.1f} s, "
-          f"peak RSS {first['peak_rss_gib']:.2f} GiB")
+    print(f"rank 0 (builds, writes the cache): {first['seconds']:.1f} s "
+          f"({first['cpu_seconds']:.0f} CPU s in the process), peak RSS "
+          f"{first['peak_rss_gib']:.2f} GiB")
     other = run_rank(args, "other rank")
-    print(f"other rank (loads the cache):      {other['seconds']:.1f} s, "
-          f"peak RSS {other['peak_rss_gib']:.2f} GiB")
+    print(f"other rank (loads the cache):      {other['seconds']:.1f} s "
+          f"({other['cpu_seconds']:.0f} CPU s in the process), peak RSS "
+          f"{other['peak_rss_gib']:.2f} GiB")
     cache = os.path.join(args.folder, "cache")
     cache_gib = sum(os.path.getsize(os.path.join(cache, n)) for n in os.listdir(cache)) / 2**30
     print(f"cache: {cache_gib:.2f} GiB in {cache}")
