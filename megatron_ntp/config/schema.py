@@ -177,9 +177,10 @@ class ParallelConfig:
     """On a GPU with distributed_optimizer: overlap the parameter all-gather after each
     optimizer step with the next forward pass. Ignored on CPU."""
 
-    distributed_timeout_minutes: int = 30
+    distributed_timeout_minutes: int = 60
     """Timeout of every collective (NCCL/gloo) before the job fails. Megatron-LM's default is
-    10; 30 leaves room for rank 0 building dataset indices while the others wait."""
+    10; rank 0 builds the dataset indices while the others wait, which took 4-7 minutes for a
+    500B-token blend on a busy 2-core machine (benchmarks/index_build_bench.py): 60 leaves 8x."""
 
 
 @dataclass(frozen=True)

@@ -9,20 +9,26 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
+
+from megatron_ntp.data.blend import Blend, parse_blend_value, parse_one_blend
 
 
 @dataclass
 class DataConfig:
     """Datasets for training: a weighted blend of preprocessed prefixes, split train/valid/test."""
 
-    blend: Union[str, List[str], None] = None
+    blend: Union[str, List[str], Dict[str, Union[str, List[str]]], None] = None
     """Megatron's blend: "weight prefix weight prefix ..." (weights are normalised), or just
-    "prefix prefix ..." (weighted by size), as one string or a list of words. A prefix is the path
-    of a preprocessed dataset without .bin/.idx, e.g. "data/wiki_text_document"."""
+    "prefix prefix ..." (weighted by size), as one string or a list of words; or "file:path", a
+    blend file (the same words over lines, "#" comments; Megatron-LM's --data-args-path); or
+    a mapping {train: ..., valid: ..., test: ...} of such blends, one per split (data.split is
+    then unused). A prefix is the path of a preprocessed dataset without .bin/.idx, e.g.
+    "data/wiki_text_document"."""
 
     split: str = "969,30,1"
-    """Train, valid, test proportions of each prefix's documents, e.g. "969,30,1"."""
+    """Train, valid, test proportions of each prefix's documents, e.g. "969,30,1" (not used
+    with a per-split blend)."""
 
     seq_length: int = 2048
     """Tokens per sample (a sample holds seq_length + 1 tokens: inputs and shifted labels)."""
@@ -55,8 +61,7 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the field and value at the first invalid one."""
-        if self.blend is not None:
-            parse_blend(self.blend)  # raises with the field name
+        parse_blend_value(self.blend)  # raises naming the field, or the blend file's line
         parse_split(self.split)
         if not isinstance(self.seq_length, int) or isinstance(self.seq_length, bool) \
                 or self.seq_length <= 0:
@@ -78,53 +83,29 @@ class DataConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"data.{name} must be true or false, got {getattr(self, name)!r}")
 
+    def blends(self) -> Union[Blend, List[Optional[Blend]], None]:
+        """None, one Blend, or [train, valid, test] Blends (reads a blend file each call)."""
+        return parse_blend_value(self.blend)
+
     def blend_tuple(self) -> Optional[Tuple[List[str], Optional[List[float]]]]:
-        """The blend as megatron-core wants it: ([prefixes], [weights] or None)."""
-        return None if self.blend is None else parse_blend(self.blend)
+        """The blend as megatron-core wants it: ([prefixes], [weights] or None); None when
+        unset or per split (see `blend_per_split`)."""
+        blends = self.blends()
+        return blends.as_tuple() if isinstance(blends, Blend) else None
+
+    def blend_per_split(self) -> Optional[List[Optional[Tuple[List[str], Optional[List[float]]]]]]:
+        """megatron-core's blend_per_split ([train, valid, test], None for a split without
+        data), or None when the blend is not per split."""
+        blends = self.blends()
+        if not isinstance(blends, list):
+            return None
+        return [None if b is None else b.as_tuple() for b in blends]
 
 
 def parse_blend(blend: Union[str, List[str]]) -> Tuple[List[str], Optional[List[float]]]:
-    """Parse Megatron's "w1 prefix1 w2 prefix2 ..." or "prefix1 prefix2 ...".
-
-    Returns (prefixes, weights); weights is None when only prefixes are given. Weights must be
-    positive numbers; they are returned as given (megatron-core normalises them).
-    """
-    if isinstance(blend, str):
-        words = blend.split()
-    elif isinstance(blend, (list, tuple)) and all(isinstance(w, (str, int, float)) for w in blend):
-        words = [str(w) for w in blend]
-    else:
-        raise ValueError(f"data.blend must be a string or a list of strings, got {blend!r}")
-    if not words:
-        raise ValueError(f"data.blend is empty: {blend!r}")
-
-    def as_number(word: str) -> Optional[float]:
-        try:
-            return float(word)
-        except ValueError:
-            return None
-
-    numbers = [as_number(w) for w in words]
-    if all(n is None for n in numbers):  # prefixes only
-        return list(words), None
-    if len(words) % 2:
-        raise ValueError(f"data.blend must alternate weight and prefix, got an odd number of "
-                         f"words ({len(words)}) in {blend!r}")
-    weights, prefixes = [], []
-    for i in range(0, len(words), 2):
-        weight, prefix = numbers[i], words[i + 1]
-        if weight is None:
-            raise ValueError(f"data.blend: expected a weight at word {i + 1}, got {words[i]!r} "
-                             f"in {blend!r}")
-        if not weight > 0 or weight != weight or weight == float("inf"):
-            raise ValueError(f"data.blend: weight {words[i]!r} for {prefix!r} must be a positive "
-                             f"finite number")
-        if numbers[i + 1] is not None:
-            raise ValueError(f"data.blend: expected a prefix after weight {words[i]!r}, got the "
-                             f"number {prefix!r}")
-        weights.append(weight)
-        prefixes.append(prefix)
-    return prefixes, weights
+    """Parse one blend (inline words or "file:path") of data.blend into (prefixes, weights);
+    weights is None when only prefixes are given, else as given (megatron-core normalises)."""
+    return parse_one_blend(blend, "data.blend").as_tuple()
 
 
 def parse_split(split: str) -> List[float]:

@@ -16,19 +16,8 @@ from typing import Callable, List, Optional
 
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.indexed_dataset import get_bin_path, get_idx_path
-
+from megatron_ntp.data.blend import Blend, check_prefixes_exist
 from megatron_ntp.data.config import DataConfig
-
-
-def _check_prefixes(prefixes: List[str]) -> None:
-    """Fail with the missing file's name instead of megatron-core's bare assertion/OSError."""
-    for prefix in prefixes:
-        for path in (get_idx_path(prefix), get_bin_path(prefix)):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(
-                    f"data.blend: dataset prefix {prefix!r} has no {os.path.basename(path)} "
-                    f"(looked for {path}); run tools/preprocess_data.py first")
 
 
 def build_tokenizer_from_config(cfg: DataConfig):
@@ -44,15 +33,17 @@ def build_tokenizer_from_config(cfg: DataConfig):
 def gpt_dataset_config(cfg: DataConfig, tokenizer) -> GPTDatasetConfig:
     """The GPTDatasetConfig for ``cfg`` (the tokenizer gives vocab_size, eod, pad, identifiers)."""
     cfg.validate()
-    blend = cfg.blend_tuple()
-    if blend is None:
+    blends = cfg.blends()
+    if blends is None:
         raise ValueError("data.blend is not set: name at least one preprocessed dataset prefix")
-    _check_prefixes(blend[0])
+    per_split = not isinstance(blends, Blend)
+    check_prefixes_exist(blends if per_split else [blends])
     return GPTDatasetConfig(
         random_seed=cfg.seed,
         sequence_length=cfg.seq_length,
-        blend=blend,
-        split=cfg.split,
+        blend=None if per_split else blends.as_tuple(),
+        blend_per_split=[b and b.as_tuple() for b in blends] if per_split else None,
+        split=None if per_split else cfg.split,
         path_to_cache=cfg.cache_dir,
         tokenizer=tokenizer,
         reset_position_ids=cfg.reset_position_ids,

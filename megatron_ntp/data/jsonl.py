@@ -28,7 +28,7 @@ BAD_REASONS = (
     "not_object",      # valid JSON, but not an object ({...})
     "missing_key",     # the object lacks a --json-keys key
     "not_string",      # the key's value is not a string (null, number, list, ...)
-    "empty_document",  # the text is "" or only whitespace, or encodes to zero tokens
+    "empty_document",  # the text encodes to no tokens (beyond those added to every text)
 )
 
 
@@ -130,7 +130,8 @@ class EncodeOptions:
     dtype: type  # numpy dtype of the output (from the vocabulary size)
 
 
-_worker_state: Optional[Tuple[object, EncodeOptions]] = None
+# (batch encoder, options, tokens the encoder adds to every text: len(encode([""])[0]))
+_worker_state: Optional[Tuple[object, EncodeOptions, int]] = None
 
 
 def init_worker(encoder_spec, options: EncodeOptions, ignore_signals: bool = True) -> None:
@@ -145,7 +146,10 @@ def init_worker(encoder_spec, options: EncodeOptions, ignore_signals: bool = Tru
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     from megatron_ntp.data.tokenizer import make_batch_encoder
 
-    _worker_state = (make_batch_encoder(encoder_spec), options)
+    encode = make_batch_encoder(encoder_spec)
+    # A tokenizer whose post-processor adds a BOS turns "" into one token: a document is empty
+    # when it encodes to no more tokens than "" does.
+    _worker_state = (encode, options, len(encode([""])[0]))
 
 
 def _has_lone_surrogate(text: str) -> bool:
@@ -209,11 +213,8 @@ def _parse_lines(lines: List[bytes], keys: Tuple[str, ...], first_of_file: bool)
             if b"\\u" in line and _has_lone_surrogate(value):
                 problem = ("invalid_utf8", key, "an unpaired surrogate escape (\\ud800-\\udfff)")
                 break
-            # Checked on the text, not only on the tokens: a tokenizer that adds a BOS would
-            # otherwise turn "" into a one-token document.
-            if not value or value.isspace():
-                problem = ("empty_document", key, "empty text" if not value else "only whitespace")
-                break
+            # "Empty" is decided on the tokens (encode_chunk), not on the text: a text of only
+            # whitespace by str.isspace (e.g. U+0085) can encode to tokens, and then it is kept.
             values.append(value)
         if problem:
             bad.append((offset, *problem))
@@ -226,7 +227,7 @@ def _parse_lines(lines: List[bytes], keys: Tuple[str, ...], first_of_file: bool)
 
 def encode_chunk(chunk: Chunk) -> ChunkResult:
     """Worker task: parse, validate and encode one chunk (needs :func:`init_worker` first)."""
-    encode, options = _worker_state
+    encode, options, added_to_every_text = _worker_state
     lines = chunk.data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()  # the text after the last newline: nothing
@@ -234,9 +235,11 @@ def encode_chunk(chunk: Chunk) -> ChunkResult:
 
     ids = {key: encode(texts[key]) if good else [] for key in options.json_keys}
     # A line whose text encodes to nothing under any key is dropped from every key.
-    keep = [all(ids[key][i] for key in options.json_keys) for i in range(len(good))]
+    empty = {key: [len(doc) <= added_to_every_text for doc in ids[key]]
+             for key in options.json_keys}
+    keep = [not any(empty[key][i] for key in options.json_keys) for i in range(len(good))]
     if not all(keep):
-        first_key = {i: next(k for k in options.json_keys if not ids[k][i])
+        first_key = {i: next(k for k in options.json_keys if empty[k][i])
                      for i, kept in enumerate(keep) if not kept}
         bad.extend((good[i], "empty_document", key, "0 tokens") for i, key in first_key.items())
         bad.sort()

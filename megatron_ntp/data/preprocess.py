@@ -99,9 +99,14 @@ class PreprocessSummary:
         return sum(self.bad_lines.values())
 
 
+def dataset_prefix(prefix: str, key: str) -> str:
+    """Megatron-LM's naming: the dataset of `key` is ``<prefix>_<key>_document``."""
+    return f"{prefix}_{key}_document"
+
+
 def output_paths(prefix: str, key: str) -> Dict[str, str]:
-    """Megatron-LM's naming: ``<prefix>_<key>_document.bin`` and ``.idx``."""
-    base = f"{prefix}_{key}_document"
+    """``<prefix>_<key>_document.bin`` and ``.idx``."""
+    base = dataset_prefix(prefix, key)
     return {"bin": base + ".bin", "idx": base + ".idx"}
 
 
@@ -422,7 +427,36 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--chunk-bytes", type=int, default=1 << 18,
                        help="input bytes per worker task (tuning only; output does not depend "
                             "on it)")
+    group = parser.add_argument_group("shards (one per Slurm array task; see slurm/README.md)")
+    group.add_argument("--num-shards", type=int, default=1,
+                       help="split the input files into this many shards of contiguous files "
+                            "(about equal bytes); merge them with tools/merge_datasets.py")
+    group.add_argument("--shard-index", type=int, default=None,
+                       help="the shard to preprocess (0-based); its outputs are "
+                            "<output-prefix>_shard<index>_...; a shard already finished with "
+                            "the same inputs and options is skipped")
     return parser
+
+
+def _shard_index(args) -> Optional[int]:
+    if args.num_shards == 1 and args.shard_index is None:
+        return None
+    if args.shard_index is None:
+        raise ValueError(f"--num-shards {args.num_shards} needs --shard-index")
+    return args.shard_index
+
+
+def _run_shard(opts: PreprocessOptions, num_shards: int, index: int) -> int:
+    from megatron_ntp.data.shards import preprocess_shard
+
+    saved, done_before = preprocess_shard(opts, num_shards, index)
+    if done_before:
+        print(f"[preprocess] shard {index} of {num_shards} was finished before "
+              f"({saved['documents']:,} documents); nothing to do. Summary: "
+              f"{summary_path(saved['output_prefix'])}", file=sys.stderr)
+    else:
+        print(format_report(PreprocessSummary(**saved)), file=sys.stderr)
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -434,6 +468,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         append_eod=args.append_eod, log_interval=args.log_interval, strict=args.strict,
         chunk_bytes=args.chunk_bytes)
     try:
+        shard = _shard_index(args)
+        if shard is not None:
+            return _run_shard(opts, args.num_shards, shard)
         summary = preprocess(opts)
     except (KeyboardInterrupt, Interrupted) as err:
         print(f"[preprocess] interrupted ({type(err).__name__}); no output written",

@@ -13,6 +13,9 @@ V = the padded vocabulary.
 from dataclasses import dataclass
 
 GIB = 2**30
+# Logits per chunk of the fused output-layer loss: megatron_ntp/loss/fused.py's
+# DEFAULT_CHUNK_ELEMENTS, restated so that counting stays free of torch (a test checks they agree).
+FUSED_LOSS_CHUNK_ELEMENTS = 1 << 24
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int = 128, tensor: int = 1) -> int:
@@ -200,19 +203,12 @@ def memory_per_gpu(m, p, micro_batch_size: int, seq_length: int,
     the optimizer term by the data-parallel size (expert parameters: by the expert-data-parallel
     size); gradients stay whole, as megatron-core's buffers do. FP8 keeps bf16 weights (the FP8
     copies are transient) and is not counted separately. Activations: see
-    `activation_bytes_per_layer`; the first stage holds `pipeline` micro-batches in flight under
-    1F1B (times 1 + (pp-1)/(pp*vpp) when interleaved), capped by num_microbatches. Excludes
-    the CUDA context, allocator fragmentation and communication buffers (budget ~10-20%).
+    `stage_activation_bytes`. Excludes the CUDA context, allocator fragmentation and
+    communication buffers (budget ~10-20%).
     """
     weight_bytes, grad_bytes, optim_bytes = (2, 4, 12) if m.bf16 else (4, 4, 8)
-    act_bytes = 2 if m.bf16 else 4
     data = max(p.data, 1)
     expert_data = max(p.tensor * data // (p.expert * p.expert_tensor), 1)
-    tokens = micro_batch_size * seq_length
-    sp = p.tensor if p.sequence_parallel else 1
-    vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, p.tensor)
-    layer = activation_bytes_per_layer(m, p, micro_batch_size, seq_length, act_bytes)
-    layers = m.num_layers // p.pipeline
     stages = []
     for stage in range(p.pipeline):
         params = params_per_rank(m, p, stage)
@@ -220,30 +216,73 @@ def memory_per_gpu(m, p, micro_batch_size: int, seq_length: int,
             optimizer = optim_bytes * (params.dense / data + params.expert / expert_data)
         else:
             optimizer = optim_bytes * params.total
-        if p.recompute == "full":
-            # Each layer keeps its input; one block of layers is rebuilt at a time in backward.
-            kept = layers * tokens * m.hidden_size * act_bytes // sp
-            per_microbatch = kept + p.recompute_num_layers * layer
-        else:
-            per_microbatch = layers * layer
-        in_flight = 1
-        if p.pipeline > 1:
-            in_flight = p.pipeline - stage
-            if p.virtual_pipeline > 1:
-                in_flight *= 1 + (p.pipeline - 1) / (p.pipeline * p.virtual_pipeline)
-            if num_microbatches:
-                in_flight = min(in_flight, num_microbatches)
-        activations = in_flight * per_microbatch
-        if stage == 0:
-            activations += in_flight * tokens * m.hidden_size * act_bytes // sp  # embedding out
-        if stage == p.pipeline - 1:
-            # Logits of one micro-batch: the output layer's (act dtype) and the loss's fp32 copy.
-            activations += tokens * vocab // p.tensor * (act_bytes + 4)
+        activations = stage_activation_bytes(m, p, micro_batch_size, seq_length, stage,
+                                             num_microbatches)
         stages.append(StageMemory(
             stage=stage, params=params.total, weights=weight_bytes * params.total,
             grads=grad_bytes * params.total, optimizer=int(optimizer),
             activations=int(activations)))
     return stages
+
+
+def microbatches_in_flight(p, stage: int, num_microbatches: int | None = None) -> float:
+    """Micro-batches whose activations a stage holds at its peak: `pipeline - stage` under 1F1B
+    (times 1 + (pp-1)/(pp*vpp) when interleaved), capped by num_microbatches; 1 without PP."""
+    if p.pipeline == 1:
+        return 1
+    in_flight = p.pipeline - stage
+    if p.virtual_pipeline > 1:
+        in_flight *= 1 + (p.pipeline - 1) / (p.pipeline * p.virtual_pipeline)
+    if num_microbatches:
+        in_flight = min(in_flight, num_microbatches)
+    return in_flight
+
+
+def stage_activation_bytes(m, p, micro_batch_size: int, seq_length: int, stage: int,
+                           num_microbatches: int | None = None) -> float:
+    """Activation bytes on one GPU of pipeline stage `stage` at its peak.
+
+    Without recompute each in-flight micro-batch keeps every layer's activations
+    (`activation_bytes_per_layer`). With recompute=full (uniform method) a micro-batch keeps
+    only the input of each block of `recompute_num_layers` layers, and backward rebuilds one
+    block at a time: the rebuilt block is counted once, not per micro-batch in flight. The
+    first stage also keeps the embedding output per micro-batch; the last stage adds the output
+    head of the micro-batch in backward (`output_head_bytes`).
+    """
+    act_bytes = 2 if m.bf16 else 4
+    tokens = micro_batch_size * seq_length
+    sp = p.tensor if p.sequence_parallel else 1
+    hidden_bytes = tokens * m.hidden_size * act_bytes // sp  # one [s/sp, b, h] tensor
+    layer = activation_bytes_per_layer(m, p, micro_batch_size, seq_length, act_bytes)
+    layers = m.num_layers // p.pipeline
+    in_flight = microbatches_in_flight(p, stage, num_microbatches)
+    if p.recompute == "full":
+        blocks = -(-layers // p.recompute_num_layers)
+        activations = in_flight * blocks * hidden_bytes + p.recompute_num_layers * layer
+    else:
+        activations = in_flight * layers * layer
+    if stage == 0:
+        activations += in_flight * hidden_bytes  # embedding output
+    if stage == p.pipeline - 1:
+        activations += output_head_bytes(m, p, tokens, act_bytes)
+    return activations
+
+
+def output_head_bytes(m, p, tokens: int, act_bytes: int) -> float:
+    """The output layer and loss of one micro-batch on one rank of the last stage.
+
+    Unfused: the logits [tokens, V/tp] in the activation dtype and the loss's fp32 copy.
+    model.fused_output_loss: the logits never exist whole; the loss keeps its (gathered) input
+    [tokens, h], one chunk of fp32 logits (megatron_ntp.loss.fused.DEFAULT_CHUNK_ELEMENTS, at
+    most) and, in backward, the fp32 accumulator of the output-weight gradient [V/tp, h].
+    """
+    vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, p.tensor)
+    vocab_local = vocab // p.tensor
+    if not m.fused_output_loss:
+        return tokens * vocab_local * (act_bytes + 4)
+    chunk_tokens = max(1, FUSED_LOSS_CHUNK_ELEMENTS // vocab_local)
+    chunk = min(tokens, chunk_tokens) * vocab_local * 4
+    return tokens * m.hidden_size * act_bytes + chunk + vocab_local * m.hidden_size * 4
 
 
 def activation_bytes_per_layer(m, p, micro_batch_size: int, seq_length: int,
@@ -255,15 +294,16 @@ def activation_bytes_per_layer(m, p, micro_batch_size: int, seq_length: int,
     attention and MLP interiors are sharded by TP. The attention core keeps q, k, v and its
     output; the local (unfused) attention also keeps the softmax probabilities,
     heads * seq per token, unless recompute=selective rebuilds them. MoE layers keep the router
-    logits (fp32) and, per routed copy of a token, the permuted input, the expert interior and
-    the expert output (balanced routing assumed).
+    logits (fp32) of this rank's tokens and, per routed copy of a token on this rank, the
+    permuted input, the expert interior and the expert output (balanced routing assumed).
 
-    The count follows fused kernels (Transformer Engine: a norm fused into the next linear
-    keeps its input and output once). megatron-core's local layers keep more (unfused
-    RMSNorm intermediates, the masked scores beside the softmax output, each SwiGLU half):
-    measured with saved-tensor hooks on the tiny-dense preset (fp32, seq 128), a local layer
-    kept 1.8x this estimate (1.9x with selective recompute). Local layers are the CPU path,
-    where memory is not the constraint.
+    The count follows Transformer Engine's fused norms (a norm fused into the next linear keeps
+    its input and output once); the SwiGLU is megatron-core's unfused one in either
+    implementation. megatron-core's local layers keep more (unfused RMSNorm intermediates,
+    the masked scores beside the softmax output): measured with saved-tensor hooks on the
+    tiny-dense preset (fp32, seq 128), a local layer kept 1.8x the estimate of the time, which
+    counted 3 f for the SwiGLU (5 f now, measured in tests/models). Local layers are the CPU
+    path, where memory is not the constraint.
     """
     h = m.hidden_size
     tp = p.tensor
@@ -278,10 +318,19 @@ def activation_bytes_per_layer(m, p, micro_batch_size: int, seq_length: int,
     if m.transformer_impl == "local" and p.recompute != "selective":
         per_token += m.num_attention_heads / tp * seq_length  # softmax probabilities
     per_token += q / tp  # output projection input
+    # SwiGLU as megatron-core 0.19 builds it here (bias_activation_fusion off, mlp.py's glu):
+    # the gate/up output (2 f), silu(gate) (f), up + glu_linear_offset (f, a new tensor even
+    # for offset 0) and the product, the down projection's input (f). Experts multiply the
+    # product by the routing probabilities first (one f more).
+    swiglu, expert_swiglu = 5, 6
     if m.num_experts:
-        k, fm = m.moe_router_topk, m.moe_ffn_hidden_size
-        per_token += m.num_experts * 4 / act_bytes  # fp32 router logits
-        per_token += k * (2 * h + 3 * fm / p.expert_tensor)  # permuted in, gate/up, act, out
+        k, fm, etp = m.moe_router_topk, m.moe_ffn_hidden_size, p.expert_tensor
+        # MoE with TP > 1 runs with sequence parallelism (megatron-core raises otherwise in
+        # training): the router sees this rank's tokens / tp; the dispatcher then gathers over
+        # the expert-TP group, so a rank holds k * tokens * etp / tp routed copies (balanced
+        # routing), each of width h going in and out and swiglu * fm / etp inside.
+        per_token += m.num_experts * 4 / act_bytes / tp  # fp32 router logits
+        per_token += k * etp / tp * (2 * h + expert_swiglu * fm / etp)
     else:
-        per_token += 3 * m.ffn_hidden_size / tp  # gate/up outputs, SwiGLU output
+        per_token += swiglu * m.ffn_hidden_size / tp
     return int(per_token * tokens * act_bytes)

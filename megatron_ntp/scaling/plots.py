@@ -98,7 +98,7 @@ def plot_isoflop(fits, path, params_label="N"):
     fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 4), squeeze=False)
     from matplotlib.ticker import NullFormatter
 
-    from megatron_ntp.scaling.fit import isoflop_groups
+    from megatron_ntp.scaling.isoflop import isoflop_groups
 
     for ax, setting in zip(axes[0], settings):
         result = fits[setting]

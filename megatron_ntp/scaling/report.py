@@ -30,11 +30,12 @@ import numpy as np
 
 from megatron_ntp.scaling.fit import (
     PARAMS,
+    BootstrapFit,
     ScalingFit,
     bootstrap_scaling_law,
     fit_scaling_law,
-    isoflop_optima,
 )
+from megatron_ntp.scaling.isoflop import IsoflopLaw, fit_isoflop_law, isoflop_optima
 
 TEXT_COLUMNS = {"run", "model", "setting", "budget_kind"}
 PARAM_COLUMNS = ("params_non_embedding", "params_active", "params_total")
@@ -84,6 +85,9 @@ class SettingFit:
     isoflop: list = field(default_factory=list)
     note: str = ""
     final_points: Points | None = None  # the runs' final points (IsoFLOP curves)
+    bootstrap: BootstrapFit | None = None  # the refits behind `intervals`
+    isoflop_law: IsoflopLaw | None = None  # approach 2: N_opt ~ C^a through the vertices
+    isoflop_note: str = ""  # why there is no IsoFLOP law
 
 
 def resolve_metric(rows: list[dict], metric: str = "auto") -> str:
@@ -150,20 +154,25 @@ def fit_points(rows: list[dict], metric: str = "auto", params: str = "params_non
             for s, p in sorted(out.items())}
 
 
+def _budget_labels(p: Points):
+    """The planned FLOP budget of each point, or None (group by measured FLOPs)."""
+    return p.budgets if all(b is not None for b in p.budgets) else None
+
+
 def isoflop_of(p: Points) -> list:
     """IsoFLOP optima of one setting's final points (groups: the planned FLOP budgets, else
     FLOPs within 5%)."""
     if len(p.loss) < 3:
         return []
-    labels = p.budgets if all(b is not None for b in p.budgets) else None
-    return isoflop_optima(p.n, p.c, p.loss, labels=labels)
+    return isoflop_optima(p.n, p.c, p.loss, labels=_budget_labels(p))
 
 
 def fit_settings(points: dict, bootstrap: int = 200, level: float = 0.9, seed: int = 0,
                  final_points: dict | None = None) -> dict:
     """{setting: SettingFit}: the law (when there are >= 5 points), its bootstrap intervals
-    (`bootstrap` resamples; 0 = none) and the IsoFLOP optima of final_points (default: points,
-    which should then be final points)."""
+    (`bootstrap` resamples; 0 = none), the IsoFLOP optima of final_points (default: points,
+    which should then be final points) and, with 2 or more budgets, the IsoFLOP law with
+    intervals from as many resamples."""
     fits = {}
     final_points = points if final_points is None else final_points
     for setting, p in points.items():
@@ -174,55 +183,152 @@ def fit_settings(points: dict, bootstrap: int = 200, level: float = 0.9, seed: i
         else:
             result.fit = fit_scaling_law(p.n, p.d, p.loss)
             if bootstrap:
-                result.intervals = bootstrap_scaling_law(p.n, p.d, p.loss, samples=bootstrap,
-                                                         seed=seed, level=level)
-        result.final_points = final_points.get(setting, p)
-        result.isoflop = isoflop_of(result.final_points)
+                result.bootstrap = bootstrap_scaling_law(p.n, p.d, p.loss, samples=bootstrap,
+                                                         seed=seed, level=level, full=result.fit)
+                result.intervals = result.bootstrap.intervals
+        final = result.final_points = final_points.get(setting, p)
+        result.isoflop = isoflop_of(final)
+        if len(result.isoflop) >= 2:
+            result.isoflop_law = fit_isoflop_law(final.n, final.c, final.loss,
+                                                 labels=_budget_labels(final),
+                                                 samples=bootstrap, seed=seed, level=level)
+        else:
+            result.isoflop_note = (f"no IsoFLOP law: {len(result.isoflop)} budget(s) with a "
+                                   f"minimum, 2 needed")
         fits[setting] = result
     return fits
 
 
-def _cell(value: float, interval) -> str:
-    text = f"{value:.4g}"
-    if interval and all(math.isfinite(x) for x in interval):
-        text += f" [{interval[0]:.3g}, {interval[1]:.3g}]"
-    return text
+def default_budget(fits: dict) -> float:
+    """10x the largest compute of any final point: a budget one step beyond the sweep."""
+    return 10 * max(float(np.max(r.final_points.c)) for r in fits.values())
 
 
-def format_comparison(fits: dict, metric: str = "", params: str = "", level: float = 0.9) -> str:
-    """Table of E, A, alpha, B, b per setting with bootstrap intervals, and the IsoFLOP optima."""
+def predictions(result: SettingFit, budgets=(), at=()) -> dict:
+    """Predictions of one setting with intervals (None where there are no bootstrap draws):
+    per budget C, the compute-optimal N and D of approach 3 (the law) and of approach 2 (the
+    IsoFLOP law) and the law's loss there; per (N, D) in `at`, the law's loss."""
+    out = {"budgets": [], "points": []}
+    fit, boot, law = result.fit, result.bootstrap, result.isoflop_law
+    for c in budgets:
+        entry = {"flops": float(c)}
+        if fit:
+            n_opt, d_opt = (float(x) for x in fit.compute_optimal(c))
+            n_int, d_int = boot.compute_optimal(c) if boot else (None, None)
+            entry["law"] = {"n_opt": n_opt, "n_interval": n_int, "d_opt": d_opt,
+                            "d_interval": d_int, "loss": float(fit.predict(n_opt, d_opt)),
+                            "loss_interval": boot.predict(n_opt, d_opt) if boot else None}
+        if law:
+            n_int, d_int = law.compute_optimal(c) if len(law.draws) else (None, None)
+            entry["isoflop"] = {"n_opt": float(law.n_opt(c)), "n_interval": n_int,
+                                "d_opt": float(law.d_opt(c)), "d_interval": d_int}
+        out["budgets"].append(entry)
+    for n, d in at if fit else ():
+        out["points"].append({"n": float(n), "d": float(d), "loss": float(fit.predict(n, d)),
+                              "loss_interval": boot.predict(n, d) if boot else None})
+    return out
+
+
+def format_comparison(fits: dict, metric: str = "", params: str = "", level: float = 0.9,
+                      budgets=None, at=()) -> str:
+    """Table of E, A, alpha, B, b per setting with bootstrap intervals, the IsoFLOP optima and
+    laws, and the predictions (see `predictions`; budgets default to `default_budget`)."""
     head = (f"L(N, D) = E + A / N^alpha + B / D^b per loss setting"
             f"{f'; L = {metric}' if metric else ''}{f', N = {params}' if params else ''}, "
             f"D = tokens; [{level:.0%} bootstrap interval]")
-    table = [["setting", "points", *PARAMS, "objective"]]
+    table = [["setting", "points", *PARAMS, "objective", "starts at best", "refits converged"]]
     notes = []
     for setting, result in fits.items():
         if result.fit is None:
             notes.append(f"{setting}: {result.note}")
             continue
-        values = result.fit.params()
+        values, fit, boot = result.fit.params(), result.fit, result.bootstrap
         table.append([setting, str(len(result.points.loss)),
-                      *(_cell(values[p], result.intervals.get(p)) for p in PARAMS),
-                      f"{result.fit.objective:.3g}"])
+                      *(_with_interval(values[p], result.intervals.get(p)) for p in PARAMS),
+                      f"{fit.objective:.3g}", f"{fit.starts_at_best}/{fit.starts}",
+                      f"{boot.converged}/{boot.resamples - boot.degenerate}" if boot else "-"])
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines = [head] + ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
                       for row in table] + notes
-    optima = [(s, o) for s, r in fits.items() for o in r.isoflop]
-    if optima:
-        lines.append("")
-        lines.append("IsoFLOP optima (parabola of L in log N per compute budget)")
-        lines.append(f"{'setting':<20} {'FLOPs':>10} {'N_opt':>12} {'L_opt':>9}  bracketed")
-        for setting, o in optima:
-            lines.append(f"{setting:<20} {o['flops']:>10.3g} {o['n_opt']:>12.4g} "
-                         f"{o['loss_opt']:>9.4f}  {'yes' if o['bracketed'] else 'no'}")
+    lines += _isoflop_lines(fits)
+    if budgets is None:
+        budgets = [default_budget(fits)] if fits else []
+    lines += _prediction_lines(fits, budgets, at, level)
     return "\n".join(lines) + "\n"
 
 
-def fits_to_json(fits: dict, metric: str, params: str, points: str) -> str:
+def _isoflop_lines(fits: dict) -> list:
+    optima = [(s, o) for s, r in fits.items() for o in r.isoflop]
+    if not optima:
+        return []
+    lines = ["", "IsoFLOP optima (parabola of L in log N per compute budget)",
+             f"{'setting':<20} {'FLOPs':>10} {'N_opt':>12} {'L_opt':>9}  bracketed"]
+    for setting, o in optima:
+        lines.append(f"{setting:<20} {o['flops']:>10.3g} {o['n_opt']:>12.4g} "
+                     f"{o['loss_opt']:>9.4f}  {'yes' if o['bracketed'] else 'no'}")
+    for setting, r in fits.items():
+        law = r.isoflop_law
+        if law:
+            lines.append(f"{setting}: IsoFLOP law N_opt = {law.coefficient:.4g} C^"
+                         f"{_with_interval(law.exponent, law.exponent_interval)} "
+                         f"(D_opt = C / 6 N_opt); {len(law.draws)} of {law.resamples} "
+                         f"resamples usable (a resampled budget needs 3 distinct sizes and a "
+                         f"minimum)")
+    return lines
+
+
+def _with_interval(value: float, interval, fmt: str = ".4g") -> str:
+    text = format(value, fmt)
+    if interval and all(math.isfinite(x) for x in interval):
+        text += f" [{format(interval[0], fmt)}, {format(interval[1], fmt)}]"
+    return text
+
+
+def _prediction_lines(fits: dict, budgets, at, level: float) -> list:
+    lines = []
+    for setting, result in fits.items():
+        if result.fit is None and result.isoflop_law is None:
+            continue
+        pred = predictions(result, budgets, at)
+        for entry in pred["budgets"]:
+            c = entry["flops"]
+            if "law" in entry:
+                e = entry["law"]
+                lines.append(f"{setting}: at C = {c:.3g} FLOPs, law (approach 3): N_opt "
+                             f"{_with_interval(e['n_opt'], e['n_interval'])}, D_opt "
+                             f"{_with_interval(e['d_opt'], e['d_interval'])}, L "
+                             f"{_with_interval(e['loss'], e['loss_interval'])}")
+            if "isoflop" in entry:
+                e = entry["isoflop"]
+                lines.append(f"{setting}: at C = {c:.3g} FLOPs, IsoFLOP (approach 2): N_opt "
+                             f"{_with_interval(e['n_opt'], e['n_interval'])}, D_opt "
+                             f"{_with_interval(e['d_opt'], e['d_interval'])}")
+        for e in pred["points"]:
+            lines.append(f"{setting}: L(N = {e['n']:.3g}, D = {e['d']:.3g}) = "
+                         f"{_with_interval(e['loss'], e['loss_interval'])}")
+    if lines:
+        lines = ["", f"Predictions [{level:.0%} bootstrap interval]"] + lines
+    return lines
+
+
+def fits_to_json(fits: dict, metric: str, params: str, points: str, budgets=None,
+                 at=()) -> str:
+    if budgets is None:
+        budgets = [default_budget(fits)] if fits else []
     out = {"metric": metric, "params": params, "points": points, "settings": {}}
     for setting, r in fits.items():
+        fit, boot, law = r.fit, r.bootstrap, r.isoflop_law
         out["settings"][setting] = {
             "points": int(len(r.points.loss)),
-            "fit": (r.fit.params() | {"objective": r.fit.objective}) if r.fit else None,
-            "intervals": r.intervals, "isoflop": r.isoflop, "note": r.note}
+            "fit": (fit.params() | {"objective": fit.objective, "starts": fit.starts,
+                                    "starts_at_best": fit.starts_at_best,
+                                    "starts_converged": fit.starts_converged}) if fit else None,
+            "intervals": r.intervals,
+            "bootstrap": ({"resamples": boot.resamples, "degenerate": boot.degenerate,
+                           "converged": boot.converged, "level": boot.level} if boot else None),
+            "isoflop": r.isoflop,
+            "isoflop_law": ({"exponent": law.exponent, "coefficient": law.coefficient,
+                             "exponent_interval": law.exponent_interval} if law else None),
+            "predictions": predictions(r, budgets, at),
+            "note": r.note or r.isoflop_note}
     return json.dumps(out, indent=1, allow_nan=True) + "\n"

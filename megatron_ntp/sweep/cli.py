@@ -54,6 +54,12 @@ def _add_sweep(commands):
     fit.add_argument("--bootstrap", type=int, default=200, help="resamples (0: no intervals)")
     fit.add_argument("--level", type=float, default=0.9, help="interval level")
     fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--budget", type=float, action="append", default=None,
+                     help="compute budget (FLOPs) to predict the compute-optimal N, D and loss "
+                          "at, with intervals; repeatable (default: 10x the sweep's largest)")
+    fit.add_argument("--predict", action="append", default=[], metavar="N:D",
+                     help="predict the loss at N parameters and D tokens, e.g. 1e9:2e10; "
+                          "repeatable")
     fit.set_defaults(run=_run_fit)
 
 
@@ -105,6 +111,17 @@ def _run_collect(args):
     return 0
 
 
+def _parse_n_d(text: str) -> tuple:
+    """--predict N:D -> (N, D), both positive numbers."""
+    try:
+        n, d = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise ValueError(f"--predict {text!r}: expected N:D, e.g. 1e9:2e10") from None
+    if not (n > 0 and d > 0):
+        raise ValueError(f"--predict {text!r}: N and D must be positive")
+    return n, d
+
+
 def _run_fit(args):
     from megatron_ntp.scaling.plots import write_plots
     from megatron_ntp.scaling.report import (
@@ -124,6 +141,7 @@ def _run_fit(args):
         return _fail("sweep fit", f"{table} does not exist (run `megatron-ntp sweep collect`)")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(table)), "fit")
     try:
+        at = [_parse_n_d(text) for text in args.predict]
         rows = read_table(table)
         metric = resolve_metric(rows, args.metric)
         entropy = "valid_entropy" if metric.startswith("valid_") else "entropy"
@@ -137,10 +155,10 @@ def _run_fit(args):
                             final_points=final)
     except ValueError as err:
         return _fail("sweep fit", err)
-    print(format_comparison(fits, metric, args.params, args.level), end="")
+    print(format_comparison(fits, metric, args.params, args.level, args.budget, at), end="")
     os.makedirs(out, exist_ok=True)
     write_atomic(os.path.join(out, "fits.json"), fits_to_json(fits, metric, args.params,
-                                                              args.points))
+                                                              args.points, args.budget, at))
     paths = write_plots(rows, fits, out, metric, entropy, args.params)
     print(f"wrote {os.path.join(out, 'fits.json')}, " + ", ".join(paths))
     return 0

@@ -18,11 +18,16 @@ def test_defaults_and_blend_forms():
 @pytest.mark.parametrize("blend, message", [
     ("", "data.blend is empty"),
     ("0.3 a 0.7", "odd number of words"),
-    ("x 1", "expected a weight at word 1, got 'x'"),
+    ("x 1", "data.blend: expected a weight, got 'x'"),
     ("1 2", "expected a prefix after weight '1', got the number '2'"),
     ("-1 a 2 b", "weight '-1' for 'a' must be a positive"),
     ("nan a 1 b", "weight 'nan'"),
-    ({"a": 1}, "data.blend must be a string or a list"),
+    ({"a": 1}, r"data.blend: unknown split\(s\) \['a'\]"),
+    ({"train": None}, "the per-split blend names no split"),
+    ({"train": {"x": 1}}, "data.blend.train must be a string, a list of words"),
+    ("file:/nonexistent/blend.txt", "data.blend: cannot read the blend file '/nonexistent/"),
+    ("1 a file:b.txt", "must be the blend's only word"),
+    (True, "data.blend must be a string"),
 ])
 def test_bad_blends(blend, message):
     with pytest.raises(ValueError, match=message):
@@ -53,3 +58,20 @@ def test_validate_catches_later_assignment():
     cfg.seq_length = -5
     with pytest.raises(ValueError, match="data.seq_length must be a positive integer, got -5"):
         cfg.validate()
+
+
+def test_blend_file_errors_name_the_line(tmp_path):
+    path = tmp_path / "blend.txt"
+    path.write_text("# weights and prefixes\n0.5 data/a\n0.5 0.2\n")
+    with pytest.raises(ValueError, match=rf"^{path}:3: expected a prefix after weight '0.5'"):
+        DataConfig(blend=f"file:{path}")
+    path.write_text("0.5 data/a\n-1 data/b\n")
+    with pytest.raises(ValueError, match=rf"^{path}:2: weight '-1' for 'data/b' must be"):
+        DataConfig(blend=f"file:{path}")
+    path.write_text("# nothing but comments\n\n")
+    with pytest.raises(ValueError, match="names no prefix"):
+        DataConfig(blend=f"file:{path}")
+    path.write_text("2 data/a # first\n3 data/b\n")
+    assert DataConfig(blend=f"file:{path}").blend_tuple() == (["data/a", "data/b"], [2.0, 3.0])
+    assert DataConfig(blend={"valid": f"file:{path}"}).blend_per_split() == [
+        None, (["data/a", "data/b"], [2.0, 3.0]), None]

@@ -1,6 +1,7 @@
 """build_datasets: blends, splits and index caches through megatron-core, with and without gloo."""
 
 import os
+import re
 import socket
 
 import numpy as np
@@ -112,6 +113,43 @@ def test_errors(two_prefixes, spm_model, spm_tokenizer, tmp_path):
         build_datasets(cfg, spm_tokenizer, 1, 1, 1)
     with pytest.raises(ValueError, match="train_samples must be a non-negative integer"):
         build_datasets(config(two_prefixes, tmp_path, spm_model), spm_tokenizer, -1, 1, 1)
+
+
+def test_blend_file_equals_inline_blend(two_prefixes, spm_model, spm_tokenizer, tmp_path):
+    """A blend file (Megatron-LM's --data-args-path: the words over lines, "#" comments) builds
+    the same datasets as the inline blend; a missing prefix is named with its file line."""
+    blend_file = tmp_path / "blend.txt"
+    blend_file.write_text(f"# pretraining mix\n0.3 {two_prefixes[0]}  # the small part\n\n"
+                          f"0.7\n{two_prefixes[1]}\n")
+    inline = build_datasets(config(two_prefixes, tmp_path / "c1", spm_model), spm_tokenizer,
+                            *SIZES)
+    from_file = build_datasets(config(two_prefixes, tmp_path / "c2", spm_model,
+                                      blend=f"file:{blend_file}"), spm_tokenizer, *SIZES)
+    for a, b in zip(inline, from_file):
+        assert np.array_equal(first_tokens(a), first_tokens(b))
+    missing = str(tmp_path / "gone_text_document")
+    blend_file.write_text(f"1 {two_prefixes[0]}\n# a comment\n1 {missing}\n")
+    cfg = config(two_prefixes, tmp_path / "c3", spm_model, blend=f"file:{blend_file}")
+    with pytest.raises(FileNotFoundError,
+                       match=rf"^{re.escape(str(blend_file))}:3: dataset prefix '{missing}' "
+                             rf"has no gone_text_document.idx"):
+        build_datasets(cfg, spm_tokenizer, 1, 1, 1)
+
+
+def test_per_split_blend(two_prefixes, spm_model, spm_tokenizer, tmp_path):
+    """A blend per split (megatron-core's blend_per_split): each split draws only from its own
+    prefixes, all of their documents; a split without a blend gets no dataset."""
+    a, b = two_prefixes
+    blend_file = tmp_path / "train.txt"
+    blend_file.write_text(f"1 {a}\n1 {b}\n")
+    cfg = config(two_prefixes, tmp_path / "cache", spm_model,
+                 blend={"train": f"file:{blend_file}", "valid": b})
+    assert cfg.blend_tuple() is None and cfg.blend_per_split()[2] is None
+    train, valid, test = build_datasets(cfg, spm_tokenizer, 100, None, None)
+    assert len(train) == 100 and test is None
+    assert [d.dataset_path for d in train.datasets] == [a, b]
+    assert valid.dataset_path == b and len(np.unique(valid.document_index)) == \
+        len(valid.dataset)  # the whole prefix, not a split of it
 
 
 def _rank_main(rank, world_size, port, prefixes, spm_model, cache_dir, out_dir):

@@ -184,6 +184,32 @@ def test_tokenizer_json_and_int32_output(corpus_texts, hf_tokenizer_json, tmp_pa
     assert documents[0][:3] == [3, 70001, 7]
 
 
+def test_empty_means_no_tokens_after_encoding(hf_tokenizer_json, tmp_path):
+    """U+0085 (NEL) is whitespace to str.isspace, yet byte-level BPE encodes it to tokens: it is
+    a document (as in Megatron-LM's tool). With a post-processor adding a BOS to every text, a
+    text encoding to the BOS alone is still empty."""
+    from tokenizers import Tokenizer, processors
+
+    from megatron_ntp.data.tokenizer import build_tokenizer
+
+    with_bos = Tokenizer.from_file(hf_tokenizer_json)
+    with_bos.post_processor = processors.TemplateProcessing(
+        single="<|pad|> $A", special_tokens=[("<|pad|>", with_bos.token_to_id("<|pad|>"))])
+    with_bos.save(str(tmp_path / "bos.json"))
+    path = tmp_path / "in.jsonl"
+    texts = ["\u0085", "", " \u0085\t", "a word"]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    for name, model in (("plain", hf_tokenizer_json), ("bos", str(tmp_path / "bos.json"))):
+        summary = preprocess(PreprocessOptions([str(path)], str(tmp_path / name),
+                                               "HuggingFaceTokenizer", model, log_interval=0))
+        tokenizer = build_tokenizer("HuggingFaceTokenizer", model)
+        assert len(tokenizer.tokenize("\u0085")) > len(tokenizer.tokenize(""))
+        assert summary.bad_lines == {"empty_document": 1}
+        assert summary.bad_examples["empty_document"][0].startswith(f"{path}:2: ")
+        _, documents = read_documents(str(tmp_path / f"{name}_text_document"))
+        assert documents == [tokenizer.tokenize(texts[i]) for i in (0, 2, 3)]
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
 def test_failure_midway_leaves_no_output(error, workers, small_corpus, spm_model, tmp_path,

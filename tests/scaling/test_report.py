@@ -77,14 +77,27 @@ def test_comparison_table_json_and_plots(tmp_path):
     assert len(curve["steeper"].loss) == 20 * 6  # steps 5..10 of 20 runs
     final = fit_points(table, "auto", points="final")
     fits = fit_settings(curve, bootstrap=10, final_points=final)
-    text = format_comparison(fits, "valid_ce", "params_non_embedding")
+    text = format_comparison(fits, "valid_ce", "params_non_embedding", budgets=[1e21],
+                             at=[(1e9, 2e10)])
     assert "constant_shift" in text and "alpha" in text and "[" in text
-    saved = json.loads(fits_to_json(fits, "valid_ce", "params_non_embedding", "curve"))
+    assert "at C = 1e+21 FLOPs, law (approach 3): N_opt" in text
+    assert "IsoFLOP law N_opt" in text and "L(N = 1e+09, D = 2e+10) = " in text
+    saved = json.loads(fits_to_json(fits, "valid_ce", "params_non_embedding", "curve",
+                                    budgets=[1e21], at=[(1e9, 2e10)]))
     assert set(saved["settings"]) == set(SETTINGS)
     for entry in saved["settings"].values():
-        assert set(entry["fit"]) == {"E", "A", "alpha", "B", "b", "objective"}
+        assert set(entry["fit"]) == {"E", "A", "alpha", "B", "b", "objective", "starts",
+                                     "starts_at_best", "starts_converged"}
+        assert entry["bootstrap"]["resamples"] == 10
         low, high = entry["intervals"]["alpha"]
         assert low <= entry["fit"]["alpha"] <= high or high - low < 1e-3
+        budget = entry["predictions"]["budgets"][0]
+        law = budget["law"]
+        assert law["n_interval"][0] <= law["n_opt"] <= law["n_interval"][1]
+        assert 6 * law["n_opt"] * law["d_opt"] == pytest.approx(1e21)
+        assert budget["isoflop"]["n_opt"] > 0 and entry["isoflop_law"]["exponent"] > 0
+        point = entry["predictions"]["points"][0]
+        assert point["loss_interval"][0] <= point["loss"] <= point["loss_interval"][1]
     paths = write_plots(table, fits, str(tmp_path / "plots"), "valid_ce", "valid_entropy",
                         "params_non_embedding")
     for p in paths:
@@ -114,3 +127,23 @@ def test_isoflop_groups_by_planned_flop_budget():
     assert [o["flops"] for o in optima] == pytest.approx([1e18, 1e19], rel=0.1)
     assert all(o["bracketed"] for o in optima)
     assert optima[1]["n_opt"] > optima[0]["n_opt"]  # more compute, larger optimal model
+
+
+def test_sweep_fit_cli_prints_predictions_with_intervals(tmp_path, capsys):
+    from megatron_ntp.cli import main
+
+    rows = _table(sizes=5, budgets=4)
+    path = tmp_path / "sweep_metrics.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert main(["sweep", "fit", str(path), "--bootstrap", "5", "--budget", "1e21",
+                 "--predict", "1e9:2e10", "--out", str(tmp_path / "fit")]) == 0
+    text = capsys.readouterr().out
+    assert "at C = 1e+21 FLOPs, law (approach 3): N_opt" in text
+    assert "L(N = 1e+09, D = 2e+10) = " in text
+    saved = json.loads((tmp_path / "fit" / "fits.json").read_text())
+    assert saved["settings"]["steeper"]["predictions"]["points"][0]["n"] == 1e9
+    assert main(["sweep", "fit", str(path), "--predict", "1e9"]) == 2
+    assert "--predict '1e9': expected N:D" in capsys.readouterr().err
