@@ -417,10 +417,12 @@ def load_single_rank_state(checkpoint_dir: str, config: Config | None = None):
 def export_checkpoint(checkpoint_dir: str, output_dir: str,
                       options: ExportOptions = ExportOptions()) -> dict:
     """Convert a checkpoint of any layout into a Hugging Face folder (one process)."""
+    import contextlib
+
     import torch.distributed as dist
 
-    from megatron_ntp.eval.loading import read_config, single_rank_config, start_parallel
-    from megatron_ntp.parallel import destroy_parallel
+    from megatron_ntp.eval.loading import read_config, single_rank_config
+    from megatron_ntp.session import parallel_session
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("export runs as one process (it loads the checkpoint resharded to one "
@@ -428,16 +430,13 @@ def export_checkpoint(checkpoint_dir: str, output_dir: str,
     check_output_dir(output_dir, options.force)
     trained = read_config(checkpoint_dir)
     check_exportable(trained)
-    started = not dist.is_initialized()
-    if started:
-        start_parallel(single_rank_config(trained))
-    try:
+    # A caller that has its process groups already (tests, a notebook) keeps them.
+    session = (contextlib.nullcontext() if dist.is_initialized()
+               else parallel_session(single_rank_config(trained)))
+    with session:
         config, state, step, mcore_config, padded = load_single_rank_state(checkpoint_dir,
                                                                            trained)
         return write_hf_folder(output_dir, state, config, padded_vocab=padded, options=options,
                                mcore_config=mcore_config,
                                source={"checkpoint": os.path.abspath(checkpoint_dir),
                                        "step": step})
-    finally:
-        if started:
-            destroy_parallel()
