@@ -267,17 +267,10 @@ def _sigterm_as_exception(signum, frame):
     raise Interrupted(f"received signal {signum}")
 
 
-def preprocess(opts: PreprocessOptions, stream=None) -> PreprocessSummary:
-    """Run the conversion; returns the summary (also written beside the output).
-
-    Progress lines go to ``stream`` (default: sys.stderr).
-
-    Raises the first error (FileNotFoundError, PermissionError, ValueError, BadInputError with
-    --strict, KeyboardInterrupt, Interrupted) after removing partial output and writing the
-    summary with status "failed"/"interrupted" when the output folder is usable.
-    """
-    # Everything that can fail without reading input fails here, before any work; the cheap
-    # checks even before megatron-core's import (~5 s).
+def _prepare(opts: PreprocessOptions):
+    """(inputs, tokenizer, dtype, encode options, a "failed" summary to fill in). Everything
+    that can fail without reading input fails here, before any work; the cheap checks even
+    before megatron-core's import (~5 s)."""
     _check_options(opts)
     inputs = jsonl.resolve_inputs(opts.inputs)
     try:
@@ -301,6 +294,34 @@ def preprocess(opts: PreprocessOptions, stream=None) -> PreprocessSummary:
         tokenizer={"type": opts.tokenizer_type, "model": opts.tokenizer_model,
                    "vocab_size": int(tokenizer.vocab_size), "eod": int(tokenizer.eod)},
         dtype=np.dtype(dtype).name, append_eod=opts.append_eod, workers=opts.workers)
+    return inputs, tokenizer, dtype, encode_options, summary
+
+
+def _count_bad_lines(summary: PreprocessSummary, bad, path: str, first_line: int,
+                     strict: bool) -> None:
+    """Count a chunk's skipped lines by reason, keeping the first locations; with --strict the
+    first one is an error naming its file and line."""
+    for offset, reason, key, detail in bad:
+        where = f"{path}:{first_line + offset}"
+        what = reason + (f" (key {key!r})" if key else "") + (f": {detail}" if detail else "")
+        if strict:
+            raise BadInputError(f"{where}: {what}")
+        summary.bad_lines[reason] = summary.bad_lines.get(reason, 0) + 1
+        examples = summary.bad_examples.setdefault(reason, [])
+        if len(examples) < MAX_LOCATIONS_PER_REASON:
+            examples.append(f"{where}: {what}")
+
+
+def preprocess(opts: PreprocessOptions, stream=None) -> PreprocessSummary:
+    """Run the conversion; returns the summary (also written beside the output).
+
+    Progress lines go to ``stream`` (default: sys.stderr).
+
+    Raises the first error (FileNotFoundError, PermissionError, ValueError, BadInputError with
+    --strict, KeyboardInterrupt, Interrupted) after removing partial output and writing the
+    summary with status "failed"/"interrupted" when the output folder is usable.
+    """
+    inputs, tokenizer, dtype, encode_options, summary = _prepare(opts)
     tokens = {key: 0 for key in opts.json_keys}
     writers: List[_Writer] = []
     results = None
@@ -319,16 +340,8 @@ def preprocess(opts: PreprocessOptions, stream=None) -> PreprocessSummary:
         results = _results_in_order(opts, inputs, chunks, tokenizer.encoder_spec,
                                     encode_options)
         for chunk, result in results:
-            for offset, reason, key, detail in result.bad:
-                where = f"{inputs[chunk.file_index]}:{chunk.first_line + offset}"
-                what = (reason + (f" (key {key!r})" if key else "")
-                        + (f": {detail}" if detail else ""))
-                if opts.strict:
-                    raise BadInputError(f"{where}: {what}")
-                summary.bad_lines[reason] = summary.bad_lines.get(reason, 0) + 1
-                examples = summary.bad_examples.setdefault(reason, [])
-                if len(examples) < MAX_LOCATIONS_PER_REASON:
-                    examples.append(f"{where}: {what}")
+            _count_bad_lines(summary, result.bad, inputs[chunk.file_index], chunk.first_line,
+                             opts.strict)
             for writer, key in zip(writers, opts.json_keys):
                 writer.add(result.tokens[key], result.lengths[key])
                 tokens[key] += int(result.tokens[key].size)
