@@ -2,17 +2,13 @@
 
 import torch
 
-from megatron_ntp.loss import ShapedLossConfig
+from megatron_ntp.loss import PAPER_SETTINGS, ShapedLossConfig
 
 IGNORE = -100
 
-# ../shared/METHOD.md section 5, then the corners of the method.
+# The paper's five settings, then the corners of the method.
 SETTINGS = {
-    "cross_entropy": ShapedLossConfig(),
-    "precision": ShapedLossConfig(beta=-0.25),
-    "diversity": ShapedLossConfig(beta=0.5),
-    "tail_suppression": ShapedLossConfig(topk=100, lambda_tail=-0.1),
-    "head_preservation": ShapedLossConfig(topk=100, lambda_topk=0.1),
+    **PAPER_SETTINGS,
     "k1": ShapedLossConfig(topk=1, lambda_topk=0.3, lambda_tail=-0.2),
     "k_at_least_vocab": ShapedLossConfig(topk=10**6, lambda_topk=0.2, lambda_tail=-0.3),
     "beta_neg_both_lambdas": ShapedLossConfig(beta=-0.25, topk=5, lambda_topk=0.1, lambda_tail=-0.1),
@@ -28,6 +24,16 @@ def make_inputs(vocab: int, seed: int, shape=(2, 5), dtype=torch.float64, scale=
     target.view(-1)[1] = IGNORE
     target.view(-1)[-1] = vocab  # out of range: ignored too
     return logits, target
+
+
+def nonfinite_cases():
+    """(name, logits [2, 4], target [2]) whose logits hold NaN or +inf in row 1: refused."""
+    good = [2.0, 1.0, float("-inf"), 0.5]
+    return [(name, torch.tensor([good, bad]), torch.tensor([0, 1])) for name, bad in (
+        ("nan", [0.0, 1.0, 2.0, float("nan")]),
+        ("+inf", [0.0, float("inf"), 1.0, 2.0]),
+        ("all -inf", [float("-inf")] * 4),
+    )]
 
 
 def tied_bf16_logits(vocab: int, seed: int, shape=(3, 4)):
