@@ -1,0 +1,130 @@
+"""The GPU code paths, checked on CPU: no tensor without an explicit device (meta default
+device), no host synchronisation (a trap), no gradient pass without a wanted gradient."""
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from megatron_ntp.loss import LossImpl, fused_linear_shaped_loss, vocab_parallel_shaped_loss
+from megatron_ntp.loss import passes
+from megatron_ntp.loss.topk import shard_topk
+from tests.loss.cases import SETTINGS, make_inputs
+
+SYNCS = {"item", "__bool__", "__float__", "__int__", "__index__", "nonzero", "tolist", "cpu",
+         "numpy"}
+
+
+class HostSyncTrap(TorchFunctionMode):
+    """Raises on every call that would make a GPU wait for the host to read a tensor."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in SYNCS:
+            raise AssertionError(f"host sync: Tensor.{name}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_trap_catches_syncs():
+    x = torch.ones(3)
+    for sync in (lambda: x.sum().item(), lambda: bool(x.any()), lambda: x.nonzero(),
+                 lambda: x.tolist(), lambda: x.cpu(), lambda: x.numpy(), lambda: float(x[0])):
+        with HostSyncTrap(), pytest.raises(AssertionError, match="host sync"):
+            sync()
+
+
+def _inputs():
+    """CPU inputs of _run_both_paths: logits, target, hidden states, output weight."""
+    logits, target = make_inputs(600, seed=3, dtype=torch.float32, shape=(3, 5))
+    gen = torch.Generator().manual_seed(1)
+    return logits, target, torch.randn(3, 5, 8, generator=gen), torch.randn(600, 8, generator=gen)
+
+
+def _backward(loss):
+    """The loss Function's own backward, called directly in this thread (the autograd engine
+    would run it outside a device context or trap set here)."""
+    return loss.grad_fn.apply(torch.ones_like(loss), None, None, None)
+
+
+def _run_both_paths(impl, cfg, inputs):
+    """Unfused and fused forward, then each backward: (loss, grad) tensors."""
+    logits, target, hidden, weight = inputs
+    z = logits.clone().requires_grad_()
+    loss, _ = vocab_parallel_shaped_loss(z, target, cfg, impl=impl)
+    grad_logits = _backward(loss)[0]
+    hidden, weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    fused, _ = fused_linear_shaped_loss(hidden, weight, target, cfg, chunk_tokens=4, impl=impl)
+    grad_hidden, grad_weight = _backward(fused)[:2]
+    return loss, grad_logits, fused, grad_hidden, grad_weight
+
+
+@pytest.mark.parametrize("name", ["beta_neg_both_lambdas", "tail_suppression", "cross_entropy"])
+def test_gpu_path_has_no_host_sync(name):
+    """The keys selection (the GPU path) with eager and compiled passes, forward and backward."""
+    inputs = _inputs()
+    want = _run_both_paths(LossImpl(selection="cpu_scan"), SETTINGS[name], inputs)
+    for passes_impl in ("eager", "compiled"):
+        impl = LossImpl(selection="keys", passes=passes_impl, chunk_bytes=16 * 600 * 4)
+        with HostSyncTrap():
+            got = _run_both_paths(impl, SETTINGS[name], inputs)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def _signed_zero_rows(vocab, gen):
+    zeros = torch.zeros(4, vocab)
+    return torch.where(torch.rand(4, vocab, generator=gen) < 0.5, zeros, -zeros)
+
+
+@pytest.mark.parametrize("vocab, k", [(5000, 37), (300, 100), (50, 80)])
+def test_keys_selection_equals_a_stable_sort_without_host_sync(vocab, k):
+    gen = torch.Generator().manual_seed(vocab)
+    noise = torch.randn(4, vocab, generator=gen)
+    ties = torch.randint(-2, 2, (4, vocab), generator=gen).float()
+    signed_zeros = _signed_zero_rows(vocab, gen)
+    signed_zeros[:, ::7] = 1.0
+    masked = ties.masked_fill(ties < 1, float("-inf"))
+    constant = torch.full((2, vocab), 3.5)
+    impl = LossImpl(selection="keys", chunk_bytes=16 * vocab * 3)
+    for logits in (noise, noise.double(), ties, signed_zeros, masked, constant):
+        with HostSyncTrap():
+            values, ids = shard_topk(logits, k, impl)
+        order = torch.sort(logits, dim=-1, descending=True, stable=True).indices
+        want = order[:, : min(k, vocab)].sort(-1).values
+        assert torch.equal(ids, want)
+        assert torch.equal(values, logits.gather(-1, want))
+
+
+def test_every_tensor_has_an_explicit_device():
+    """With torch's default device set to meta, a tensor created without a device lands on meta
+    and the CPU computation fails: forward and each backward of both paths."""
+    inputs = _inputs()
+    for impl in (LossImpl(), LossImpl(selection="keys", passes="eager")):
+        want = _run_both_paths(impl, SETTINGS["beta_neg_both_lambdas"], inputs)
+        torch.set_default_device("meta")
+        try:
+            got = _run_both_paths(impl, SETTINGS["beta_neg_both_lambdas"], inputs)
+        finally:
+            torch.set_default_device(None)
+        for g, w in zip(got, want):
+            assert g.device.type == "cpu"
+            torch.testing.assert_close(g, w)
+
+
+def test_no_gradient_pass_without_a_wanted_gradient(monkeypatch):
+    """Validation and eval (no_grad) and logits that need no gradient skip the gradient pass,
+    and overwrite_logits leaves such logits untouched."""
+    logits, target = make_inputs(300, seed=4, dtype=torch.float32)
+    cfg = SETTINGS["beta_neg_both_lambdas"]
+    want, _ = vocab_parallel_shaped_loss(logits, target, cfg)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the gradient pass ran")
+
+    monkeypatch.setattr(passes, "gradient", forbidden)
+    z = logits.clone().requires_grad_()
+    with torch.no_grad():
+        loss, _ = vocab_parallel_shaped_loss(z, target, cfg, overwrite_logits=True)
+    plain = logits.clone()
+    loss_plain, _ = vocab_parallel_shaped_loss(plain, target, cfg, overwrite_logits=True)
+    assert torch.equal(loss, want) and torch.equal(loss_plain, want)
+    assert torch.equal(z.detach(), logits) and torch.equal(plain, logits)
