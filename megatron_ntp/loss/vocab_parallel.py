@@ -24,12 +24,18 @@ anywhere on a GPU (CPU tensors raise on NaN at once, where syncing costs nothing
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from megatron_ntp.loss import passes
 from megatron_ntp.loss.config import ShapedLossConfig
 from megatron_ntp.loss.impl import LossImpl, resolve
-from megatron_ntp.loss.token_terms import TokenTerms, combine_token_sums
+from megatron_ntp.loss.token_terms import combine_token_sums
 from megatron_ntp.loss.topk import is_member, kth_threshold, shard_topk
+
+# torch.profiler labels of the stages (benchmarks/loss_bench.py reads them); free when no
+# profiler runs
+STAGE_LABELS = ("shaped_loss.stage1_shard", "shaped_loss.stage2_all_gather",
+                "shaped_loss.stage3_combine", "shaped_loss.stage4_gradient")
 
 NONFINITE_LOGITS = ("the shaped loss got logits that are NaN or +inf (or -inf over a whole "
                     "row): the next-token distribution is undefined")
@@ -133,16 +139,25 @@ class ShardForward:
         self.target_local = target - vocab_start
         self.target_here = valid & (self.target_local >= 0) & (self.target_local < vocab_local)
 
-        packed = self._shard_stage(logits, cfg, vocab_start, world)  # stage 1
+        with record_function(STAGE_LABELS[0]):
+            packed = self._shard_stage(logits, cfg, vocab_start, world)
         k_local = (packed.shape[-1] - 4) // 2
-        gathered = _all_gather(packed, tp_group, world)  # stage 2: [world, N, 4 + 2k']
+        with record_function(STAGE_LABELS[1]):
+            gathered = _all_gather(packed, tp_group, world)  # [world, N, 4 + 2k']
         del packed
-        logit_max, sum_exp, sum_exp_logit, target_logit = _global_sums(gathered, logits.dtype)
+        with record_function(STAGE_LABELS[2]):
+            self.terms = self._combine_stage(gathered, logits.dtype, target, valid, cfg,
+                                             k_local, world, vocab_start)
+
+    def _combine_stage(self, gathered, dtype, target, valid, cfg, k_local, world, vocab_start):
+        """Stage 3 on the gathered [world, N, 4 + 2k'] values: TokenTerms of [N] tensors."""
+        impl = self.impl
+        logit_max, sum_exp, sum_exp_logit, target_logit = _global_sums(gathered, dtype)
         if k_local > 0:
             k = min(cfg.topk, world * k_local)
             # in row chunks: the [rows, k x TP] temporaries stay small next to the logits
             chunks = [_topk_stage(gathered[:, rows], logit_max[rows], k_local, k, impl)
-                      for rows in _row_chunks(logits.shape[0], 48 * world * k_local, impl)]
+                      for rows in _row_chunks(target.shape[0], 48 * world * k_local, impl)]
             kth_value, kth_index, sum_exp_topk, sum_exp_logit_topk = (
                 torch.cat(parts) for parts in zip(*chunks))
         else:
@@ -156,7 +171,7 @@ class ShardForward:
             [sum_exp, sum_exp_logit, sum_exp_topk, sum_exp_logit_topk, target_logit], dim=-1
         )
         target_in_topk = is_member(target_logit[:, None], target[:, None], kth_value, kth_index)[:, 0]
-        self.terms: TokenTerms = combine_token_sums(cfg, logit_max, sums, target_in_topk, valid)
+        return combine_token_sums(cfg, logit_max, sums, target_in_topk, valid)
 
     def _shard_stage(self, logits, cfg, vocab_start, world) -> torch.Tensor:
         """Stage 1: [N, 4 + 2k'] (m_r, S_r, T_r, z_x or 0, k' candidate logits, k' global ids)."""
@@ -176,6 +191,10 @@ class ShardForward:
 
     def gradient(self, logits: torch.Tensor, inplace: bool) -> torch.Tensor:
         """Stage 4: [N, V_local] d loss / d logits for this shard; into `logits` if inplace."""
+        with record_function(STAGE_LABELS[3]):
+            return self._gradient(logits, inplace)
+
+    def _gradient(self, logits, inplace):
         grad = passes.gradient(logits, self.terms, self.kth_value, self.kth_local_index,
                                inplace, self.impl)
         # the target entries by a scatter (rows whose target is elsewhere rewrite their column 0)

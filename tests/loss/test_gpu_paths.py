@@ -5,7 +5,12 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from megatron_ntp.loss import LossImpl, fused_linear_shaped_loss, vocab_parallel_shaped_loss
+from megatron_ntp.loss import (
+    LossImpl,
+    fused_linear_shaped_loss,
+    fused_linear_shaped_loss_sum,
+    vocab_parallel_shaped_loss,
+)
 from megatron_ntp.loss import passes
 from megatron_ntp.loss.topk import shard_topk
 from tests.loss.cases import SETTINGS, make_inputs
@@ -39,10 +44,10 @@ def _inputs():
     return logits, target, torch.randn(3, 5, 8, generator=gen), torch.randn(600, 8, generator=gen)
 
 
-def _backward(loss):
+def _backward(loss, outputs=4):
     """The loss Function's own backward, called directly in this thread (the autograd engine
     would run it outside a device context or trap set here)."""
-    return loss.grad_fn.apply(torch.ones_like(loss), None, None, None)
+    return loss.grad_fn.apply(torch.ones_like(loss), *[None] * (outputs - 1))
 
 
 def _run_both_paths(impl, cfg, inputs):
@@ -54,7 +59,13 @@ def _run_both_paths(impl, cfg, inputs):
     hidden, weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     fused, _ = fused_linear_shaped_loss(hidden, weight, target, cfg, chunk_tokens=4, impl=impl)
     grad_hidden, grad_weight = _backward(fused)[:2]
-    return loss, grad_logits, fused, grad_hidden, grad_weight
+    # gradients formed in the forward: the forward runs the gradient pass and the matmuls
+    hidden, weight = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    total, _, _ = fused_linear_shaped_loss_sum(hidden, weight, target, torch.ones_like(fused),
+                                               cfg, chunk_tokens=4, impl=impl)
+    grad_hidden_sum, grad_weight_sum = _backward(total, outputs=5)[:2]
+    return (loss, grad_logits, fused, grad_hidden, grad_weight, total, grad_hidden_sum,
+            grad_weight_sum)
 
 
 @pytest.mark.parametrize("name", ["beta_neg_both_lambdas", "tail_suppression", "cross_entropy"])

@@ -9,6 +9,7 @@ import torch.distributed as dist
 from megatron_ntp.loss import (
     ShapedLossConfig,
     fused_linear_shaped_loss,
+    fused_linear_shaped_loss_sum,
     reference_shaped_loss,
     vocab_parallel_shaped_loss,
 )
@@ -148,6 +149,17 @@ def _check_fused(failures, group, rank, world):
         _compare(failures, f"fused {name} grad weight", w.grad, w_ref_shard, 1e-12)
         for key in stats:
             _compare(failures, f"fused {name} {key}", stats[key], ref_stats[key], 1e-12)
+        # gradients formed in the forward, per-token weights known there (upstream)
+        h_sum, w_sum = hidden.clone().requires_grad_(), w.detach().clone().requires_grad_()
+        total, loss_sum, stats_sum = fused_linear_shaped_loss_sum(
+            h_sum, w_sum, target, upstream, cfg, group, chunk_tokens=5)
+        total.backward()
+        _compare(failures, f"fused sum {name} total", total, (ref_loss * upstream).sum(), 1e-12)
+        _compare(failures, f"fused sum {name} loss", loss_sum, ref_loss, 1e-12)
+        _compare(failures, f"fused sum {name} grad hidden", h_sum.grad, h_ref.grad, 1e-12)
+        _compare(failures, f"fused sum {name} grad weight", w_sum.grad, w_ref_shard, 1e-12)
+        for key in stats:
+            _compare(failures, f"fused sum {name} {key}", stats_sum[key], ref_stats[key], 1e-12)
 
 
 def _check_nonfinite_and_masked(failures, group, rank, world):
