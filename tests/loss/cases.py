@@ -1,6 +1,7 @@
 """Loss settings and inputs shared by the loss tests."""
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from megatron_ntp.loss import PAPER_SETTINGS, ShapedLossConfig
 
@@ -42,3 +43,16 @@ def tied_bf16_logits(vocab: int, seed: int, shape=(3, 4)):
     logits = torch.randint(-3, 3, (*shape, vocab), generator=gen).to(torch.bfloat16) * 0.5
     target = torch.randint(0, vocab, shape, generator=gen)
     return logits, target
+
+
+class HostSyncTrap(TorchFunctionMode):
+    """Raises on every call that would make a GPU wait for the host to read a tensor."""
+
+    SYNCS = {"item", "__bool__", "__float__", "__int__", "__index__", "nonzero", "tolist", "cpu",
+             "numpy"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.SYNCS:
+            raise AssertionError(f"host sync: Tensor.{name}")
+        return func(*args, **(kwargs or {}))

@@ -3,7 +3,6 @@ device), no host synchronisation (a trap), no gradient pass without a wanted gra
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 from megatron_ntp.loss import (
     LossImpl,
@@ -12,22 +11,7 @@ from megatron_ntp.loss import (
     vocab_parallel_shaped_loss,
 )
 from megatron_ntp.loss import passes
-from megatron_ntp.loss.topk import shard_topk
-from tests.loss.cases import SETTINGS, make_inputs
-
-SYNCS = {"item", "__bool__", "__float__", "__int__", "__index__", "nonzero", "tolist", "cpu",
-         "numpy"}
-
-
-class HostSyncTrap(TorchFunctionMode):
-    """Raises on every call that would make a GPU wait for the host to read a tensor."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        if name in SYNCS:
-            raise AssertionError(f"host sync: Tensor.{name}")
-        return func(*args, **(kwargs or {}))
-
+from tests.loss.cases import SETTINGS, HostSyncTrap, make_inputs
 
 def test_trap_catches_syncs():
     x = torch.ones(3)
@@ -79,30 +63,6 @@ def test_gpu_path_has_no_host_sync(name):
             got = _run_both_paths(impl, SETTINGS[name], inputs)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
-
-
-def _signed_zero_rows(vocab, gen):
-    zeros = torch.zeros(4, vocab)
-    return torch.where(torch.rand(4, vocab, generator=gen) < 0.5, zeros, -zeros)
-
-
-@pytest.mark.parametrize("vocab, k", [(5000, 37), (300, 100), (50, 80)])
-def test_keys_selection_equals_a_stable_sort_without_host_sync(vocab, k):
-    gen = torch.Generator().manual_seed(vocab)
-    noise = torch.randn(4, vocab, generator=gen)
-    ties = torch.randint(-2, 2, (4, vocab), generator=gen).float()
-    signed_zeros = _signed_zero_rows(vocab, gen)
-    signed_zeros[:, ::7] = 1.0
-    masked = ties.masked_fill(ties < 1, float("-inf"))
-    constant = torch.full((2, vocab), 3.5)
-    impl = LossImpl(selection="keys", chunk_bytes=16 * vocab * 3)
-    for logits in (noise, noise.double(), ties, signed_zeros, masked, constant):
-        with HostSyncTrap():
-            values, ids = shard_topk(logits, k, impl)
-        order = torch.sort(logits, dim=-1, descending=True, stable=True).indices
-        want = order[:, : min(k, vocab)].sort(-1).values
-        assert torch.equal(ids, want)
-        assert torch.equal(values, logits.gather(-1, want))
 
 
 def test_every_tensor_has_an_explicit_device():

@@ -13,7 +13,7 @@ from megatron_ntp.loss import (
 from megatron_ntp.loss import passes
 from megatron_ntp.loss import cpu_first_k
 from megatron_ntp.loss.topk import shard_topk
-from tests.loss.cases import SETTINGS, make_inputs, tied_bf16_logits
+from tests.loss.cases import SETTINGS, HostSyncTrap, make_inputs, tied_bf16_logits
 
 
 def test_gradcheck_float64_cross_entropy():
@@ -172,14 +172,19 @@ def test_eager_passes_equal_compiled():
 @pytest.mark.parametrize("selection", ["cpu_scan", "keys"])
 @pytest.mark.parametrize("vocab, k", [(5000, 1), (5000, 37), (4099, 20), (300, 100), (50, 80)])
 def test_shard_topk_is_the_first_k_under_the_tie_rule(vocab, k, selection):
+    """Equal to a stable sort, without a host sync: noise, heavy ties, +-0, -inf, constant rows."""
     impl = LossImpl(selection=selection, chunk_bytes=16 * vocab * 4)  # rows in chunks of 4
     gen = torch.Generator().manual_seed(vocab + k)
     noise = torch.randn(6, vocab, generator=gen)
     ties = torch.randint(-2, 2, (6, vocab), generator=gen).float()  # heavy ties
     ramp = torch.arange(vocab, dtype=torch.float32).expand(3, vocab)
+    zeros = torch.zeros(4, vocab)
+    signed_zeros = torch.where(torch.rand(4, vocab, generator=gen) < 0.5, zeros, -zeros)
+    signed_zeros[:, ::7] = 1.0
     for logits in (noise, noise.double(), ties, ties.masked_fill(ties < 0, float("-inf")),
-                   torch.cat([ramp, ramp.flip(-1)]), torch.zeros(2, vocab)):
-        values, ids = shard_topk(logits, k, impl)
+                   torch.cat([ramp, ramp.flip(-1)]), zeros, signed_zeros):
+        with HostSyncTrap():
+            values, ids = shard_topk(logits, k, impl)
         order = torch.sort(logits, dim=-1, descending=True, stable=True).indices
         want = order[:, : min(k, vocab)].sort(-1).values
         assert torch.equal(ids, want)
