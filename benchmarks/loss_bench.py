@@ -145,7 +145,7 @@ def _worker(rank, world, port, args, results):
         measured[name] = _measure(fn, make, args.repeats, inputs_count=True)
         stages[name] = _stage_seconds(fn, make())
         dist.barrier()
-    for name, fn in _linear_variants(group).items():
+    for name, fn in (_linear_variants(group) if args.linear else {}).items():
         fn(torch.randn(64, 32, requires_grad=True), torch.randn(4096, 32, requires_grad=True),
            small_t % (4096 * world)).sum().backward()
         make = lambda: (h.clone().requires_grad_(), w.clone().requires_grad_(), target)  # noqa: E731
@@ -205,6 +205,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--linear-repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--linear", action=argparse.BooleanOptionalAction, default=True,
+                        help="also the output-layer variants (d), (d'): minutes per step")
     args = parser.parse_args()
     print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores)")
     print(f"tokens {args.tokens}, vocab {args.vocab}, hidden {args.hidden}, float32, "
@@ -224,6 +226,8 @@ def main():
         print(f"| variant | time (s) | time ratio | peak (MiB) | peak ratio |")
         print(f"|---|---|---|---|---|")
         for label, key, base in rows:
+            if key not in r:
+                continue
             t, m = r[key]
             print(f"| {label} | {t:.3f} | {_ratio(t, r[base][0])} | {m:.0f} | "
                   f"{_ratio(m, r[base][1])} |")

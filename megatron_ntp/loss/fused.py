@@ -143,8 +143,13 @@ class _FusedLinearShapedLossSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, *unused_grads):
-        grad_hidden, grad_weight = (None if g is None else g * grad_total.to(g.dtype)
+        if ctx.grads is None:
+            raise RuntimeError("fused_linear_shaped_loss_sum scales its kept gradients in place: "
+                               "a second backward through the same graph is not supported")
+        # in place: a scaled copy would hold a second [V_local, H] weight gradient
+        grad_hidden, grad_weight = (None if g is None else g.mul_(grad_total.to(g.dtype))
                                     for g in ctx.grads)
+        ctx.grads = None
         return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
@@ -206,7 +211,8 @@ def fused_linear_shaped_loss_sum(
 
     Args as for fused_linear_shaped_loss, plus token_weights: [...] like target (e.g. the
     loss mask), known at forward time. The gradients of hidden and weight are computed during
-    this call (when autograd wants them) and kept; backward scales them by the incoming scalar.
+    this call (when autograd wants them) and kept; backward scales them in place by the
+    incoming scalar (so a second backward through the graph is refused).
     Returns:
         total: [] the weighted sum (differentiable); loss: [...] per token (detached); stats.
     Collectives: per chunk those of vocab_parallel_shaped_loss's forward, then one
