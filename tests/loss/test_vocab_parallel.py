@@ -35,7 +35,7 @@ def test_gradcheck_float64_cross_entropy():
 
 
 def _frozen_weight_surrogate(z0, target, cfg):
-    """G(z) = -sum_a w_a(z0) log p_a(z), the weights taken from METHOD.md at z0 and frozen.
+    """G(z) = -sum_a w_a(z0) log p_a(z), the weights taken from megatron_ntp/loss/README.md at z0 and frozen.
 
     By the policy-gradient identity the method's gradient at z0 is dG/dz at z0.
     """
