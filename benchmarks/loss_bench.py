@@ -6,7 +6,10 @@ parallel size, forward+backward time and peak memory of:
   (b) vocab_parallel_shaped_loss with the defaults (cross-entropy)
   (c) vocab_parallel_shaped_loss at beta=-0.25, lambda_tail=-0.1, k=100
   (d) fused_linear_shaped_loss (output layer + loss, hidden H)           vs output layer + (a)
+  (d') fused_linear_shaped_loss_sum (gradients formed in the forward)   vs output layer + (a)
 (b) and (c) run with overwrite_logits=True, the memory behaviour of (a); (c') without it.
+Each variant's time per stage (the loss's torch.profiler labels, stages numbered as in
+megatron_ntp/loss/vocab_parallel.py) comes from one more, profiled step (rank 0).
 Peak memory is the process's resident-set high-water mark during the step (reset through
 /proc/self/clear_refs) above its size before the step: for (a)-(c') the logits count (they are
 the loss's memory), for (d) and its baseline the hidden states and the weight do not (the model
@@ -16,6 +19,8 @@ inputs (torch.compile) and, for (a)-(c'), one step at full size (what a training
 first large call's one-time allocations, ~32 MiB, are not the loss's per-step memory).
 
     .venv/bin/python benchmarks/loss_bench.py [--tokens 4096] [--vocab 151936] [--hidden 2048]
+
+The machine matters: it prints the CPU model; run it twice on a quiet machine.
 """
 
 import argparse
@@ -28,7 +33,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from megatron_ntp.loss import ShapedLossConfig, fused_linear_shaped_loss, vocab_parallel_shaped_loss
+from megatron_ntp.loss import (
+    ShapedLossConfig,
+    fused_linear_shaped_loss,
+    fused_linear_shaped_loss_sum,
+    vocab_parallel_shaped_loss,
+)
+from megatron_ntp.loss.fused import MATMUL_LABELS
+from megatron_ntp.loss.vocab_parallel import STAGE_LABELS
 
 SHAPED = ShapedLossConfig(beta=-0.25, topk=100, lambda_tail=-0.1)
 
@@ -72,6 +84,8 @@ def _linear_variants(group):
     return {
         "a_linear": output_layer_plus_ce,
         "d": lambda h, w, t: fused_linear_shaped_loss(h, w, t, SHAPED, group)[0],
+        "d'": lambda h, w, t: fused_linear_shaped_loss_sum(h, w, t, torch.ones(t.shape),
+                                                           SHAPED, group)[0],
     }
 
 
@@ -98,6 +112,18 @@ def _measure(step, make_inputs, repeats, inputs_count):
     return statistics.median(times), peak
 
 
+def _stage_seconds(step, inputs):
+    """{label: seconds} of one profiled forward+backward, per stage label of the loss."""
+    leaves = [x for x in inputs if x.requires_grad]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        torch.autograd.grad(step(*inputs).sum(), leaves)
+    seconds = {label: 0.0 for label in STAGE_LABELS + MATMUL_LABELS}
+    for event in prof.key_averages():
+        if event.key in seconds:
+            seconds[event.key] = event.cpu_time_total / 1e6
+    return seconds
+
+
 def _worker(rank, world, port, args, results):
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(max(1, args.threads // world))
@@ -111,18 +137,20 @@ def _worker(rank, world, port, args, results):
     w = torch.randn(vocab_local, hidden, generator=gen) / hidden**0.5
     small_t = target[:64] % (8 * 4096)
 
-    measured = {}
+    measured, stages = {}, {}
     for name, fn in _loss_variants(group).items():
         fn(torch.randn(64, 4096, requires_grad=True), small_t % (4096 * world)).sum().backward()
         make = lambda: (logits.clone().requires_grad_(), target)  # noqa: E731
         _measure(fn, make, 1, inputs_count=True)  # one step at full size: the steady state
         measured[name] = _measure(fn, make, args.repeats, inputs_count=True)
+        stages[name] = _stage_seconds(fn, make())
         dist.barrier()
-    for name, fn in _linear_variants(group).items():
+    for name, fn in (_linear_variants(group) if args.linear else {}).items():
         fn(torch.randn(64, 32, requires_grad=True), torch.randn(4096, 32, requires_grad=True),
            small_t % (4096 * world)).sum().backward()
         make = lambda: (h.clone().requires_grad_(), w.clone().requires_grad_(), target)  # noqa: E731
         measured[name] = _measure(fn, make, args.linear_repeats, inputs_count=False)
+        stages[name] = _stage_seconds(fn, make())
         dist.barrier()
     gathered = [None] * world
     dist.all_gather_object(gathered, measured)
@@ -131,6 +159,7 @@ def _worker(rank, world, port, args, results):
             {name: (max(g[name][0] for g in gathered), max(g[name][1] for g in gathered))
              for name in measured}
         )
+        results["stages"] = stages
     dist.destroy_process_group()
 
 
@@ -144,6 +173,29 @@ def _run(world, args):
         return dict(results)
 
 
+def _ratio(value, base):
+    return f"{value / base:.2f}x" if base > 0 else "n/a"
+
+
+def cpu_model() -> str:
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def _print_stages(stages):
+    """Per variant, the seconds of each stage label (rank 0's profiled step)."""
+    labels = STAGE_LABELS + MATMUL_LABELS
+    short = [label.split(".", 1)[1] for label in labels]
+    print(f"\nseconds per stage (rank 0, one profiled step)")
+    print("| variant | " + " | ".join(short) + " |")
+    print("|---|" + "---|" * len(labels))
+    for name, seconds in stages.items():
+        print(f"| {name} | " + " | ".join(f"{seconds[label]:.3f}" for label in labels) + " |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=4096)
@@ -153,7 +205,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--linear-repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--linear", action=argparse.BooleanOptionalAction, default=True,
+                        help="also the output-layer variants (d), (d'): minutes per step")
     args = parser.parse_args()
+    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores)")
     print(f"tokens {args.tokens}, vocab {args.vocab}, hidden {args.hidden}, float32, "
           f"{args.threads} threads, torch {torch.__version__}")
     rows = [
@@ -163,6 +218,7 @@ def main():
         ("(c') as (c), overwrite_logits=False", "c'", "a"),
         ("output layer + (a)", "a_linear", "a_linear"),
         ("(d) fused output layer + shaped loss (c)", "d", "a_linear"),
+        ("(d') as (d), gradients formed in the forward", "d'", "a_linear"),
     ]
     for world in args.tp:
         r = _run(world, args)
@@ -170,8 +226,12 @@ def main():
         print(f"| variant | time (s) | time ratio | peak (MiB) | peak ratio |")
         print(f"|---|---|---|---|---|")
         for label, key, base in rows:
+            if key not in r:
+                continue
             t, m = r[key]
-            print(f"| {label} | {t:.3f} | {t / r[base][0]:.2f}x | {m:.0f} | {m / r[base][1]:.2f}x |")
+            print(f"| {label} | {t:.3f} | {_ratio(t, r[base][0])} | {m:.0f} | "
+                  f"{_ratio(m, r[base][1])} |")
+        _print_stages(r["stages"])
 
 
 if __name__ == "__main__":

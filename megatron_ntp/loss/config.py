@@ -1,4 +1,4 @@
-"""The knobs of the shaped next-token loss (../shared/METHOD.md, sections 2 and 5)."""
+"""The knobs of the shaped next-token loss (megatron_ntp/loss/README.md)."""
 
 import math
 from dataclasses import dataclass, fields
@@ -6,19 +6,13 @@ from dataclasses import dataclass, fields
 
 @dataclass(frozen=True)
 class ShapedLossConfig:
-    """Settings of the shaped reward. The defaults give cross-entropy exactly.
-
-    The paper's settings (METHOD.md section 5):
-      cross-entropy        beta=0      lambda_topk=0    lambda_tail=0
-      precision            beta=-0.25
-      diversity            beta=0.5
-      tail suppression     topk=100    lambda_tail=-0.1
-      head preservation    topk=100    lambda_topk=0.1
-    """
+    """Settings of the shaped reward. The defaults give cross-entropy exactly; the paper's
+    five settings are megatron_ntp.loss.PAPER_SETTINGS (megatron_ntp/loss/settings.py)."""
 
     beta: float = 0.0
     """Global entropy knob: the ground-truth token's weight is p_x ** (1 - (1 - p_x) ** beta).
-    beta < 0 sharpens the distribution (lower entropy), beta > 0 flattens it, 0 is cross-entropy."""
+    beta < 0 sharpens the distribution (lower entropy), beta > 0 flattens it, 0 is cross-entropy.
+    Must be >= -1: below, the weight diverges as p_x -> 1 (log w_x ~ (1 - p_x) ** (1 + beta))."""
 
     topk: int = 0
     """Size k of the set K of the largest logits (ties broken by lower global token id).
@@ -39,6 +33,11 @@ class ShapedLossConfig:
                 if not math.isfinite(value):
                     raise ValueError(f"ShapedLossConfig.{f.name} must be finite, got {value!r}")
                 object.__setattr__(self, f.name, float(value))
+        if self.beta < -1:
+            raise ValueError(
+                f"ShapedLossConfig.beta must be >= -1, got {self.beta}: below -1 the target "
+                f"weight w_x diverges as p_x -> 1 (log w_x ~ (1 - p_x) ** (1 + beta)), so the "
+                f"loss is inf and its gradient NaN on confident tokens")
         if isinstance(self.topk, bool) or not isinstance(self.topk, int):
             raise ValueError(f"ShapedLossConfig.topk must be an integer, got {self.topk!r}")
         if self.topk < 0:

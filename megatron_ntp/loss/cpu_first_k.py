@@ -3,11 +3,11 @@
 torch.topk on CPU partially sorts each row (~16 ns per entry); the scan bounds the k-th value
 by strided block maxima and then touches each entry about once (~1.5 ns), which is what keeps
 the shaped loss near the cost of cross-entropy on CPU. Same set K, same tie rule (position
-ascending among equal values) as the torch path in megatron_ntp/loss/topk.py, which GPUs use.
+ascending among equal values) as the "keys" selection in megatron_ntp/loss/topk.py (GPUs).
 
 The extension is compiled on first use with the C++ compiler torch.compile already needs and
-ninja (a dependency; about 20 s, cached under torch's extension folder, $TORCH_EXTENSIONS_DIR). Set
-MEGATRON_NTP_CPU_TOPK=0 to use the torch path on CPU too; if the build fails, the torch path is
+ninja (a dependency; about 20 s, cached under torch's extension folder, $TORCH_EXTENSIONS_DIR).
+LossImpl(selection="keys") uses the torch path on CPU too; if the build fails, the torch path is
 used with a warning.
 """
 
@@ -41,15 +41,13 @@ def _extension():
 
 
 def available_for(values: torch.Tensor) -> bool:
-    """Whether first_k serves `values` (a CPU float32/float64 tensor, kernel built, not off)."""
+    """Whether first_k serves `values` (a CPU float32/float64 tensor, kernel built)."""
     return (values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64)
-            and os.environ.get("MEGATRON_NTP_CPU_TOPK", "1") != "0" and _extension() is not None)
+            and _extension() is not None)
 
 
 def first_k(values: torch.Tensor, k: int):
-    """values [N, C] (CPU) -> (values [N, k], positions [N, k] ascending): each row's first k
-    entries under (value descending, position ascending). Raises on NaN."""
-    top_values, positions, ok = _extension().first_k(values.contiguous(), k)
-    if not bool(ok.all()):
-        raise FloatingPointError("the shaped loss got NaN logits: the top-k set is undefined")
-    return top_values, positions
+    """values [N, C] (CPU) -> (values [N, k], positions [N, k] ascending, ok [N] bool): each
+    row's first k entries under (value descending, position ascending). A row holding NaN has
+    no such set: ok is False there and its values and positions are undefined."""
+    return _extension().first_k(values.contiguous(), k)

@@ -2,20 +2,42 @@
 
 The full [N, V_local] logits never exist: each chunk of tokens gets its logits, its loss and
 stats (megatron_ntp/loss/vocab_parallel.py, stages 1-3), and the chunk's logits are dropped.
-Only per-token scalars are kept. Backward recomputes each chunk's logits (one more matmul),
-forms the gradient p * W - w in place, scales it by the incoming per-token gradient and turns
-it into the gradients of the hidden states and of the output weight (fp32 accumulation).
-Recomputing, instead of forming the weight gradient in the forward, keeps the per-token
-semantics of the unfused path: the caller may mask and weight tokens as it likes.
+Two ways to get the gradients, each chunk's gradient p * W - w formed in place (stage 4) and
+turned into the hidden-state gradient (matmul in the activation dtype) and the output weight's
+gradient (fp32 accumulation):
+
+- fused_linear_shaped_loss: per-token loss, any per-token upstream gradient. Only per-token
+  scalars are kept; backward recomputes each chunk's logits (one more matmul). The model uses
+  this one (megatron-core applies the loss mask after the forward, in the loss function).
+- fused_linear_shaped_loss_sum: the per-token weights (e.g. the loss mask) are known at
+  forward time and the loss is their weighted sum, so the gradients are formed during the
+  forward, chunk by chunk, and backward only scales them (Liger's fused linear cross-entropy
+  pattern): no recompute, three matmuls instead of four.
 """
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from megatron_ntp.loss.config import ShapedLossConfig
-from megatron_ntp.loss.vocab_parallel import ShardForward, check_inputs, compute_dtype_for
+from megatron_ntp.loss.impl import LossImpl, resolve
+from megatron_ntp.loss.vocab_parallel import (
+    ShardForward,
+    check_inputs,
+    compute_dtype_for,
+    wants_gradient,
+)
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MiB in fp32
+STAT_NAMES = ("loss", "ce", "entropy", "topk_mass")
+# torch.profiler labels of the matmuls (the stages' labels: vocab_parallel.STAGE_LABELS)
+MATMUL_LABELS = ("shaped_loss.logits_matmul", "shaped_loss.gradient_matmuls")
+
+
+def _logits(tokens, weight, compute_dtype):
+    """[c, H] x [V_local, H] -> [c, V_local] logits in the compute dtype."""
+    with record_function(MATMUL_LABELS[0]):
+        return (tokens @ weight.t()).to(compute_dtype)
 
 
 def _chunks(num_tokens: int, vocab_local: int, chunk_tokens):
@@ -23,24 +45,68 @@ def _chunks(num_tokens: int, vocab_local: int, chunk_tokens):
     return [(start, min(start + step, num_tokens)) for start in range(0, num_tokens, step)]
 
 
+class _Gradients:
+    """Hidden-state [N, H] and weight [V_local, H] gradients, accumulated chunk by chunk."""
+
+    def __init__(self, tokens, weight, need_hidden: bool, need_weight: bool):
+        self.tokens, self.weight = tokens, weight
+        self.compute_dtype = compute_dtype_for(tokens.dtype)
+        self.hidden = torch.empty_like(tokens) if need_hidden else None
+        # fp32 (or float64) accumulator on the weight's device
+        self.weight_grad = (torch.zeros(weight.shape, dtype=self.compute_dtype,
+                                        device=weight.device) if need_weight else None)
+
+    def add_chunk(self, start, end, shard: ShardForward, logits, scale):
+        """logits [c, V_local] (overwritten) and scale [c]: d loss / d loss_token."""
+        grad_logits = shard.gradient(logits, inplace=True)  # stage 4: [c, V_local]
+        grad_logits.mul_(scale[:, None].to(self.compute_dtype))
+        with record_function(MATMUL_LABELS[1]):
+            self._matmuls(start, end, grad_logits)
+
+    def _matmuls(self, start, end, grad_logits):
+        if self.hidden is not None:
+            self.hidden[start:end] = grad_logits.to(self.weight.dtype) @ self.weight
+        if self.weight_grad is not None:
+            self.weight_grad.addmm_(grad_logits.t(), self.tokens[start:end].to(self.compute_dtype))
+
+    def finish(self, hidden_shape, tp_group):
+        """(hidden gradient or None, weight gradient or None) in the inputs' dtypes."""
+        grad_hidden = grad_weight = None
+        if self.hidden is not None:
+            if tp_group is not None and dist.get_world_size(tp_group) > 1:
+                # each rank holds d loss / d hidden through its vocabulary shard only
+                dist.all_reduce(self.hidden, group=tp_group)
+            grad_hidden = self.hidden.view(hidden_shape)
+        if self.weight_grad is not None:
+            grad_weight = self.weight_grad.to(self.weight.dtype)
+        return grad_hidden, grad_weight
+
+
+def _forward_chunks(tokens, weight, target, cfg, tp_group, chunk_tokens, impl, on_chunk):
+    """Stages 1-3 per chunk; on_chunk(start, end, shard, logits) may use the chunk's logits.
+    Returns the chunks and the per-token outputs (STAT_NAMES) as [N] tensors."""
+    compute_dtype = compute_dtype_for(tokens.dtype)
+    chunks = _chunks(tokens.shape[0], weight.shape[0], chunk_tokens)
+    shards = []
+    for start, end in chunks:
+        logits = _logits(tokens[start:end], weight, compute_dtype)  # [c, V_local]
+        shards.append(ShardForward(logits, target[start:end], cfg, tp_group, impl))
+        on_chunk(start, end, shards[-1], logits)
+        del logits
+    outputs = [torch.cat([getattr(s.terms, name) for s in shards]) for name in STAT_NAMES]
+    return chunks, shards, outputs
+
+
 class _FusedLinearShapedLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, target, cfg, tp_group, chunk_tokens):
+    def forward(ctx, hidden, weight, target, cfg, tp_group, chunk_tokens, impl):
         tokens = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
-        flat_target = target.reshape(-1)
-        compute_dtype = compute_dtype_for(hidden.dtype)
-        chunks = _chunks(tokens.shape[0], weight.shape[0], chunk_tokens)
-        shards = []
-        for start, end in chunks:
-            logits = (tokens[start:end] @ weight.t()).to(compute_dtype)  # [c, V_local]
-            shards.append(ShardForward(logits, flat_target[start:end], cfg, tp_group))
-            del logits
+        ctx.chunks, ctx.shards, outputs = _forward_chunks(
+            tokens, weight, target.reshape(-1), cfg, tp_group, chunk_tokens, impl,
+            on_chunk=lambda *unused: None)
         ctx.save_for_backward(hidden, weight)
-        ctx.shards, ctx.chunks, ctx.tp_group = shards, chunks, tp_group
-        outputs = [
-            torch.cat([getattr(s.terms, name) for s in shards]).view(target.shape)
-            for name in ("loss", "ce", "entropy", "topk_mass")
-        ]
+        ctx.tp_group = tp_group
+        outputs = [value.view(target.shape) for value in outputs]
         ctx.mark_non_differentiable(*outputs[1:])
         return tuple(outputs)
 
@@ -49,27 +115,52 @@ class _FusedLinearShapedLoss(torch.autograd.Function):
         hidden, weight = ctx.saved_tensors
         tokens = hidden.reshape(-1, hidden.shape[-1])
         grad_loss = grad_loss.reshape(-1)
-        compute_dtype = compute_dtype_for(hidden.dtype)
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_tokens = torch.empty_like(tokens) if need_hidden else None
-        # fp32 (or float64) accumulator for the weight gradient over the chunks
-        grad_weight = torch.zeros(weight.shape, dtype=compute_dtype) if need_weight else None
+        grads = _Gradients(tokens, weight, *ctx.needs_input_grad[:2])
         for (start, end), shard in zip(ctx.chunks, ctx.shards):
-            logits = (tokens[start:end] @ weight.t()).to(compute_dtype)
-            grad_logits = shard.gradient(logits, inplace=True)  # [c, V_local]
-            grad_logits.mul_(grad_loss[start:end, None].to(compute_dtype))
-            if need_hidden:
-                grad_tokens[start:end] = grad_logits.to(weight.dtype) @ weight
-            if need_weight:
-                grad_weight.addmm_(grad_logits.t(), tokens[start:end].to(compute_dtype))
-            del logits, grad_logits
-        if need_hidden and ctx.tp_group is not None and dist.get_world_size(ctx.tp_group) > 1:
-            # each rank holds d loss / d hidden through its vocabulary shard only
-            dist.all_reduce(grad_tokens, group=ctx.tp_group)
-        grad_hidden = grad_tokens.view(hidden.shape) if need_hidden else None
-        if need_weight:
-            grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+            logits = _logits(tokens[start:end], weight, grads.compute_dtype)  # recomputed
+            grads.add_chunk(start, end, shard, logits, grad_loss[start:end])
+            del logits
+        return *grads.finish(hidden.shape, ctx.tp_group), None, None, None, None, None
+
+
+class _FusedLinearShapedLossSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, token_weights, target, cfg, tp_group, chunk_tokens, impl,
+                need_grad):
+        tokens = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
+        scale = token_weights.reshape(-1)
+        grads = _Gradients(tokens, weight, need_grad and ctx.needs_input_grad[0],
+                           need_grad and ctx.needs_input_grad[1])
+        _, _, outputs = _forward_chunks(
+            tokens, weight, target.reshape(-1), cfg, tp_group, chunk_tokens, impl,
+            on_chunk=lambda start, end, shard, logits: need_grad and grads.add_chunk(
+                start, end, shard, logits, scale[start:end]))
+        ctx.grads = grads.finish(hidden.shape, tp_group) if need_grad else None
+        total = (outputs[0] * scale.to(outputs[0].dtype)).sum()
+        outputs = [value.view(target.shape) for value in outputs]
+        ctx.mark_non_differentiable(*outputs)
+        return total, *outputs
+
+    @staticmethod
+    def backward(ctx, grad_total, *unused_grads):
+        if ctx.grads is None:
+            raise RuntimeError("fused_linear_shaped_loss_sum scales its kept gradients in place: "
+                               "a second backward through the same graph is not supported")
+        # in place: a scaled copy would hold a second [V_local, H] weight gradient
+        grad_hidden, grad_weight = (None if g is None else g.mul_(grad_total.to(g.dtype))
+                                    for g in ctx.grads)
+        ctx.grads = None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+
+
+def _check_fused_inputs(hidden, weight, target, chunk_tokens):
+    check_inputs(hidden, target, what="hidden")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must be [V_local, H] with H = {hidden.shape[-1]}, got {tuple(weight.shape)}"
+        )
+    if chunk_tokens is not None and chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
 
 
 def fused_linear_shaped_loss(
@@ -80,6 +171,7 @@ def fused_linear_shaped_loss(
     tp_group=None,
     *,
     chunk_tokens: int | None = None,
+    impl: LossImpl | None = None,
 ):
     """Shaped loss of logits = hidden @ weight.T, without materialising the logits.
 
@@ -91,19 +183,47 @@ def fused_linear_shaped_loss(
         target: [...] int64 global token ids; ids outside [0, V) are ignored.
         cfg, tp_group: as for vocab_parallel_shaped_loss.
         chunk_tokens: tokens per chunk; default: chunks of about 16M logits.
+        impl: how to compute it (megatron_ntp.loss.LossImpl); None: the defaults.
     Returns:
         loss [...] and stats, identical to vocab_parallel_shaped_loss(hidden @ weight.T, ...).
     Collectives: per chunk those of vocab_parallel_shaped_loss's forward; backward one
     all-reduce(SUM) of the [N, H] hidden-state gradient over tp_group.
     """
-    check_inputs(hidden, target, what="hidden")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"weight must be [V_local, H] with H = {hidden.shape[-1]}, got {tuple(weight.shape)}"
-        )
-    if chunk_tokens is not None and chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    _check_fused_inputs(hidden, weight, target, chunk_tokens)
     loss, ce, entropy, topk_mass = _FusedLinearShapedLoss.apply(
-        hidden, weight, target, cfg, tp_group, chunk_tokens
+        hidden, weight, target, cfg, tp_group, chunk_tokens, resolve(impl)
     )
     return loss, {"ce": ce, "entropy": entropy, "topk_mass": topk_mass}
+
+
+def fused_linear_shaped_loss_sum(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    token_weights: torch.Tensor,
+    cfg: ShapedLossConfig,
+    tp_group=None,
+    *,
+    chunk_tokens: int | None = None,
+    impl: LossImpl | None = None,
+):
+    """sum(token_weights * loss) of logits = hidden @ weight.T, gradients formed in the forward.
+
+    Args as for fused_linear_shaped_loss, plus token_weights: [...] like target (e.g. the
+    loss mask), known at forward time. The gradients of hidden and weight are computed during
+    this call (when autograd wants them) and kept; backward scales them in place by the
+    incoming scalar (so a second backward through the graph is refused).
+    Returns:
+        total: [] the weighted sum (differentiable); loss: [...] per token (detached); stats.
+    Collectives: per chunk those of vocab_parallel_shaped_loss's forward, then one
+    all-reduce(SUM) of the [N, H] hidden-state gradient over tp_group, all in this call.
+    """
+    _check_fused_inputs(hidden, weight, target, chunk_tokens)
+    if token_weights.shape != target.shape:
+        raise ValueError(f"token_weights shape {tuple(token_weights.shape)} must equal target "
+                         f"shape {tuple(target.shape)}")
+    total, loss, ce, entropy, topk_mass = _FusedLinearShapedLossSum.apply(
+        hidden, weight, token_weights, target, cfg, tp_group, chunk_tokens, resolve(impl),
+        wants_gradient(hidden, weight),
+    )
+    return total, loss, {"ce": ce, "entropy": entropy, "topk_mass": topk_mass}

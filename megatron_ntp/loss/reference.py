@@ -1,7 +1,8 @@
 """Full-vocabulary reference of the shaped loss: the executable specification.
 
 Plain PyTorch, no sharding, no fusion, the gradient by autograd. Every other implementation
-in this package is tested against it. Formulas: ../shared/METHOD.md, section 3.
+in this package is tested against it. Formulas: megatron_ntp/loss/README.md, "The loss".
+-inf logits (masked entries) have p = 0 and add nothing: 0 * log 0 is taken as 0.
 """
 
 import torch
@@ -46,9 +47,9 @@ def reference_shaped_loss(logits: torch.Tensor, target: torch.Tensor, cfg: Shape
         weights.scatter_(-1, safe_target, log_target_weight(log_p_target, cfg.beta).exp())
         stats = {
             "ce": -log_p_target.squeeze(-1),
-            "entropy": -(p * log_p).sum(-1),
+            "entropy": -torch.where(p > 0, p * log_p, 0.0).sum(-1),
             "topk_mass": (p * in_k).sum(-1),
         }
         stats = {name: torch.where(valid, value, 0.0) for name, value in stats.items()}
-    loss = -(weights * log_p).sum(-1)
+    loss = -torch.where(weights == 0, 0.0, weights * log_p).sum(-1)
     return torch.where(valid, loss, 0.0), stats

@@ -2,7 +2,7 @@
 
 Once the vocabulary-wide sums of a token are known, its loss, its stats and the coefficients
 of its gradient p_j * W - w_j follow from a handful of [N] tensors; nothing here touches
-a [N, V] tensor. Formulas: ../shared/METHOD.md, section 3.
+a [N, V] tensor. Formulas: megatron_ntp/loss/README.md, "The loss".
 """
 
 from dataclasses import dataclass
@@ -13,15 +13,16 @@ from megatron_ntp.loss.config import ShapedLossConfig
 
 
 def log_target_weight(log_p_target: torch.Tensor, beta: float) -> torch.Tensor:
-    """log w_x = (1 - (1 - p_x) ** beta) * log p_x, in log space, never NaN.
+    """log w_x = (1 - (1 - p_x) ** beta) * log p_x, in log space, never NaN (beta >= -1).
 
     (1 - p_x) is formed as -expm1(log p_x), exact near p_x = 1. At p_x == 1 (log p_x == 0) the
-    weight is exactly 1 whatever beta is (0 * inf would otherwise give NaN for beta < 0).
+    weight is exactly 1 whatever beta is (0 * inf would otherwise give NaN for beta < 0); at
+    p_x == 0 (a -inf target logit) it is its limit 1 too (p ** (beta p) -> 1).
     """
     log_one_minus_p = torch.log(-torch.expm1(log_p_target))
-    saturated = log_p_target == 0
-    power = torch.exp(beta * torch.where(saturated, 0.0, log_one_minus_p))  # (1 - p_x) ** beta
-    return torch.where(saturated, 0.0, (1.0 - power) * log_p_target)
+    limit = (log_p_target == 0) | (log_p_target == float("-inf"))
+    power = torch.exp(beta * torch.where(limit, 0.0, log_one_minus_p))  # (1 - p_x) ** beta
+    return torch.where(limit, 0.0, (1.0 - power) * log_p_target)
 
 
 @dataclass
@@ -36,9 +37,6 @@ class TokenTerms:
     tail_coef: torch.Tensor  # gradient / p_j for a non-target j outside K: W - lambda_tail
     topk_coef: torch.Tensor  # gradient / p_j for a non-target j inside K: W - lambda_topk
     target_grad: torch.Tensor  # gradient at the target: p_x * W - w_x
-
-    def stats(self):
-        return {"ce": self.ce, "entropy": self.entropy, "topk_mass": self.topk_mass}
 
 
 def combine_token_sums(
@@ -66,7 +64,7 @@ def combine_token_sums(
     plogp_all = sum_exp_logit / sum_exp - log_sum_exp  # sum_a p_a log p_a
     topk_mass = sum_exp_topk / sum_exp
     plogp_topk = sum_exp_logit_topk / sum_exp - topk_mass * log_sum_exp
-    plogp_target = p_target * log_p_target
+    plogp_target = torch.where(p_target > 0, p_target * log_p_target, 0.0)  # 0 log 0 = 0
     target_in_topk = target_in_topk.to(sum_exp.dtype)
     target_in_tail = 1.0 - target_in_topk
 
@@ -82,14 +80,17 @@ def combine_token_sums(
         + cfg.lambda_topk * (topk_mass - target_in_topk * p_target)
         + cfg.lambda_tail * (1.0 - topk_mass - target_in_tail * p_target)
     )
-    keep = valid.to(sum_exp.dtype)
+
+    def keep(value):  # ignored targets: 0, even where the value is inf (a -inf target logit)
+        return torch.where(valid, value, 0.0)
+
     return TokenTerms(
-        loss=loss * keep,
-        ce=-log_p_target * keep,
-        entropy=-plogp_all * keep,
-        topk_mass=topk_mass * keep,
+        loss=keep(loss),
+        ce=keep(-log_p_target),
+        entropy=keep(-plogp_all),
+        topk_mass=keep(topk_mass),
         log_normalizer=logit_max + log_sum_exp,
-        tail_coef=(total_weight - cfg.lambda_tail) * keep,
-        topk_coef=(total_weight - cfg.lambda_topk) * keep,
-        target_grad=(p_target * total_weight - w_target) * keep,
+        tail_coef=keep(total_weight - cfg.lambda_tail),
+        topk_coef=keep(total_weight - cfg.lambda_topk),
+        target_grad=keep(p_target * total_weight - w_target),
     )

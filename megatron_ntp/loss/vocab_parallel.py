@@ -1,28 +1,44 @@
 """The shaped loss over a vocabulary sharded across tensor-parallel ranks.
 
 Rank r of the tensor-parallel group holds logits for the contiguous global ids
-[r * V_local, (r + 1) * V_local) (megatron-core's convention). Forward, on each rank:
+[r * V_local, (r + 1) * V_local) (megatron-core's convention). The stages, numbered alike in
+megatron_ntp/loss/fused.py and megatron_ntp/loss/README.md:
 
-  1. the shard's own top k (megatron_ntp/loss/topk.py); its first value is the shard max m_r;
-  2. pass 1 over the shard (megatron_ntp/loss/passes.py): S_r = sum exp(z - m_r) and
-     T_r = sum exp(z - m_r) * (z - m_r), plus the target logit if the target is in the shard;
-  3. ONE all-gather of [N, 4 + 2k'] values per rank: (m_r, S_r, T_r, z_x, k' logits, k' ids),
+  1. shard stage, on each rank: the shard's own top k' = min(k, V_local) candidates
+     (megatron_ntp/loss/topk.py), whose first value is the shard max m_r; the exp-sums pass
+     (megatron_ntp/loss/passes.py) S_r = sum exp(z - m_r), T_r = sum exp(z - m_r) * (z - m_r);
+     the target logit if the target is in the shard;
+  2. ONE all-gather of [N, 4 + 2k'] values per rank: (m_r, S_r, T_r, z_x, k' logits, k' ids),
      in the compute dtype (float64 only when float32 cannot hold every token id exactly);
-  4. on every rank alike: the global max m, S and T rescaled to m, the global K threshold from
-     the k * TP candidates (K lies within them), the K sums from the candidates alone, then the
-     per-token algebra (megatron_ntp/loss/token_terms.py): loss, stats, W;
-  5. pass 2 writes the gradient p * W - w, the only thing kept for backward.
+  3. on every rank alike, from the gathered values: rows with NaN/+inf logits are refused (the
+     same decision on every rank, after the one collective); the global max m, S and T
+     rescaled to m, the global K threshold from the k * TP candidates (K lies within them) and
+     the K sums from the candidates alone, then the per-token algebra
+     (megatron_ntp/loss/token_terms.py): loss, stats, W;
+  4. the gradient pass writes p * W - w (the target entries by a scatter), the only thing kept
+     for backward; skipped when no gradient is wanted (no_grad, or logits not requiring grad).
 Backward: no collective; the kept gradient is scaled by the incoming per-token gradient.
-Communication per token: 4 + 2 * k' values per rank (k' = min(k, V_local)), never O(V).
+Communication per token: 4 + 2 * k' values per rank, never O(V). No host synchronisation
+anywhere on a GPU (CPU tensors raise on NaN at once, where syncing costs nothing).
 """
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from megatron_ntp.loss import passes
 from megatron_ntp.loss.config import ShapedLossConfig
-from megatron_ntp.loss.token_terms import TokenTerms, combine_token_sums
+from megatron_ntp.loss.impl import LossImpl, resolve
+from megatron_ntp.loss.token_terms import combine_token_sums
 from megatron_ntp.loss.topk import is_member, kth_threshold, shard_topk
+
+# torch.profiler labels of the stages (benchmarks/loss_bench.py reads them); free when no
+# profiler runs
+STAGE_LABELS = ("shaped_loss.stage1_shard", "shaped_loss.stage2_all_gather",
+                "shaped_loss.stage3_combine", "shaped_loss.stage4_gradient")
+
+NONFINITE_LOGITS = ("the shaped loss got logits that are NaN or +inf (or -inf over a whole "
+                    "row): the next-token distribution is undefined")
 
 
 def _group_rank_size(tp_group):
@@ -36,8 +52,12 @@ def _all_gather(tensor: torch.Tensor, tp_group, world: int) -> torch.Tensor:
     if world == 1:
         return tensor[None]
     gathered = tensor.new_empty(world, *tensor.shape)  # written in place: no list, no stack
-    dist.all_gather_single(gathered.view(-1, tensor.shape[-1]), tensor.contiguous(),
-                          group=tp_group)
+    flat = gathered.view(-1, tensor.shape[-1])
+    gather_single = getattr(dist, "all_gather_single", None)  # torch >= 2.13
+    if gather_single is None:
+        dist.all_gather_into_tensor(flat, tensor.contiguous(), group=tp_group)
+    else:
+        gather_single(flat, tensor.contiguous(), group=tp_group)
     return gathered
 
 
@@ -47,18 +67,21 @@ def _pack_dtype(compute_dtype: torch.dtype, vocab: int) -> torch.dtype:
     return compute_dtype if compute_dtype == torch.float64 or vocab <= 2**24 else torch.float64
 
 
-# Rows of the top-k stage (stage 4) processed at once: its temporaries are ~40 bytes per
-# candidate, so 2**18 candidates keep them near 10 MB whatever the token count.
-TOPK_STAGE_CANDIDATES = 1 << 18
+def refuse_nonfinite_rows(bad: torch.Tensor) -> None:
+    """Raise if any token's logits are NaN/+inf. `bad` [N] is computed from all-gathered values,
+    so it is identical on every rank: every rank raises alike and none waits in a collective.
+
+    torch._assert_async: on CPU it raises RuntimeError(NONFINITE_LOGITS) at once; on a GPU it is
+    a device-side assertion carrying the message, queued on the stream without a host sync,
+    that fails every rank at its next synchronisation (the CUDA context is then unusable,
+    which is what NaN logits call for: the run has to stop).
+    """
+    torch._assert_async(~bad.any(), NONFINITE_LOGITS)
 
 
-def _row_chunks(rows: int, candidates_per_row: int) -> list[slice]:
-    step = max(1, TOPK_STAGE_CANDIDATES // candidates_per_row)
-    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
-
-
-def _topk_stage(gathered: torch.Tensor, logit_max: torch.Tensor, k_local: int, k: int):
-    """K's threshold and sums for some rows from their all-gathered candidates.
+def _topk_stage(gathered: torch.Tensor, logit_max: torch.Tensor, k_local: int, k: int,
+                impl: LossImpl):
+    """K's threshold and sums for some rows from their all-gathered candidates (stage 3).
 
     gathered: [world, n, 4 + 2 k_local] (this rank's all-gather, some rows); logit_max: [n].
     Returns kth_value [n], kth_index [n] (global id), sum over K of exp(z - m) and of
@@ -69,11 +92,31 @@ def _topk_stage(gathered: torch.Tensor, logit_max: torch.Tensor, k_local: int, k
     candidates = gathered[..., 4 : 4 + k_local].permute(1, 0, 2).reshape(n, world * k_local)
     candidates = candidates.to(logit_max.dtype)
     candidate_ids = gathered[..., 4 + k_local :].permute(1, 0, 2).reshape(n, world * k_local).long()
-    kth_value, kth_index = kth_threshold(candidates, candidate_ids, k)
+    kth_value, kth_index = kth_threshold(candidates, candidate_ids, k, impl)
     # K lies within the candidates, so its sums need no pass over the shard
     shifted = candidates - logit_max[:, None]
     exp_topk = torch.exp(shifted) * is_member(candidates, candidate_ids, kth_value, kth_index)
-    return kth_value, kth_index, exp_topk.sum(-1), (exp_topk * shifted).sum(-1)
+    exp_logit_topk = torch.where(exp_topk > 0, exp_topk * shifted, 0.0)  # -inf members add 0
+    return kth_value, kth_index, exp_topk.sum(-1), exp_logit_topk.sum(-1)
+
+
+def _row_chunks(rows: int, bytes_per_row: int, impl: LossImpl) -> list[slice]:
+    step = impl.rows_per_chunk(bytes_per_row)
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _global_sums(gathered: torch.Tensor, dtype: torch.dtype):
+    """Stage 3's max and exp-sums: [world, N, 4+] gathered -> m, S, T, z_x, each [N]."""
+    max_r, sum_r, sum_logit_r, target_logit_r = gathered[..., :4].to(dtype).unbind(-1)
+    logit_max = max_r.amax(0)  # [N]; NaN if any shard max is NaN
+    live = max_r > float("-inf")  # a shard that is -inf everywhere adds nothing
+    offset = torch.where(live, max_r - logit_max, 0.0)  # log of exp(m_r - m)
+    rescale = torch.exp(offset)
+    sum_exp = (rescale * sum_r).sum(0)
+    sum_exp_logit = (rescale * (sum_logit_r + offset * sum_r)).sum(0)
+    target_logit = target_logit_r.sum(0)  # only the owning rank contributes
+    refuse_nonfinite_rows(~torch.isfinite(logit_max) | ~torch.isfinite(sum_exp))
+    return logit_max, sum_exp, sum_exp_logit, target_logit
 
 
 class ShardForward:
@@ -85,44 +128,36 @@ class ShardForward:
         target_local: [N] target id local to this shard; target_here: [N] bool, target in shard.
     """
 
-    def __init__(self, logits: torch.Tensor, target: torch.Tensor, cfg: ShapedLossConfig, tp_group):
+    def __init__(self, logits: torch.Tensor, target: torch.Tensor, cfg: ShapedLossConfig,
+                 tp_group, impl: LossImpl | None = None):
         # logits: [N, V_local] float32/float64; target: [N] int64 global ids
+        self.impl = impl = resolve(impl)
         rank, world = _group_rank_size(tp_group)
         vocab_local = logits.shape[-1]
         vocab_start = rank * vocab_local
         valid = (target >= 0) & (target < vocab_local * world)
         self.target_local = target - vocab_start
         self.target_here = valid & (self.target_local >= 0) & (self.target_local < vocab_local)
-        safe_local = torch.where(self.target_here, self.target_local, 0)[:, None]
-        target_logit = torch.where(self.target_here, logits.gather(-1, safe_local)[:, 0], 0.0)
 
-        if cfg.topk > 0:
-            values, local_ids = shard_topk(logits, cfg.topk)  # [N, k']
-            shard_max = values.amax(-1)
-        else:  # K is empty: no candidates travel
-            values = local_ids = logits.new_empty(logits.shape[0], 0)
-            shard_max = logits.amax(-1)
-        shard_sums = passes.exp_sums(logits, shard_max)  # [N, 2]: S_r, T_r
-        k_local = values.shape[-1]
-        pieces = (shard_max[:, None], shard_sums, target_logit[:, None], values, local_ids + vocab_start)
-        pack_dtype = _pack_dtype(logits.dtype, vocab_local * world)
-        packed = torch.cat([p.to(pack_dtype) for p in pieces], dim=-1)
-        del pieces, values, local_ids  # [N, k'] each: only the packed copy is needed from here
-        gathered = _all_gather(packed, tp_group, world)  # [world, N, 4 + 2k']
+        with record_function(STAGE_LABELS[0]):
+            packed = self._shard_stage(logits, cfg, vocab_start, world)
+        k_local = (packed.shape[-1] - 4) // 2
+        with record_function(STAGE_LABELS[1]):
+            gathered = _all_gather(packed, tp_group, world)  # [world, N, 4 + 2k']
         del packed
-        max_r, sum_r, sum_logit_r, target_logit_r = gathered[..., :4].to(logits.dtype).unbind(-1)
+        with record_function(STAGE_LABELS[2]):
+            self.terms = self._combine_stage(gathered, logits.dtype, target, valid, cfg,
+                                             k_local, world, vocab_start)
 
-        logit_max = max_r.amax(0)  # [N]
-        rescale = torch.exp(max_r - logit_max)  # exp(m_r - m)
-        sum_exp = (rescale * sum_r).sum(0)
-        sum_exp_logit = (rescale * (sum_logit_r + (max_r - logit_max) * sum_r)).sum(0)
-        target_logit = target_logit_r.sum(0)  # only the owning rank contributes
-
+    def _combine_stage(self, gathered, dtype, target, valid, cfg, k_local, world, vocab_start):
+        """Stage 3 on the gathered [world, N, 4 + 2k'] values: TokenTerms of [N] tensors."""
+        impl = self.impl
+        logit_max, sum_exp, sum_exp_logit, target_logit = _global_sums(gathered, dtype)
         if k_local > 0:
             k = min(cfg.topk, world * k_local)
             # in row chunks: the [rows, k x TP] temporaries stay small next to the logits
-            chunks = [_topk_stage(gathered[:, rows], logit_max[rows], k_local, k)
-                      for rows in _row_chunks(logits.shape[0], world * k_local)]
+            chunks = [_topk_stage(gathered[:, rows], logit_max[rows], k_local, k, impl)
+                      for rows in _row_chunks(target.shape[0], 48 * world * k_local, impl)]
             kth_value, kth_index, sum_exp_topk, sum_exp_logit_topk = (
                 torch.cat(parts) for parts in zip(*chunks))
         else:
@@ -136,13 +171,37 @@ class ShardForward:
             [sum_exp, sum_exp_logit, sum_exp_topk, sum_exp_logit_topk, target_logit], dim=-1
         )
         target_in_topk = is_member(target_logit[:, None], target[:, None], kth_value, kth_index)[:, 0]
-        self.terms: TokenTerms = combine_token_sums(cfg, logit_max, sums, target_in_topk, valid)
+        return combine_token_sums(cfg, logit_max, sums, target_in_topk, valid)
+
+    def _shard_stage(self, logits, cfg, vocab_start, world) -> torch.Tensor:
+        """Stage 1: [N, 4 + 2k'] (m_r, S_r, T_r, z_x or 0, k' candidate logits, k' global ids)."""
+        safe_local = torch.where(self.target_here, self.target_local, 0)[:, None]
+        target_logit = torch.where(self.target_here, logits.gather(-1, safe_local)[:, 0], 0.0)
+        if cfg.topk > 0:
+            values, local_ids = shard_topk(logits, cfg.topk, self.impl)  # [N, k']
+            shard_max = values.amax(-1)
+        else:  # K is empty: no candidates travel
+            values = local_ids = logits.new_empty(logits.shape[0], 0)
+            shard_max = logits.amax(-1)
+        shard_sums = passes.exp_sums(logits, shard_max, self.impl)  # [N, 2]: S_r, T_r
+        pieces = (shard_max[:, None], shard_sums, target_logit[:, None], values,
+                  local_ids + vocab_start)
+        pack_dtype = _pack_dtype(logits.dtype, logits.shape[-1] * world)
+        return torch.cat([p.to(pack_dtype) for p in pieces], dim=-1)
 
     def gradient(self, logits: torch.Tensor, inplace: bool) -> torch.Tensor:
-        """[N, V_local] d loss / d logits for this shard (stage 4); into `logits` if inplace."""
-        grad = passes.gradient(logits, self.terms, self.kth_value, self.kth_local_index, inplace)
-        rows = self.target_here.nonzero()[:, 0]
-        grad[rows, self.target_local[rows]] = self.terms.target_grad[rows]
+        """Stage 4: [N, V_local] d loss / d logits for this shard; into `logits` if inplace."""
+        with record_function(STAGE_LABELS[3]):
+            return self._gradient(logits, inplace)
+
+    def _gradient(self, logits, inplace):
+        grad = passes.gradient(logits, self.terms, self.kth_value, self.kth_local_index,
+                               inplace, self.impl)
+        # the target entries by a scatter (rows whose target is elsewhere rewrite their column 0)
+        column = torch.where(self.target_here, self.target_local, 0)[:, None]
+        target_grad = self.terms.target_grad[:, None].to(grad.dtype)
+        grad.scatter_(-1, column, torch.where(self.target_here[:, None], target_grad,
+                                              grad.gather(-1, column)))
         return grad
 
 
@@ -163,14 +222,20 @@ def check_inputs(logits: torch.Tensor, target: torch.Tensor, what: str = "logits
         )
 
 
+def wants_gradient(*inputs: torch.Tensor) -> bool:
+    """Whether autograd will ask for a gradient of any input (not under no_grad/inference)."""
+    return torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+
+
 class _VocabParallelShapedLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, cfg, tp_group, overwrite_logits):
+    def forward(ctx, logits, target, cfg, tp_group, overwrite_logits, impl, need_grad):
         shard = logits.detach().reshape(-1, logits.shape[-1]).to(compute_dtype_for(logits.dtype))
         # A converted (or reshaped) copy is ours, so the gradient may be written into it.
         owned = shard.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr()
-        fwd = ShardForward(shard, target.reshape(-1), cfg, tp_group)
-        ctx.grad = fwd.gradient(shard, inplace=owned or overwrite_logits)  # [N, V_local]
+        fwd = ShardForward(shard, target.reshape(-1), cfg, tp_group, impl)
+        if need_grad:  # stage 4
+            ctx.grad = fwd.gradient(shard, inplace=owned or overwrite_logits)  # [N, V_local]
         ctx.logits_shape, ctx.logits_dtype = logits.shape, logits.dtype
         ctx.scale_in_place, ctx.grad_consumed = overwrite_logits, False
         terms = fwd.terms
@@ -191,7 +256,7 @@ class _VocabParallelShapedLoss(torch.autograd.Function):
         else:
             ctx.grad_consumed = True
             grad.mul_(scale)
-        return grad.view(ctx.logits_shape).to(ctx.logits_dtype), None, None, None, None
+        return grad.view(ctx.logits_shape).to(ctx.logits_dtype), None, None, None, None, None, None
 
 
 def vocab_parallel_shaped_loss(
@@ -201,13 +266,15 @@ def vocab_parallel_shaped_loss(
     tp_group=None,
     *,
     overwrite_logits: bool = False,
+    impl: LossImpl | None = None,
 ):
     """Per-token shaped loss on a vocabulary-parallel logits shard.
 
     Args:
         logits: [..., V_local], this rank's contiguous vocabulary shard (rank r holds global ids
             [r * V_local, (r + 1) * V_local)); the whole vocabulary when tp_group is None.
-            bf16/fp16 are computed in fp32, float64 in float64.
+            bf16/fp16 are computed in fp32, float64 in float64. -inf entries are masked out
+            (probability 0); NaN or +inf raise NONFINITE_LOGITS on every rank.
         target: [...] int64 global token ids; ids outside [0, V) (e.g. -100) are ignored:
             loss 0, gradient 0, stats 0.
         cfg: the knobs (ShapedLossConfig).
@@ -218,6 +285,8 @@ def vocab_parallel_shaped_loss(
             no [N, V_local] buffer besides the logits. The caller must not read the logits
             afterwards, and a second backward through the graph is refused. Default False:
             logits untouched, backward allocates its result (double backward and gradcheck work).
+            Without a wanted gradient (no_grad) the logits are never written.
+        impl: how to compute it (megatron_ntp.loss.LossImpl); None: the defaults.
     Returns:
         loss: [...] surrogate loss (float32, or float64), whose backward is p * W - w.
         stats: {"ce", "entropy", "topk_mass"} as [...] tensors from the same reductions.
@@ -226,6 +295,6 @@ def vocab_parallel_shaped_loss(
     """
     check_inputs(logits, target)
     loss, ce, entropy, topk_mass = _VocabParallelShapedLoss.apply(
-        logits, target, cfg, tp_group, overwrite_logits
+        logits, target, cfg, tp_group, overwrite_logits, resolve(impl), wants_gradient(logits)
     )
     return loss, {"ce": ce, "entropy": entropy, "topk_mass": topk_mass}

@@ -1,4 +1,4 @@
-"""The reference against METHOD.md's formulas written out independently, element by element."""
+"""The reference against the formulas of megatron_ntp/loss/README.md written out independently, element by element."""
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ from tests.loss.cases import SETTINGS, make_inputs
 
 
 def _spec_loss_and_grad(z, x, cfg):
-    """One token, float64, directly from METHOD.md section 3 (no shared code)."""
+    """One token, float64, directly from megatron_ntp/loss/README.md, "The method" (no code in common)."""
     p = torch.softmax(z, -1)
     order = sorted(range(len(z)), key=lambda j: (-z[j].item(), j))  # value desc, id asc
     topk = set(order[: min(cfg.topk, len(z))])
@@ -69,7 +69,7 @@ def test_topk_tie_rule_prefers_lower_ids():
 
 @pytest.mark.parametrize("beta, low, high", [(-0.25, 1.0, 1.15), (0.5, 0.8, 1.0)])
 def test_target_weight_range(beta, low, high):
-    """METHOD.md: w_x in [1, ~1.15] for beta = -0.25 and in [~0.8, 1] for beta = 0.5."""
+    """loss README: w_x in [1, ~1.15] for beta = -0.25 and in [~0.8, 1] for beta = 0.5."""
     log_p = torch.log(torch.linspace(1e-9, 1.0, 100001, dtype=torch.float64))
     w = log_target_weight(log_p, beta).exp()
     assert w.min() >= low - 1e-3 and w.max() <= high + 1e-3

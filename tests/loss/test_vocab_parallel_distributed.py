@@ -9,11 +9,13 @@ import torch.distributed as dist
 from megatron_ntp.loss import (
     ShapedLossConfig,
     fused_linear_shaped_loss,
+    fused_linear_shaped_loss_sum,
     reference_shaped_loss,
     vocab_parallel_shaped_loss,
 )
 from tests.distributed import run_distributed
-from tests.loss.cases import SETTINGS, make_inputs, tied_bf16_logits
+from megatron_ntp.loss.vocab_parallel import NONFINITE_LOGITS
+from tests.loss.cases import SETTINGS, make_inputs, nonfinite_cases, tied_bf16_logits
 
 # V = 1000 exercises the blocked shard selection for small k (V_local 1000/500/250, whose last
 # block is short); V = 28000 exercises it for k = 100 (V_local 7000 at 4 ranks).
@@ -50,34 +52,43 @@ def _check_against_reference(failures, name, logits, target, cfg, group, rank, w
 
 def _record_collectives(log):
     """Wrap all_gather/all_reduce to log (name, elements, dtype) of every call."""
-    originals = {name: getattr(dist, name)
-                 for name in ("all_gather", "all_gather_single", "all_reduce")}
+    names = ("all_gather", "all_gather_single", "all_gather_into_tensor", "all_reduce")
+    originals = {name: getattr(dist, name) for name in names if hasattr(dist, name)}
 
     def gather(parts, tensor, *a, **k):
         log.append(("all_gather", sum(p.numel() for p in parts), tensor.dtype))
         return originals["all_gather"](parts, tensor, *a, **k)
 
-    def gather_single(output, tensor, *a, **k):
-        log.append(("all_gather", output.numel(), tensor.dtype))
-        return originals["all_gather_single"](output, tensor, *a, **k)
+    def gather_into(name):
+        def call(output, tensor, *a, **k):
+            log.append(("all_gather", output.numel(), tensor.dtype))
+            return originals[name](output, tensor, *a, **k)
+        return call
 
     def reduce(tensor, *a, **k):
         log.append(("all_reduce", tensor.numel(), tensor.dtype))
         return originals["all_reduce"](tensor, *a, **k)
 
-    dist.all_gather, dist.all_gather_single, dist.all_reduce = gather, gather_single, reduce
+    dist.all_gather, dist.all_reduce = gather, reduce
+    for name in ("all_gather_single", "all_gather_into_tensor"):
+        if name in originals:
+            setattr(dist, name, gather_into(name))
     return originals
 
 
 def _check_communication(failures, group, rank, world):
     """Per token and rank: 4 values + k (value, id) pairs, in one float32 all-gather (float32
-    holds these ids exactly); nothing in backward; never O(V)."""
+    holds these ids exactly); nothing in backward; never O(V). Before torch 2.13 (no
+    dist.all_gather_single) the same gather goes through all_gather_into_tensor."""
     vocab = 28000
     logits, target = make_inputs(vocab, seed=7, dtype=torch.float32)
-    for name, k in (("tail_suppression", 100), ("precision", 0)):
+    for name, k, old_torch in (("tail_suppression", 100, False), ("precision", 0, False),
+                               ("tail_suppression", 100, True)):
         shard = _shard(logits, rank, world).requires_grad_()
         log = []
         originals = _record_collectives(log)
+        if old_torch:
+            del dist.all_gather_single
         try:
             loss, _ = vocab_parallel_shaped_loss(shard, target, SETTINGS[name], group)
             forward_log = list(log)
@@ -85,6 +96,10 @@ def _check_communication(failures, group, rank, world):
         finally:
             for collective, original in originals.items():
                 setattr(dist, collective, original)
+        if old_torch:
+            reference, _ = vocab_parallel_shaped_loss(_shard(logits, rank, world), target,
+                                                      SETTINGS[name], group)
+            _compare(failures, "loss without all_gather_single", loss, reference, atol=0.0)
         expected = [] if world == 1 else [
             ("all_gather", target.numel() * (4 + 2 * k) * world, torch.float32)]
         if forward_log != expected:
@@ -134,6 +149,35 @@ def _check_fused(failures, group, rank, world):
         _compare(failures, f"fused {name} grad weight", w.grad, w_ref_shard, 1e-12)
         for key in stats:
             _compare(failures, f"fused {name} {key}", stats[key], ref_stats[key], 1e-12)
+        # gradients formed in the forward, per-token weights known there (upstream)
+        h_sum, w_sum = hidden.clone().requires_grad_(), w.detach().clone().requires_grad_()
+        total, loss_sum, stats_sum = fused_linear_shaped_loss_sum(
+            h_sum, w_sum, target, upstream, cfg, group, chunk_tokens=5)
+        total.backward()
+        _compare(failures, f"fused sum {name} total", total, (ref_loss * upstream).sum(), 1e-12)
+        _compare(failures, f"fused sum {name} loss", loss_sum, ref_loss, 1e-12)
+        _compare(failures, f"fused sum {name} grad hidden", h_sum.grad, h_ref.grad, 1e-12)
+        _compare(failures, f"fused sum {name} grad weight", w_sum.grad, w_ref_shard, 1e-12)
+        for key in stats:
+            _compare(failures, f"fused sum {name} {key}", stats_sum[key], ref_stats[key], 1e-12)
+
+
+def _check_nonfinite_and_masked(failures, group, rank, world):
+    """NaN/+inf on one rank's shard: every rank raises the same error after the one all-gather
+    (none is left waiting: the barrier after the checks completes). A shard that is -inf
+    everywhere (a masked part of the vocabulary) adds nothing."""
+    for name, logits, target in nonfinite_cases():  # in one rank's shard only, at TP 2
+        try:
+            vocab_parallel_shaped_loss(_shard(logits, rank, world), target, SETTINGS["k1"], group)
+            failures.append(f"{name} logits: no error on rank {rank}")
+        except RuntimeError as err:
+            if str(err) != NONFINITE_LOGITS:
+                failures.append(f"{name} logits: unexpected error {err}")
+    logits, target = make_inputs(1000, seed=13)
+    logits[..., : 1000 // max(world, 2)] = float("-inf")  # rank 0's shard at TP >= 2
+    target.clamp_(min=500)
+    _check_against_reference(failures, "masked shard", logits, target,
+                             SETTINGS["beta_neg_both_lambdas"], group, rank, world, atol=1e-10)
 
 
 def _all_checks(rank, world):
@@ -155,6 +199,7 @@ def _all_checks(rank, world):
             atol=1e-6, rtol=1e-6,
         )
     _check_communication(failures, group, rank, world)
+    _check_nonfinite_and_masked(failures, group, rank, world)
     _check_fused(failures, group, rank, world)
     if world <= 2:
         _check_megatron_cross_entropy(failures, group, rank, world)

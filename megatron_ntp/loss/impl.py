@@ -1,0 +1,61 @@
+"""How the shaped loss is computed: the `impl=` argument of the public loss functions.
+
+Every choice gives the same loss, statistics and gradient (tested); they differ in speed and
+in where they can run. The environment variables MEGATRON_NTP_CPU_TOPK=0 (selection "keys" on
+CPU too) and MEGATRON_NTP_COMPILE=0 (passes "eager") only change the defaults used when no
+`impl` is given.
+"""
+
+import os
+from dataclasses import dataclass
+
+SELECTIONS = ("auto", "cpu_scan", "keys")
+PASSES = ("auto", "compiled", "eager")
+
+
+@dataclass(frozen=True)
+class LossImpl:
+    """Implementation switches of the shaped loss (none of them changes a result)."""
+
+    selection: str = "auto"
+    """Top-k selection of stage 1 and 3. "cpu_scan": the compiled C++ scan (CPU tensors only);
+    "keys": one torch.topk over int64 keys (value order, then lower id), no host sync: the GPU
+    path; "auto": cpu_scan for CPU tensors when its extension builds, else keys."""
+
+    passes: str = "auto"
+    """The elementwise passes over the logits. "compiled": torch.compile (one fused loop per
+    pass); "eager": plain torch over row chunks of `chunk_bytes`; "auto": compiled."""
+
+    chunk_bytes: int = 64 << 20
+    """Memory budget of the temporaries of one row chunk (the int64 selection keys, the eager
+    passes' intermediates); rows per chunk follow from it and the shard width."""
+
+    def __post_init__(self):
+        for name, allowed in (("selection", SELECTIONS), ("passes", PASSES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"LossImpl.{name} must be one of {allowed}, "
+                                 f"got {getattr(self, name)!r}")
+        if isinstance(self.chunk_bytes, bool) or not isinstance(self.chunk_bytes, int) \
+                or self.chunk_bytes < 1:
+            raise ValueError(f"LossImpl.chunk_bytes must be a positive integer, "
+                             f"got {self.chunk_bytes!r}")
+
+    def rows_per_chunk(self, bytes_per_row: int) -> int:
+        return max(1, self.chunk_bytes // max(1, bytes_per_row))
+
+
+def default_impl() -> LossImpl:
+    """The implementation used when `impl` is None: auto, unless an environment variable says
+    otherwise (MEGATRON_NTP_CPU_TOPK=0, MEGATRON_NTP_COMPILE=0)."""
+    return LossImpl(
+        selection="keys" if os.environ.get("MEGATRON_NTP_CPU_TOPK", "1") == "0" else "auto",
+        passes="eager" if os.environ.get("MEGATRON_NTP_COMPILE", "1") == "0" else "auto",
+    )
+
+
+def resolve(impl: LossImpl | None) -> LossImpl:
+    if impl is None:
+        return default_impl()
+    if not isinstance(impl, LossImpl):
+        raise TypeError(f"impl must be a megatron_ntp.loss.LossImpl or None, got {impl!r}")
+    return impl
