@@ -21,7 +21,6 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-SHAPED = dict(topk=100, lambda_tail=-0.1)  # the paper's tail-suppression setting
 
 
 def main(argv=None) -> int:
@@ -32,12 +31,11 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 
-    import dataclasses
 
     import torch
 
     from megatron_ntp.config import load_config, validate_config
-    from megatron_ntp.loss import ShapedLossConfig
+    from megatron_ntp.loss import PAPER_SETTINGS, ShapedLossConfig
     from megatron_ntp.session import parallel_session
     from megatron_ntp.training import data as data_lib
     from megatron_ntp.training.build import build_training_objects, loss_modules
@@ -55,7 +53,7 @@ def main(argv=None) -> int:
         objects = build_training_objects(config)
         # beta alone (k = 0) shows what the top-k selection costs on top of the same passes
         settings = {"cross-entropy": ShapedLossConfig(),
-                    "shaped k=100": dataclasses.replace(ShapedLossConfig(), **SHAPED),
+                    "shaped k=100": PAPER_SETTINGS["tail_suppression"],
                     "beta=-0.25 k=0": ShapedLossConfig(beta=-0.25)}
         times = {name: [] for name in settings}
         step = 0

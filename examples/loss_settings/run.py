@@ -20,16 +20,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 from megatron_ntp.jobs.run_folder import read_metrics  # noqa: E402
+from megatron_ntp.loss.settings import PAPER_SETTINGS, config_overrides  # noqa: E402
 from megatron_ntp.plots import plot_runs  # noqa: E402
 
-SETTINGS = {  # the paper's five loss settings
-    "cross-entropy": dict(beta=0.0, lambda_topk=0.0, lambda_tail=0.0),
-    "precision (beta=-0.25)": dict(beta=-0.25, lambda_topk=0.0, lambda_tail=0.0),
-    "diversity (beta=0.5)": dict(beta=0.5, lambda_topk=0.0, lambda_tail=0.0),
-    "tail suppression (lambda_tail=-0.1)": dict(beta=0.0, lambda_topk=0.0, lambda_tail=-0.1),
-    "head preservation (lambda_topk=0.1)": dict(beta=0.0, lambda_topk=0.1, lambda_tail=0.0),
-}
-TOPK = 100
+TOPK = 100  # every run logs its top-100 mass (with both lambdas 0, K does not change the loss)
+
+
+def _settings() -> dict[str, dict]:
+    """label ("precision (beta=-0.25)") -> loss overrides, from the one table of the paper's
+    settings (megatron_ntp.loss.settings)."""
+    settings = {}
+    for name, cfg in PAPER_SETTINGS.items():
+        knobs = {key: value for key, value in config_overrides(cfg).items() if key != "loss.topk"}
+        shown = ", ".join(f"{key.removeprefix('loss.')}={value}" for key, value in knobs.items())
+        settings[name.replace("_", " ") + (f" ({shown})" if shown else "")] = knobs
+    return settings
+
+
+SETTINGS = _settings()
 
 
 def folder_name(setting: str) -> str:
@@ -47,7 +55,7 @@ def train(run_dir: str, knobs: dict, steps: int, overrides: list[str]):
                "--config", os.path.join(ROOT, "examples/configs/tiny_dense.yaml"),
                f"logging.run_dir={run_dir}", f"train.steps={steps}", f"loss.topk={TOPK}",
                "train.eval_interval=50", "train.eval_steps=4",
-               *(f"loss.{name}={value}" for name, value in knobs.items()), *overrides]
+               *(f"{key}={value}" for key, value in knobs.items()), *overrides]
     print("+", " ".join(command), flush=True)
     subprocess.run(command, check=True, cwd=ROOT)
 

@@ -12,6 +12,7 @@ used with a warning.
 """
 
 import functools
+import hashlib
 import os
 import shutil
 import sys
@@ -31,8 +32,12 @@ def _extension():
     venv_bin = os.path.dirname(sys.executable)
     if shutil.which("ninja") is None and shutil.which("ninja", path=venv_bin):
         os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
+    # The source's hash in the name: two checkouts with different sources (or versions) get
+    # their own build folders instead of rebuilding over each other under one build lock.
+    with open(_SOURCE, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:12]
     try:
-        return load(name="megatron_ntp_first_k", sources=[_SOURCE],
+        return load(name=f"megatron_ntp_first_k_{digest}", sources=[_SOURCE],
                     extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as err:  # no compiler, headers, ...: the torch path still works
         warnings.warn(f"megatron_ntp: building the CPU top-k scan ({_SOURCE}) failed, using "

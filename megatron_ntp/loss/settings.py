@@ -11,3 +11,12 @@ PAPER_SETTINGS: dict[str, ShapedLossConfig] = {
     "head_preservation": ShapedLossConfig(topk=100, lambda_topk=0.1),  # local diversity
 }
 """Setting name -> ShapedLossConfig, in the paper's order."""
+
+
+def config_overrides(cfg: ShapedLossConfig) -> dict[str, object]:
+    """The loss section's dotted overrides that give `cfg` ({"loss.beta": -0.25, ...}): the
+    fields that differ from ShapedLossConfig's defaults (sweep specs and the examples use
+    them)."""
+    default = ShapedLossConfig()
+    return {f"loss.{name}": value for name, value in vars(cfg).items()
+            if value != getattr(default, name)}

@@ -24,15 +24,8 @@ from dataclasses import dataclass, field
 
 from megatron_ntp.config.load import ConfigError, build, load_yaml
 from megatron_ntp.jobs.slurm import SlurmOptions
+from megatron_ntp.loss.settings import PAPER_SETTINGS, config_overrides
 
-# The paper's loss settings, usable by name in `settings`.
-PAPER_SETTINGS = {
-    "cross_entropy": {},
-    "precision": {"loss.beta": -0.25},
-    "diversity": {"loss.beta": 0.5},
-    "tail_suppression": {"loss.topk": 100, "loss.lambda_tail": -0.1},
-    "head_preservation": {"loss.topk": 100, "loss.lambda_topk": 0.1},
-}
 BUDGET_KINDS = ("tokens", "flops", "tokens_per_param")
 
 
@@ -170,4 +163,4 @@ def _paper_setting(item: str, path: str) -> dict:
     if item not in PAPER_SETTINGS:
         raise SpecError(f"{path}: settings: {item!r} is not one of the paper's settings "
                         f"({', '.join(PAPER_SETTINGS)}); use a mapping name -> overrides")
-    return dict(PAPER_SETTINGS[item])
+    return config_overrides(PAPER_SETTINGS[item])  # usable by name in `settings`
