@@ -23,16 +23,10 @@ import socket
 import tempfile
 import time
 import warnings
+from machine import cpu_model  # benchmarks/machine.py (this folder is sys.path[0])
 
 warnings.filterwarnings("ignore")
 
-
-def cpu_model() -> str:
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def build(hidden: int, layers: int, save_dir: str):

@@ -30,6 +30,7 @@ import time
 import warnings
 
 import numpy as np
+from machine import cpu_model  # benchmarks/machine.py (this folder is sys.path[0])
 
 # megatron-core's .idx layout (indexed_dataset._IndexWriter): header, version, dtype code,
 # sequence count, document count, then int32 lengths, int64 byte pointers, int64 document
@@ -117,13 +118,6 @@ def run_rank(args, name):
         raise SystemExit(f"{name} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
-
-def cpu_model() -> str:
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def main():

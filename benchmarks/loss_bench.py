@@ -41,6 +41,7 @@ from megatron_ntp.loss import (
 )
 from megatron_ntp.loss.fused import MATMUL_LABELS
 from megatron_ntp.loss.vocab_parallel import STAGE_LABELS
+from machine import cpu_model  # benchmarks/machine.py (this folder is sys.path[0])
 
 SHAPED = ShapedLossConfig(beta=-0.25, topk=100, lambda_tail=-0.1)
 
@@ -176,13 +177,6 @@ def _run(world, args):
 def _ratio(value, base):
     return f"{value / base:.2f}x" if base > 0 else "n/a"
 
-
-def cpu_model() -> str:
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def _print_stages(stages):

@@ -95,13 +95,12 @@ def initialize_parallel(
     expert: int = 1,
     expert_tensor: int = 1,
     seed: int = 1234,
-    backend: str | None = None,
-    rank: int | None = None,
-    world_size: int | None = None,
-    init_method: str | None = None,
-    timeout_minutes: int = DEFAULT_TIMEOUT_MINUTES,
+    **process_group,
 ) -> None:
     """Process group + megatron-core parallel state + seeds, for one rank.
+
+    `process_group`: init_process_group's keywords (backend, rank, world_size, init_method,
+    timeout_minutes), passed on.
 
     The data-parallel size is what is left: world_size / (tensor * pipeline). The layout is
     expected to be validated already (megatron_ntp.config.validate_config); megatron-core's own
@@ -114,8 +113,7 @@ def initialize_parallel(
     apply_cpu_patches()  # no-op with CUDA
     apply_exact_grad_norm()  # no-op where megatron-core has a fused norm (TE or apex)
     apply_torch_adam_patches()  # no-op with Apex or Transformer Engine
-    init_process_group(backend, rank=rank, world_size=world_size, init_method=init_method,
-                       timeout_minutes=timeout_minutes)
+    init_process_group(**process_group)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor,
         pipeline_model_parallel_size=pipeline,
@@ -128,7 +126,7 @@ def initialize_parallel(
 
 def initialize_parallel_from_config(config, **kwargs) -> None:
     """initialize_parallel with the layout of a validated Config (parallel section, train.seed);
-    kwargs (backend, rank, world_size, init_method) pass through."""
+    kwargs (backend, rank, world_size, init_method) pass through to init_process_group."""
     p = config.parallel
     initialize_parallel(tensor=p.tensor, pipeline=p.pipeline, virtual_pipeline=p.virtual_pipeline,
                         expert=p.expert, expert_tensor=p.expert_tensor, seed=config.train.seed,

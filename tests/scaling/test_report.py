@@ -65,11 +65,7 @@ def test_settings_are_told_apart_by_constant_or_exponent():
 def test_comparison_table_json_and_plots(tmp_path):
     rows = _table(sizes=5, budgets=4)
     # write and read back through the CSV the sweep collects
-    path = tmp_path / "t.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    path = _write_csv(rows, tmp_path / "t.csv")
     table = read_table(str(path))
     assert table[0]["setting"] == "cross_entropy" and isinstance(table[0]["ce"], float)
 
@@ -132,12 +128,7 @@ def test_isoflop_groups_by_planned_flop_budget():
 def test_sweep_fit_cli_prints_predictions_with_intervals(tmp_path, capsys):
     from megatron_ntp.cli import main
 
-    rows = _table(sizes=5, budgets=4)
-    path = tmp_path / "sweep_metrics.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    path = _write_csv(_table(sizes=5, budgets=4), tmp_path / "sweep_metrics.csv")
     assert main(["sweep", "fit", str(path), "--bootstrap", "5", "--budget", "1e21",
                  "--predict", "1e9:2e10", "--out", str(tmp_path / "fit")]) == 0
     text = capsys.readouterr().out
@@ -147,3 +138,12 @@ def test_sweep_fit_cli_prints_predictions_with_intervals(tmp_path, capsys):
     assert saved["settings"]["steeper"]["predictions"]["points"][0]["n"] == 1e9
     assert main(["sweep", "fit", str(path), "--predict", "1e9"]) == 2
     assert "--predict '1e9': expected N:D" in capsys.readouterr().err
+
+
+def _write_csv(rows: list[dict], path):
+    """`rows` as the CSV `megatron-ntp sweep collect` writes; returns `path`."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
