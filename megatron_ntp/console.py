@@ -41,6 +41,11 @@ BENIGN_LOG_RECORDS = (
     ("megatron.core.models.gpt.gpt_model", "GPTModel IS DEPRECATED",
      "megatron-core 0.19.2 steers new code to HybridModel, which has no GPTModel loss hook yet; "
      "GPTModel is what megatron-core's own GPT training uses"),
+    ("megatron.core.rerun_state_machine", "Implicit initialization of Rerun State Machine",
+     "check_for_nan_in_grad asks megatron-core's rerun state machine, which starts in its default "
+     "mode, DISABLED (no re-runs of suspicious steps), as Megatron-LM's --rerun-mode does"),
+    ("megatron.core.rerun_state_machine", "RerunStateMachine initialized in mode",
+     "the same default mode, announced once"),
     ("megatron.core.dist_checkpointing.strategies.torch", "MCore's async save is deprecated",
      "megatron-core 0.19.2's synchronous torch_dist save (TorchDistSaveShardedStrategy.save) "
      "runs its own async path with async_strategy='mcore'; the project saves synchronously"),

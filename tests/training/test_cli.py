@@ -47,7 +47,8 @@ def test_torchrun_two_ranks_on_the_sample_data(tmp_path):
     # A quiet console (megatron_ntp/console.py): none of megatron-core's or torch's known-benign
     # warnings, on any rank, and not torchrun's thread notice (OMP_NUM_THREADS is set).
     noise = [line for line in (result.stdout + result.stderr).splitlines()
-             if any(word in line for word in ("Warning", "DEPRECATED", "deprecated", "is ignored"))]
+             if any(word in line for word in ("Warning", "DEPRECATED", "deprecated", "is ignored",
+                                              "Rerun State Machine", "RerunStateMachine"))]
     assert noise == []
 
     with open(run_dir / "metrics.jsonl") as f:
