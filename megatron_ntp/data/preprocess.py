@@ -41,6 +41,7 @@ import numpy as np
 
 from megatron_ntp.data import jsonl
 from megatron_ntp.data.tokenizer_types import TOKENIZER_TYPES, canonical_tokenizer_type
+from megatron_ntp.files import write_atomic
 
 MAX_LOCATIONS_PER_REASON = 5  # file:line examples kept for each bad-input reason
 
@@ -380,12 +381,7 @@ def preprocess(opts: PreprocessOptions, stream=None) -> PreprocessSummary:
 
 
 def _write_summary(summary: PreprocessSummary) -> None:
-    path = summary_path(summary.output_prefix)
-    temp = f"{path}.tmp{os.getpid()}"
-    with open(temp, "w", encoding="utf-8") as f:
-        json.dump(asdict(summary), f, indent=2)
-        f.write("\n")
-    os.replace(temp, path)
+    write_atomic(summary_path(summary.output_prefix), json.dumps(asdict(summary), indent=2) + "\n")
 
 
 def format_report(summary: PreprocessSummary) -> str:

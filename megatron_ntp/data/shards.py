@@ -27,6 +27,7 @@ from megatron_ntp.data.preprocess import (
     preprocess,
     summary_path,
 )
+from megatron_ntp.files import write_atomic
 
 
 def shard_files(paths: Sequence[str], num_shards: int, index: int) -> List[str]:
@@ -186,11 +187,7 @@ def merge_shards(output_prefix: str, num_shards: int) -> dict:
                                f"summaries count {sum(s['tokens'][key] for s in summaries)}")
         outputs[key] = output_paths(output_prefix, key)
     total = _total_summary(output_prefix, summaries, outputs)
-    path = summary_path(output_prefix)
-    with open(f"{path}.tmp{os.getpid()}", "w", encoding="utf-8") as f:
-        json.dump(total, f, indent=2)
-        f.write("\n")
-    os.replace(f"{path}.tmp{os.getpid()}", path)
+    write_atomic(summary_path(output_prefix), json.dumps(total, indent=2) + "\n")
     return total
 
 

@@ -20,6 +20,7 @@ import re
 import shutil
 
 from megatron_ntp.config import ConfigError
+from megatron_ntp.files import write_atomic
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 CONFIG_FILE = "config.yaml"
@@ -156,15 +157,16 @@ def _free_name(path: str) -> str:
 
 
 def write_durably(path: str, text: str, atomic: bool = False) -> None:
-    """Write and fsync; atomic: through a temporary file and os.replace."""
-    target = path + ".writing" if atomic else path
-    with open(target, "w") as f:
+    """Write and fsync; atomic: through megatron_ntp.files (a temporary file and a rename), then
+    the folder fsynced so the rename itself survives a crash."""
+    if atomic:
+        write_atomic(path, text)
+        _fsync_dir(os.path.dirname(path))
+        return
+    with open(path, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    if atomic:
-        os.replace(target, path)
-        _fsync_dir(os.path.dirname(path))
 
 
 def _fsync_dir(path: str) -> None:
