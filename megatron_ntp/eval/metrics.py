@@ -143,7 +143,7 @@ def accumulate_token_statistics(sums: EvalSums, logits: torch.Tensor, target: to
     ce = terms.ce.double()
     p_target = torch.exp(-ce) * keep
     p_max = top1.terms.topk_mass.double()
-    argmax = top1.kth_local_index + vocab_start
+    argmax = top1.kth_index  # global id of the top token
     correct = (argmax == target) & valid
     scalars = torch.stack([keep.sum(), ce.sum(), terms.entropy.double().sum(),
                            terms.topk_mass.double().sum(), p_target.sum(), (p_max * keep).sum(),

@@ -58,8 +58,7 @@ class _Gradients:
 
     def add_chunk(self, start, end, shard: ShardForward, logits, scale):
         """logits [c, V_local] (overwritten) and scale [c]: d loss / d loss_token."""
-        grad_logits = shard.gradient(logits, inplace=True)  # stage 4: [c, V_local]
-        grad_logits.mul_(scale[:, None].to(self.compute_dtype))
+        grad_logits = shard.gradient(logits, scale, inplace=True)  # stage 4: [c, V_local]
         with record_function(MATMUL_LABELS[1]):
             self._matmuls(start, end, grad_logits)
 

@@ -1,11 +1,21 @@
-"""The elementwise passes over a [N, V_local] logits shard, fused by torch.compile.
+"""The two passes over a [N, V_local] logits shard, fused by torch.compile.
 
-The exp-sums pass (stage 1) reads the logits once and returns two per-token sums relative to
-the shard's row max; the gradient pass (stage 4) reads them once more and writes the gradient
-p_j * W - w_j (the target entry is written afterwards by a scatter). Written in plain torch:
-torch.compile fuses each pass into one loop (C++/OpenMP on CPU, Triton on GPU), so no [N, V]
-temporary is ever materialised. LossImpl(passes="eager") runs them eagerly over row chunks
-(LossImpl.chunk_bytes) where a compiler is unavailable or for debugging.
+- The exp-sums pass (stage 1) reads the logits once: it cuts each row into blocks of B
+  entries, takes each block's max and its sums relative to that max, and rescales the block sums
+  to the row max (online-softmax rescaling at block granularity), so the row max and the sums
+  come from ONE read of the logits (`exp_sums`). It is the only pass when no gradient is wanted
+  (validation, eval).
+- The gradient pass (stage 4) reads the logits once more and writes p_j * c in one loop, c the
+  per-token coefficient of the tail (`gradient`); the k' shard candidates of K and the target
+  entry are then written by scatters (megatron_ntp/loss/vocab_parallel.py), so no [N, V]
+  membership test or mask is ever formed. In the unfused loss it runs in backward with the
+  incoming per-token gradient folded into c: one pass where there used to be two.
+
+Written in plain torch: torch.compile fuses each pass into one loop (C++/OpenMP on CPU, Triton
+on GPU), so no [N, V] temporary is materialised; the block size B is a constant of the compiled
+code (not a dynamic size), which keeps the CPU loops vectorised. LossImpl(passes="eager") runs
+the same functions eagerly over row chunks (LossImpl.chunk_bytes) where a compiler is
+unavailable or for debugging.
 
 -inf logits (masked vocabulary entries) have e = 0 and add nothing, as in a masked softmax
 (0 * log 0 is taken as 0, never 0 * -inf = NaN).
@@ -18,63 +28,95 @@ import torch
 from megatron_ntp.loss.impl import LossImpl
 
 EAGER_BYTES_PER_ENTRY = 16  # the eager passes hold about four fp32 [rows, V_local] temporaries
+MAX_BLOCK = 128  # entries per block of the exp-sums pass (measured: 64-256 alike on CPU)
+MIN_BLOCK = 16  # below this, blocks cost more than they save: one block per row
 
 
-def _membership(logits, kth_value, kth_local_index):
-    # [N, V_local] bool: token in K (see megatron_ntp/loss/topk.py for the rule)
-    ids = torch.arange(logits.shape[-1], device=logits.device)
-    kth_value = kth_value[:, None]
-    return (logits > kth_value) | ((logits == kth_value) & (ids[None, :] <= kth_local_index[:, None]))
+def block_size(vocab_local: int) -> int:
+    """B: the largest power of two <= MAX_BLOCK dividing V_local (megatron-core pads the
+    vocabulary to a multiple of 128 * TP, so B = 128 for real models); if it is below
+    MIN_BLOCK, the whole row (one block per row)."""
+    block = MAX_BLOCK
+    while vocab_local % block:
+        block //= 2
+    return block if block >= MIN_BLOCK else vocab_local
 
 
-def _exp_sums(logits, shard_max):
-    """[N, 2]: sum e and sum e * (z - m), with e = exp(z - m) and m the shard's row max.
+def rescale_partial_sums(maxima: torch.Tensor, sums: torch.Tensor, sums_logit: torch.Tensor):
+    """Combine partial sums over the last dimension P: [..., P] each -> m, S, T, [...] each.
 
-    A shard that is -inf everywhere (m = -inf) gets sums 0; NaN or +inf logits make the first
-    sum NaN, which stage 3 refuses.
+    Part i holds its max m_i, s_i = sum exp(z - m_i) and t_i = sum exp(z - m_i) (z - m_i) over
+    its entries; rescaled to the overall max m: S = sum_i r_i s_i and
+    T = sum_i r_i (t_i + (m_i - m) s_i), r_i = exp(m_i - m). A part that is -inf everywhere adds
+    nothing; NaN in any part makes m NaN (the caller refuses such rows). Used for the blocks of a
+    row (stage 1) and for the shards of the tensor-parallel ranks (stage 3).
     """
-    shifted = logits - torch.where(shard_max > float("-inf"), shard_max, 0.0)[:, None]
+    logit_max = maxima.amax(-1)
+    live = maxima > float("-inf")
+    offset = torch.where(live, maxima - logit_max[..., None], 0.0)  # log r_i
+    rescale = torch.exp(offset)
+    return (logit_max, (rescale * sums).sum(-1),
+            (rescale * (sums_logit + offset * sums)).sum(-1))
+
+
+def _block_sums(logits, block: int):
+    """[N, V_local] -> block max, sum e, sum e * (z - max), each [N, V_local / block]."""
+    blocks = logits.reshape(-1, block)  # [N * V_local / block, block]
+    block_max = blocks.amax(-1)
+    shifted = blocks - torch.where(block_max > float("-inf"), block_max, 0.0)[:, None]
     e = torch.exp(shifted)
-    return torch.stack([e.sum(-1), torch.where(e > 0, e * shifted, 0.0).sum(-1)], dim=-1)
+    sums = (block_max, e.sum(-1), torch.where(e > 0, e * shifted, 0.0).sum(-1))
+    return tuple(value.view(logits.shape[0], -1) for value in sums)
 
 
-def _gradient(logits, log_normalizer, tail_coef, topk_coef, kth_value, kth_local_index):
-    """[N, V_local]: p_j * (W - lambda(j)); the target entries are written by the caller."""
-    p = torch.exp(logits - log_normalizer[:, None])
-    member = _membership(logits, kth_value, kth_local_index)
-    return p * torch.where(member, topk_coef[:, None], tail_coef[:, None])
+def _gradient(logits, log_normalizer, coef):
+    """[N, V_local]: p_j * coef, p_j = exp(z_j - log_normalizer); coef [N]."""
+    return torch.exp(logits - log_normalizer[:, None]) * coef[:, None]
 
 
-def _gradient_inplace(logits, *coefs):
-    logits.copy_(_gradient(logits, *coefs))
+def _gradient_inplace(logits, log_normalizer, coef):
+    logits.copy_(_gradient(logits, log_normalizer, coef))
 
 
 @functools.cache
-def _compiled(fn):
-    return torch.compile(fn, dynamic=True)
+def _compiled(fn, block: int | None = None):
+    if block is None:
+        return torch.compile(fn, dynamic=True)
+    # the block size is a constant of the compiled loop; only the number of rows is dynamic
+    return torch.compile(functools.partial(fn, block=block), dynamic=True)
 
 
-def _run(fn, impl: LossImpl, logits, *args):
+def _run(fn, impl: LossImpl, logits, *args, block=None):
     """Run a pass compiled, or eagerly over row chunks of impl.chunk_bytes."""
     if impl.passes != "eager":
-        return _compiled(fn)(logits, *args)
+        return _compiled(fn, block)(logits, *args)
+    keywords = {} if block is None else {"block": block}
     rows = impl.rows_per_chunk(EAGER_BYTES_PER_ENTRY * logits.shape[-1])
     outputs = [
-        fn(logits[start : start + rows], *(a[start : start + rows] for a in args))
+        fn(logits[start : start + rows], *(a[start : start + rows] for a in args), **keywords)
         for start in range(0, logits.shape[0], rows)
     ]
-    return None if outputs[0] is None else torch.cat(outputs)
+    if outputs[0] is None:
+        return None
+    if isinstance(outputs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outputs))
+    return torch.cat(outputs)
 
 
-def exp_sums(logits, shard_max, impl: LossImpl):
-    return _run(_exp_sums, impl, logits, shard_max)
+def exp_sums(logits, impl: LossImpl):
+    """Stage 1's one read of the shard: (m [N], sums [N, 2]) with m the row max, sums
+    S = sum exp(z - m) and T = sum exp(z - m) (z - m). A shard that is -inf everywhere gets
+    m = -inf and sums 0; NaN or +inf logits make m or S NaN, which stage 3 refuses."""
+    block_max, block_sum, block_sum_logit = _run(_block_sums, impl, logits,
+                                                 block=block_size(logits.shape[-1]))
+    logit_max, sum_exp, sum_exp_logit = rescale_partial_sums(block_max, block_sum,
+                                                             block_sum_logit)
+    return logit_max, torch.stack([sum_exp, sum_exp_logit], dim=-1)
 
 
-def gradient(logits, terms, kth_value, kth_local_index, inplace: bool, impl: LossImpl):
-    """The gradient pass with the coefficients of `terms` (a TokenTerms); into `logits` when
-    inplace."""
-    coefs = (terms.log_normalizer, terms.tail_coef, terms.topk_coef, kth_value, kth_local_index)
+def gradient(logits, log_normalizer, coef, inplace: bool, impl: LossImpl):
+    """Stage 4's pass: p_j * coef[row] for every entry, into `logits` when inplace."""
     if inplace:
-        _run(_gradient_inplace, impl, logits, *coefs)
+        _run(_gradient_inplace, impl, logits, log_normalizer, coef)
         return logits
-    return _run(_gradient, impl, logits, *coefs)
+    return _run(_gradient, impl, logits, log_normalizer, coef)

@@ -5,9 +5,9 @@ Rank r of the tensor-parallel group holds logits for the contiguous global ids
 megatron_ntp/loss/fused.py and megatron_ntp/loss/README.md:
 
   1. shard stage, on each rank: the shard's own top k' = min(k, V_local) candidates
-     (megatron_ntp/loss/topk.py), whose first value is the shard max m_r; the exp-sums pass
-     (megatron_ntp/loss/passes.py) S_r = sum exp(z - m_r), T_r = sum exp(z - m_r) * (z - m_r);
-     the target logit if the target is in the shard;
+     (megatron_ntp/loss/topk.py); ONE read of the shard for the max and the exp sums
+     (megatron_ntp/loss/passes.py, block maxima rescaled online): m_r, S_r = sum exp(z - m_r),
+     T_r = sum exp(z - m_r) * (z - m_r); the target logit if the target is in the shard;
   2. ONE all-gather of [N, 4 + 2k'] values per rank: (m_r, S_r, T_r, z_x, k' logits, k' ids),
      in the compute dtype (float64 only when float32 cannot hold every token id exactly);
   3. on every rank alike, from the gathered values: rows with NaN/+inf logits are refused (the
@@ -15,11 +15,14 @@ megatron_ntp/loss/fused.py and megatron_ntp/loss/README.md:
      rescaled to m, the global K threshold from the k * TP candidates (K lies within them) and
      the K sums from the candidates alone, then the per-token algebra
      (megatron_ntp/loss/token_terms.py): loss, stats, W;
-  4. the gradient pass writes p * W - w (the target entries by a scatter), the only thing kept
-     for backward; skipped when no gradient is wanted (no_grad, or logits not requiring grad).
-Backward: no collective; the kept gradient is scaled by the incoming per-token gradient.
-Communication per token: 4 + 2 * k' values per rank, never O(V). No host synchronisation
-anywhere on a GPU (CPU tensors raise on NaN at once, where syncing costs nothing).
+  4. the gradient: one pass writes p_j * (W - lambda_tail) * g over the shard (g the incoming
+     per-token gradient), then scatters write the k' shard candidates (inside K: p_j *
+     (W - lambda_topk) * g) and the target (p_x W - w_x) * g. The unfused loss runs it in
+     backward, reading the logits it kept (no gradient pass at all without a wanted gradient);
+     the fused head runs it per chunk.
+Backward: no collective. Communication per token: 4 + 2 * k' values per rank, never O(V).
+No host synchronisation anywhere on a GPU (CPU tensors raise on NaN at once, where syncing
+costs nothing).
 """
 
 import torch
@@ -107,14 +110,9 @@ def _row_chunks(rows: int, bytes_per_row: int, impl: LossImpl) -> list[slice]:
 
 def _global_sums(gathered: torch.Tensor, dtype: torch.dtype):
     """Stage 3's max and exp-sums: [world, N, 4+] gathered -> m, S, T, z_x, each [N]."""
-    max_r, sum_r, sum_logit_r, target_logit_r = gathered[..., :4].to(dtype).unbind(-1)
-    logit_max = max_r.amax(0)  # [N]; NaN if any shard max is NaN
-    live = max_r > float("-inf")  # a shard that is -inf everywhere adds nothing
-    offset = torch.where(live, max_r - logit_max, 0.0)  # log of exp(m_r - m)
-    rescale = torch.exp(offset)
-    sum_exp = (rescale * sum_r).sum(0)
-    sum_exp_logit = (rescale * (sum_logit_r + offset * sum_r)).sum(0)
-    target_logit = target_logit_r.sum(0)  # only the owning rank contributes
+    max_r, sum_r, sum_logit_r, target_logit_r = gathered[..., :4].to(dtype).permute(2, 1, 0)
+    logit_max, sum_exp, sum_exp_logit = passes.rescale_partial_sums(max_r, sum_r, sum_logit_r)
+    target_logit = target_logit_r.sum(-1)  # only the owning rank contributes
     refuse_nonfinite_rows(~torch.isfinite(logit_max) | ~torch.isfinite(sum_exp))
     return logit_max, sum_exp, sum_exp_logit, target_logit
 
@@ -124,7 +122,8 @@ class ShardForward:
 
     Attributes after construction (N = tokens):
         terms: TokenTerms of [N] tensors (global over the vocabulary).
-        kth_value, kth_local_index: [N] threshold of K in this shard's local ids.
+        kth_value, kth_index: [N] threshold of K (global ids).
+        candidates: this shard's top k' (values, global ids), [N, k'] each.
         target_local: [N] target id local to this shard; target_here: [N] bool, target in shard.
     """
 
@@ -138,6 +137,7 @@ class ShardForward:
         valid = (target >= 0) & (target < vocab_local * world)
         self.target_local = target - vocab_start
         self.target_here = valid & (self.target_local >= 0) & (self.target_local < vocab_local)
+        self.vocab_start = vocab_start
 
         with record_function(STAGE_LABELS[0]):
             packed = self._shard_stage(logits, cfg, vocab_start, world)
@@ -165,8 +165,7 @@ class ShardForward:
             kth_index = torch.full_like(target, -1)
             sum_exp_topk = sum_exp_logit_topk = torch.zeros_like(logit_max)
 
-        self.kth_value = kth_value
-        self.kth_local_index = kth_index - vocab_start
+        self.kth_value, self.kth_index = kth_value, kth_index
         sums = torch.stack(
             [sum_exp, sum_exp_logit, sum_exp_topk, sum_exp_logit_topk, target_logit], dim=-1
         )
@@ -174,32 +173,51 @@ class ShardForward:
         return combine_token_sums(cfg, logit_max, sums, target_in_topk, valid)
 
     def _shard_stage(self, logits, cfg, vocab_start, world) -> torch.Tensor:
-        """Stage 1: [N, 4 + 2k'] (m_r, S_r, T_r, z_x or 0, k' candidate logits, k' global ids)."""
+        """Stage 1: [N, 4 + 2k'] (m_r, S_r, T_r, z_x or 0, k' candidate logits, k' global ids).
+        Keeps the candidates (self.candidates: values and global ids, [N, k'] each) for the
+        gradient's scatter."""
         safe_local = torch.where(self.target_here, self.target_local, 0)[:, None]
         target_logit = torch.where(self.target_here, logits.gather(-1, safe_local)[:, 0], 0.0)
         if cfg.topk > 0:
             values, local_ids = shard_topk(logits, cfg.topk, self.impl)  # [N, k']
-            shard_max = values.amax(-1)
         else:  # K is empty: no candidates travel
-            values = local_ids = logits.new_empty(logits.shape[0], 0)
-            shard_max = logits.amax(-1)
-        shard_sums = passes.exp_sums(logits, shard_max, self.impl)  # [N, 2]: S_r, T_r
+            values = logits.new_empty(logits.shape[0], 0)
+            local_ids = torch.empty_like(values, dtype=torch.int64)
+        self.candidates = values, local_ids + vocab_start
+        shard_max, shard_sums = passes.exp_sums(logits, self.impl)  # [N], [N, 2]: S_r, T_r
         pieces = (shard_max[:, None], shard_sums, target_logit[:, None], values,
-                  local_ids + vocab_start)
+                  self.candidates[1])
         pack_dtype = _pack_dtype(logits.dtype, logits.shape[-1] * world)
         return torch.cat([p.to(pack_dtype) for p in pieces], dim=-1)
 
-    def gradient(self, logits: torch.Tensor, inplace: bool) -> torch.Tensor:
-        """Stage 4: [N, V_local] d loss / d logits for this shard; into `logits` if inplace."""
+    def gradient(self, logits: torch.Tensor, scale: torch.Tensor | None = None,
+                 inplace: bool = False) -> torch.Tensor:
+        """Stage 4: [N, V_local] d loss / d logits of this shard, times scale [N] (the incoming
+        per-token gradient) if given; written into `logits` if inplace."""
         with record_function(STAGE_LABELS[3]):
-            return self._gradient(logits, inplace)
+            return self._gradient(logits, scale, inplace)
 
-    def _gradient(self, logits, inplace):
-        grad = passes.gradient(logits, self.terms, self.kth_value, self.kth_local_index,
-                               inplace, self.impl)
-        # the target entries by a scatter (rows whose target is elsewhere rewrite their column 0)
+    def _gradient(self, logits, scale, inplace):
+        terms = self.terms
+
+        def scaled(value):  # [N] or [N, c] per-token values times the incoming gradient
+            if scale is None:
+                return value
+            factor = scale.to(value.dtype)
+            return value * (factor if value.dim() == 1 else factor[:, None])
+
+        # every entry as if it were in the tail: p_j (W - lambda_tail)
+        grad = passes.gradient(logits, terms.log_normalizer, scaled(terms.tail_coef), inplace,
+                               self.impl)
+        values, ids = self.candidates  # [N, k']: every member of K in this shard is among them
+        if values.shape[-1] > 0:
+            member = is_member(values, ids, self.kth_value, self.kth_index)
+            coef = torch.where(member, terms.topk_coef[:, None], terms.tail_coef[:, None])
+            p = torch.exp(values - terms.log_normalizer[:, None])
+            grad.scatter_(-1, ids - self.vocab_start, scaled(p * coef).to(grad.dtype))
+        # the target entries (rows whose target is elsewhere rewrite their column 0)
         column = torch.where(self.target_here, self.target_local, 0)[:, None]
-        target_grad = self.terms.target_grad[:, None].to(grad.dtype)
+        target_grad = scaled(terms.target_grad)[:, None].to(grad.dtype)
         grad.scatter_(-1, column, torch.where(self.target_here[:, None], target_grad,
                                               grad.gather(-1, column)))
         return grad
@@ -229,34 +247,34 @@ def wants_gradient(*inputs: torch.Tensor) -> bool:
 
 class _VocabParallelShapedLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, cfg, tp_group, overwrite_logits, impl, need_grad):
+    def forward(ctx, logits, target, cfg, tp_group, overwrite_logits, impl):
         shard = logits.detach().reshape(-1, logits.shape[-1]).to(compute_dtype_for(logits.dtype))
-        # A converted (or reshaped) copy is ours, so the gradient may be written into it.
+        ctx.fwd = ShardForward(shard, target.reshape(-1), cfg, tp_group, impl)
+        # Stage 4 runs in backward, from the logits: a converted copy is kept as is (it is ours),
+        # the caller's tensor through save_for_backward (autograd checks it is not modified).
         owned = shard.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr()
-        fwd = ShardForward(shard, target.reshape(-1), cfg, tp_group, impl)
-        if need_grad:  # stage 4
-            ctx.grad = fwd.gradient(shard, inplace=owned or overwrite_logits)  # [N, V_local]
+        ctx.owned_shard = shard if owned else None
+        ctx.save_for_backward(None if owned else logits)
         ctx.logits_shape, ctx.logits_dtype = logits.shape, logits.dtype
-        ctx.scale_in_place, ctx.grad_consumed = overwrite_logits, False
-        terms = fwd.terms
+        ctx.overwrite, ctx.grad_consumed = overwrite_logits, False
+        terms = ctx.fwd.terms
         outputs = [t.view(target.shape) for t in (terms.loss, terms.ce, terms.entropy, terms.topk_mass)]
         ctx.mark_non_differentiable(*outputs[1:])
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_stat_grads):
-        grad, scale = ctx.grad, grad_loss.reshape(-1, 1).to(ctx.grad.dtype)
-        if not ctx.scale_in_place:
-            grad = grad * scale
-        elif ctx.grad_consumed:
+        if ctx.grad_consumed:
             raise RuntimeError(
-                "vocab_parallel_shaped_loss(overwrite_logits=True) scales its kept gradient in "
-                "place: a second backward through the same graph is not supported"
+                "vocab_parallel_shaped_loss(overwrite_logits=True) writes its gradient into the "
+                "logits in backward: a second backward through the same graph is not supported"
             )
-        else:
-            ctx.grad_consumed = True
-            grad.mul_(scale)
-        return grad.view(ctx.logits_shape).to(ctx.logits_dtype), None, None, None, None, None, None
+        shard = ctx.owned_shard
+        if shard is None:
+            shard = ctx.saved_tensors[0].detach().reshape(-1, ctx.logits_shape[-1])
+        ctx.grad_consumed = ctx.overwrite
+        grad = ctx.fwd.gradient(shard, grad_loss.reshape(-1), inplace=ctx.overwrite)
+        return grad.view(ctx.logits_shape).to(ctx.logits_dtype), None, None, None, None, None
 
 
 def vocab_parallel_shaped_loss(
@@ -279,22 +297,23 @@ def vocab_parallel_shaped_loss(
             loss 0, gradient 0, stats 0.
         cfg: the knobs (ShapedLossConfig).
         tp_group: the tensor-parallel process group, or None.
-        overwrite_logits: megatron-core's memory behaviour: the gradient is written into the
-            logits' storage (float32/float64 logits; lower precision is always upcast into a
-            fresh buffer, which is reused) and backward scales it in place, so the loss holds
-            no [N, V_local] buffer besides the logits. The caller must not read the logits
-            afterwards, and a second backward through the graph is refused. Default False:
-            logits untouched, backward allocates its result (double backward and gradcheck work).
-            Without a wanted gradient (no_grad) the logits are never written.
+        overwrite_logits: megatron-core's memory behaviour: backward writes the gradient into
+            the logits' storage (float32/float64 logits; lower precision is always upcast into
+            a fresh buffer, which is reused), so the loss holds no [N, V_local] buffer besides
+            the logits. The logits are kept as they are until backward; the caller must not
+            read them afterwards, and a second backward through the graph is refused. Default
+            False: logits untouched, backward allocates its result (double backward and
+            gradcheck work). Without a wanted gradient (no_grad) nothing is kept or written.
         impl: how to compute it (megatron_ntp.loss.LossImpl); None: the defaults.
     Returns:
-        loss: [...] surrogate loss (float32, or float64), whose backward is p * W - w.
+        loss: [...] surrogate loss (float32, or float64), whose backward is p * W - w times the
+            incoming per-token gradient (one pass over the logits, in backward).
         stats: {"ce", "entropy", "topk_mass"} as [...] tensors from the same reductions.
     Collectives (tp_group of size > 1): forward one all-gather of [N, 4 + 2 * min(k, V_local)]
     values per rank; backward none.
     """
     check_inputs(logits, target)
     loss, ce, entropy, topk_mass = _VocabParallelShapedLoss.apply(
-        logits, target, cfg, tp_group, overwrite_logits, resolve(impl), wants_gradient(logits)
+        logits, target, cfg, tp_group, overwrite_logits, resolve(impl)
     )
     return loss, {"ce": ce, "entropy": entropy, "topk_mass": topk_mass}
