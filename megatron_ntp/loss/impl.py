@@ -7,9 +7,13 @@ CPU too) and MEGATRON_NTP_COMPILE=0 (passes "eager") only change the defaults us
 """
 
 import os
+
+import torch
 from dataclasses import dataclass
 
 SELECTIONS = ("auto", "cpu_scan", "keys")
+# LossImpl.chunk_bytes when None, by device type (accelerators: the "cuda" entry)
+DEFAULT_CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 512 << 20}
 PASSES = ("auto", "compiled", "eager")
 
 
@@ -26,22 +30,30 @@ class LossImpl:
     """The elementwise passes over the logits. "compiled": torch.compile (one fused loop per
     pass); "eager": plain torch over row chunks of `chunk_bytes`; "auto": compiled."""
 
-    chunk_bytes: int = 64 << 20
-    """Memory budget of the temporaries of one row chunk (the int64 selection keys, the eager
-    passes' intermediates); rows per chunk follow from it and the shard width."""
+    chunk_bytes: int | None = None
+    """Memory budget of the temporaries of one row chunk (stage 1's block sums and top-k
+    candidates, the int64 selection keys, the eager passes' intermediates); rows per chunk
+    follow from it and the shard width. None: DEFAULT_CHUNK_BYTES for the tensors' device
+    (small on CPU, where the loss must not add to megatron-core's peak; large on GPUs, where
+    each chunk costs kernel launches)."""
 
     def __post_init__(self):
         for name, allowed in (("selection", SELECTIONS), ("passes", PASSES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"LossImpl.{name} must be one of {allowed}, "
                                  f"got {getattr(self, name)!r}")
-        if isinstance(self.chunk_bytes, bool) or not isinstance(self.chunk_bytes, int) \
-                or self.chunk_bytes < 1:
+        if self.chunk_bytes is not None and (isinstance(self.chunk_bytes, bool)
+                                             or not isinstance(self.chunk_bytes, int)
+                                             or self.chunk_bytes < 1):
             raise ValueError(f"LossImpl.chunk_bytes must be a positive integer, "
                              f"got {self.chunk_bytes!r}")
 
-    def rows_per_chunk(self, bytes_per_row: int) -> int:
-        return max(1, self.chunk_bytes // max(1, bytes_per_row))
+    def rows_per_chunk(self, bytes_per_row: int, device) -> int:
+        """Rows whose temporaries (bytes_per_row each) fit the budget; at least one."""
+        budget = self.chunk_bytes
+        if budget is None:
+            budget = DEFAULT_CHUNK_BYTES.get(torch.device(device).type, DEFAULT_CHUNK_BYTES["cuda"])
+        return max(1, budget // max(1, bytes_per_row))
 
 
 def default_impl() -> LossImpl:

@@ -91,7 +91,7 @@ def _run(fn, impl: LossImpl, logits, *args, block=None):
     if impl.passes != "eager":
         return _compiled(fn, block)(logits, *args)
     keywords = {} if block is None else {"block": block}
-    rows = impl.rows_per_chunk(EAGER_BYTES_PER_ENTRY * logits.shape[-1])
+    rows = impl.rows_per_chunk(EAGER_BYTES_PER_ENTRY * logits.shape[-1], logits.device)
     outputs = [
         fn(logits[start : start + rows], *(a[start : start + rows] for a in args), **keywords)
         for start in range(0, logits.shape[0], rows)
@@ -103,15 +103,15 @@ def _run(fn, impl: LossImpl, logits, *args, block=None):
     return torch.cat(outputs)
 
 
-def exp_sums(logits, impl: LossImpl):
-    """Stage 1's one read of the shard: (m [N], sums [N, 2]) with m the row max, sums
-    S = sum exp(z - m) and T = sum exp(z - m) (z - m). A shard that is -inf everywhere gets
-    m = -inf and sums 0; NaN or +inf logits make m or S NaN, which stage 3 refuses."""
-    block_max, block_sum, block_sum_logit = _run(_block_sums, impl, logits,
-                                                 block=block_size(logits.shape[-1]))
+def exp_sums(logits, block: int, impl: LossImpl):
+    """Stage 1's one read of the shard: (block maxima [N, V_local / block], m [N], sums [N, 2])
+    with m the row max, sums S = sum exp(z - m) and T = sum exp(z - m) (z - m). A shard that is
+    -inf everywhere gets m = -inf and sums 0; NaN or +inf logits make m or S NaN, which stage 3
+    refuses."""
+    block_max, block_sum, block_sum_logit = _run(_block_sums, impl, logits, block=block)
     logit_max, sum_exp, sum_exp_logit = rescale_partial_sums(block_max, block_sum,
                                                              block_sum_logit)
-    return logit_max, torch.stack([sum_exp, sum_exp_logit], dim=-1)
+    return block_max, logit_max, torch.stack([sum_exp, sum_exp_logit], dim=-1)
 
 
 def gradient(logits, log_normalizer, coef, inplace: bool, impl: LossImpl):

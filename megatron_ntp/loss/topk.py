@@ -15,6 +15,10 @@ Two selections give the same K (LossImpl.selection):
     beside an id in 64 bits and takes a stable sort instead, equally exact and sync-free.
     Rows are taken in chunks whose keys fit LossImpl.chunk_bytes.
   - "cpu_scan" (CPU): the compiled scan of megatron_ntp/loss/cpu_first_k.py.
+Within a shard, the top k lies within the k blocks of B consecutive entries whose maxima rank
+first (ranking blocks by (max descending, block index ascending) is ranking them by their best
+entry: a token outside those blocks has k better tokens, the blocks' best); stage 1 has the
+block maxima already, so only those k * B entries are searched (`block_topk`), not the row.
 Across shards, the global top k lies within the union of the shards' top k, which are
 all-gathered (k values and ids per rank and token: O(k * TP) communication).
 """
@@ -69,8 +73,11 @@ def select_first_k(values: torch.Tensor, k: int, impl: LossImpl) -> torch.Tensor
     A row holding NaN gets some k positions (the caller refuses such rows after the all-gather).
     """
     if selection_for(values, impl) == "cpu_scan":
-        return cpu_first_k.first_k(values, k)[1]
-    rows = impl.rows_per_chunk(16 * values.shape[-1])  # int64 keys + topk's workspace
+        _, positions, ok = cpu_first_k.first_k(values, k)
+        # a NaN row's positions are undefined: make them valid (ascending, in range)
+        first = torch.arange(k, device=values.device).expand_as(positions)
+        return torch.where(ok[:, None], positions, first)
+    rows = impl.rows_per_chunk(16 * values.shape[-1], values.device)  # int64 keys + topk's workspace
     return torch.cat([_first_k_keys(chunk, k) for chunk in values.split(rows)])
 
 
@@ -111,3 +118,21 @@ def shard_topk(logits: torch.Tensor, k: int, impl: LossImpl):
         return values.masked_fill(~ok[:, None], float("nan")), positions.masked_fill(~ok[:, None], 0)
     positions = select_first_k(logits, k, impl)
     return logits.gather(-1, positions), positions
+
+
+def block_topk(logits: torch.Tensor, block_max: torch.Tensor, block: int, k: int,
+               impl: LossImpl):
+    """shard_topk searching only the k blocks with the first maxima (module docstring).
+
+    logits: [N, V_local]; block_max: [N, V_local / block], the max of each block of `block`
+    consecutive entries (NaN where the block holds one). Returns values [N, k'] and local ids
+    [N, k'] (ascending), k' = min(k, V_local), equal to shard_topk(logits, k, impl).
+    """
+    num_blocks = block_max.shape[-1]
+    if k >= num_blocks:  # every block: the whole row
+        return shard_topk(logits, k, impl)
+    blocks = select_first_k(block_max, k, impl)  # [N, k] ascending block indices
+    offsets = torch.arange(block, device=logits.device)
+    columns = (blocks[:, :, None] * block + offsets).reshape(logits.shape[0], k * block)
+    values, positions = shard_topk(logits.gather(-1, columns), k, impl)  # ids ascending
+    return values, columns.gather(-1, positions)

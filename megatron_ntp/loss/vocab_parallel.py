@@ -4,10 +4,11 @@ Rank r of the tensor-parallel group holds logits for the contiguous global ids
 [r * V_local, (r + 1) * V_local) (megatron-core's convention). The stages, numbered alike in
 megatron_ntp/loss/fused.py and megatron_ntp/loss/README.md:
 
-  1. shard stage, on each rank: the shard's own top k' = min(k, V_local) candidates
-     (megatron_ntp/loss/topk.py); ONE read of the shard for the max and the exp sums
-     (megatron_ntp/loss/passes.py, block maxima rescaled online): m_r, S_r = sum exp(z - m_r),
-     T_r = sum exp(z - m_r) * (z - m_r); the target logit if the target is in the shard;
+  1. shard stage, on each rank, in row chunks: ONE read of the shard for the max and the exp
+     sums (megatron_ntp/loss/passes.py, block maxima rescaled online): m_r,
+     S_r = sum exp(z - m_r), T_r = sum exp(z - m_r) * (z - m_r); the shard's own top
+     k' = min(k, V_local) candidates, searched only in the k blocks whose maxima rank first
+     (megatron_ntp/loss/topk.py); the target logit if the target is in the shard;
   2. ONE all-gather of [N, 4 + 2k'] values per rank: (m_r, S_r, T_r, z_x, k' logits, k' ids),
      in the compute dtype (float64 only when float32 cannot hold every token id exactly);
   3. on every rank alike, from the gathered values: rows with NaN/+inf logits are refused (the
@@ -33,7 +34,7 @@ from megatron_ntp.loss import passes
 from megatron_ntp.loss.config import ShapedLossConfig
 from megatron_ntp.loss.impl import LossImpl, resolve
 from megatron_ntp.loss.token_terms import combine_token_sums
-from megatron_ntp.loss.topk import is_member, kth_threshold, shard_topk
+from megatron_ntp.loss.topk import block_topk, is_member, kth_threshold
 
 # torch.profiler labels of the stages (benchmarks/loss_bench.py reads them); free when no
 # profiler runs
@@ -103,8 +104,8 @@ def _topk_stage(gathered: torch.Tensor, logit_max: torch.Tensor, k_local: int, k
     return kth_value, kth_index, exp_topk.sum(-1), exp_logit_topk.sum(-1)
 
 
-def _row_chunks(rows: int, bytes_per_row: int, impl: LossImpl) -> list[slice]:
-    step = impl.rows_per_chunk(bytes_per_row)
+def _row_chunks(rows: int, bytes_per_row: int, impl: LossImpl, device) -> list[slice]:
+    step = impl.rows_per_chunk(bytes_per_row, device)
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
@@ -157,7 +158,8 @@ class ShardForward:
             k = min(cfg.topk, world * k_local)
             # in row chunks: the [rows, k x TP] temporaries stay small next to the logits
             chunks = [_topk_stage(gathered[:, rows], logit_max[rows], k_local, k, impl)
-                      for rows in _row_chunks(target.shape[0], 48 * world * k_local, impl)]
+                      for rows in _row_chunks(target.shape[0], 48 * world * k_local, impl,
+                                                      target.device)]
             kth_value, kth_index, sum_exp_topk, sum_exp_logit_topk = (
                 torch.cat(parts) for parts in zip(*chunks))
         else:
@@ -175,20 +177,34 @@ class ShardForward:
     def _shard_stage(self, logits, cfg, vocab_start, world) -> torch.Tensor:
         """Stage 1: [N, 4 + 2k'] (m_r, S_r, T_r, z_x or 0, k' candidate logits, k' global ids).
         Keeps the candidates (self.candidates: values and global ids, [N, k'] each) for the
-        gradient's scatter."""
+        gradient's scatter. In row chunks whose block sums and candidates fit the budget."""
         safe_local = torch.where(self.target_here, self.target_local, 0)[:, None]
         target_logit = torch.where(self.target_here, logits.gather(-1, safe_local)[:, 0], 0.0)
-        if cfg.topk > 0:
-            values, local_ids = shard_topk(logits, cfg.topk, self.impl)  # [N, k']
+        vocab_local = logits.shape[-1]
+        block = passes.block_size(vocab_local)
+        k = min(cfg.topk, vocab_local)
+        # per row: the block sums and their rescaling (~8 fp32 values per block), and the k
+        # blocks searched for the top k (values, int64 columns and keys)
+        bytes_per_row = 32 * (vocab_local // block) + 20 * k * block
+        chunks = [self._shard_rows(logits[rows], k, block)
+                  for rows in _row_chunks(logits.shape[0], bytes_per_row, self.impl,
+                                          logits.device)]
+        shard_max, shard_sums, values, local_ids = (torch.cat(parts) for parts in zip(*chunks))
+        self.candidates = values, local_ids + vocab_start
+        pieces = (shard_max[:, None], shard_sums, target_logit[:, None], values,
+                  self.candidates[1])
+        pack_dtype = _pack_dtype(logits.dtype, vocab_local * world)
+        return torch.cat([p.to(pack_dtype) for p in pieces], dim=-1)
+
+    def _shard_rows(self, logits, k, block):
+        """Stage 1 on some rows: max [n], sums [n, 2], candidates [n, k] and local ids [n, k]."""
+        block_max, shard_max, shard_sums = passes.exp_sums(logits, block, self.impl)
+        if k > 0:
+            values, local_ids = block_topk(logits, block_max, block, k, self.impl)
         else:  # K is empty: no candidates travel
             values = logits.new_empty(logits.shape[0], 0)
             local_ids = torch.empty_like(values, dtype=torch.int64)
-        self.candidates = values, local_ids + vocab_start
-        shard_max, shard_sums = passes.exp_sums(logits, self.impl)  # [N], [N, 2]: S_r, T_r
-        pieces = (shard_max[:, None], shard_sums, target_logit[:, None], values,
-                  self.candidates[1])
-        pack_dtype = _pack_dtype(logits.dtype, logits.shape[-1] * world)
-        return torch.cat([p.to(pack_dtype) for p in pieces], dim=-1)
+        return shard_max, shard_sums, values, local_ids
 
     def gradient(self, logits: torch.Tensor, scale: torch.Tensor | None = None,
                  inplace: bool = False) -> torch.Tensor:
