@@ -56,3 +56,10 @@ def first_k(values: torch.Tensor, k: int):
     row's first k entries under (value descending, position ascending). A row holding NaN has
     no such set: ok is False there and its values and positions are undefined."""
     return _extension().first_k(values.contiguous(), k)
+
+
+def first_k_in_blocks(values: torch.Tensor, blocks: torch.Tensor, block: int, k: int):
+    """first_k over only the listed blocks of each row: values [N, C] (CPU), blocks [N, nb]
+    ascending block indices, blocks of `block` entries -> (values [N, k], positions [N, k]
+    ascending, in the row, ok [N] bool)."""
+    return _extension().first_k_in_blocks(values.contiguous(), blocks.contiguous(), block, k)

@@ -132,7 +132,11 @@ def block_topk(logits: torch.Tensor, block_max: torch.Tensor, block: int, k: int
     if k >= num_blocks:  # every block: the whole row
         return shard_topk(logits, k, impl)
     blocks = select_first_k(block_max, k, impl)  # [N, k] ascending block indices
-    offsets = torch.arange(block, device=logits.device)
-    columns = (blocks[:, :, None] * block + offsets).reshape(logits.shape[0], k * block)
-    values, positions = shard_topk(logits.gather(-1, columns), k, impl)  # ids ascending
-    return values, columns.gather(-1, positions)
+    if selection_for(logits, impl) == "cpu_scan":  # scans the blocks where they lie
+        values, positions, ok = cpu_first_k.first_k_in_blocks(logits, blocks, block, k)
+        return values.masked_fill(~ok[:, None], float("nan")), positions.masked_fill(~ok[:, None], 0)
+    rows = logits.shape[0]
+    index = blocks[:, :, None].expand(rows, k, block)  # a view: no [N, k * B] index is stored
+    candidates = logits.view(rows, -1, block).gather(1, index).view(rows, k * block)
+    values, positions = shard_topk(candidates, k, impl)  # [N, k], ascending: ids ascending
+    return values, blocks.gather(-1, positions // block) * block + positions % block

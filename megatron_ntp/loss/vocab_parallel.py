@@ -34,7 +34,7 @@ from megatron_ntp.loss import passes
 from megatron_ntp.loss.config import ShapedLossConfig
 from megatron_ntp.loss.impl import LossImpl, resolve
 from megatron_ntp.loss.token_terms import combine_token_sums
-from megatron_ntp.loss.topk import block_topk, is_member, kth_threshold
+from megatron_ntp.loss.topk import block_topk, is_member, kth_threshold, selection_for
 
 # torch.profiler labels of the stages (benchmarks/loss_bench.py reads them); free when no
 # profiler runs
@@ -183,9 +183,10 @@ class ShardForward:
         vocab_local = logits.shape[-1]
         block = passes.block_size(vocab_local)
         k = min(cfg.topk, vocab_local)
-        # per row: the block sums and their rescaling (~8 fp32 values per block), and the k
-        # blocks searched for the top k (values, int64 columns and keys)
-        bytes_per_row = 32 * (vocab_local // block) + 20 * k * block
+        # per row: the block sums and their rescaling (~8 fp32 values per block), and, for the
+        # keys selection, the k blocks gathered for the top k (values, int64 keys and ids)
+        gathered_blocks = 0 if selection_for(logits, self.impl) == "cpu_scan" else k * block
+        bytes_per_row = 32 * (vocab_local // block) + 20 * gathered_blocks
         chunks = [self._shard_rows(logits[rows], k, block)
                   for rows in _row_chunks(logits.shape[0], bytes_per_row, self.impl,
                                           logits.device)]

@@ -9,13 +9,19 @@ Two paths, chosen by model.fused_output_loss:
   cross-entropy does.
 - fused: the logits are never materialised. GPTModel._postprocess hands the final hidden states
   to an `output_processor` when one is given (its hook for custom heads); this class passes one
-  that calls `fused_linear_shaped_loss` with the output-layer weight. The output layer's
+  that calls the fused head with the output-layer weight. With the loss mask given to forward
+  (the training step does), it is `fused_linear_shaped_loss_sum`: the loss is the masked sum, so
+  the gradients are formed during the forward, chunk by chunk, and backward only scales them
+  (no recompute of the logits; on the last pipeline stage each micro-batch in flight holds its
+  output-weight gradient until its backward). Without a mask, `fused_linear_shaped_loss`
+  (per-token loss, any per-token upstream gradient; backward recomputes the logits). The output layer's
   forward is skipped, so its forward pre-hooks are run by hand first: megatron-core's DDP
   finishes a parameter's all-gather there under overlap_param_gather (the weight would be last
   step's otherwise), as its fused experts do for their submodules (transformer/moe/experts.py).
 
-Either way forward returns the per-token surrogate loss [b, s] (what GPTModel returns with
-labels), and the per-token statistics of the same reductions (ce, entropy, topk_mass, each
+Forward returns the per-token surrogate loss [b, s] (what GPTModel returns with labels), or,
+on the fused head with a loss mask, the masked sum [] (`self.loss_is_summed` says which), and
+the per-token loss and statistics of the same reductions (loss, ce, entropy, topk_mass, each
 [b, s], detached) are left in `self.loss_stats` for the training step's loss function to read
 right after the forward (megatron-core's schedules call the loss function immediately after
 each micro-batch's forward on the last stage, so one slot per model chunk is enough).
@@ -24,10 +30,16 @@ The loss knobs live in `self.loss_config` and may change between steps (train.lo
 the trainer calls `set_loss_config` before each step.
 """
 
+import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
-from megatron_ntp.loss import ShapedLossConfig, fused_linear_shaped_loss, vocab_parallel_shaped_loss
+from megatron_ntp.loss import (
+    ShapedLossConfig,
+    fused_linear_shaped_loss,
+    fused_linear_shaped_loss_sum,
+    vocab_parallel_shaped_loss,
+)
 
 
 class ShapedLossGPTModel(GPTModel):
@@ -39,6 +51,7 @@ class ShapedLossGPTModel(GPTModel):
         self.loss_config = loss_config or ShapedLossConfig()
         self.fused_output_loss = fused_output_loss
         self.loss_stats: dict | None = None
+        self.loss_is_summed = False  # set by each forward: the output is the masked sum
 
     def set_loss_config(self, loss_config: ShapedLossConfig) -> None:
         self.loss_config = loss_config
@@ -51,12 +64,15 @@ class ShapedLossGPTModel(GPTModel):
         return self._keep_stats(loss, stats)
 
     def forward(self, *args, labels=None, **kwargs):
-        """GPTModel.forward; labels must be given by keyword (they select the fused head)."""
+        """GPTModel.forward; labels (and loss_mask) must be given by keyword (they select the
+        fused head and its summed form)."""
+        self.loss_is_summed = False
         if self.fused_output_loss and labels is not None and self.post_process:
             kwargs.setdefault("output_processor", self._fused_output_loss)
         return super().forward(*args, labels=labels, **kwargs)
 
-    def _fused_output_loss(self, *, hidden_states, output_layer, output_weight, labels, **unused):
+    def _fused_output_loss(self, *, hidden_states, output_layer, output_weight, labels,
+                           loss_mask=None, **unused):
         # hidden_states: [s, b, h], or [s / tp, b, h] with sequence parallelism.
         if output_layer.sequence_parallel:
             # The output layer would all-gather its input; here the loss does the matmul, so
@@ -67,13 +83,21 @@ class ShapedLossGPTModel(GPTModel):
         run_forward_pre_hooks(output_layer)
         weight = output_layer.weight if output_weight is None else output_weight  # [V_local, h]
         target = labels.transpose(0, 1).contiguous()  # [s, b]
-        loss, stats = fused_linear_shaped_loss(hidden_states, weight, target, self.loss_config,
-                                               self.tp_group)
-        return self._keep_stats(loss, stats)
+        if loss_mask is None:
+            loss, stats = fused_linear_shaped_loss(hidden_states, weight, target,
+                                                   self.loss_config, self.tp_group)
+            return self._keep_stats(loss, stats)
+        mask = loss_mask.transpose(0, 1).to(torch.float32)  # [s, b]
+        total, loss, stats = fused_linear_shaped_loss_sum(hidden_states, weight, target, mask,
+                                                          self.loss_config, self.tp_group)
+        self._keep_stats(loss, stats)
+        self.loss_is_summed = True
+        return total
 
     def _keep_stats(self, loss, stats):
         # [s, b] -> [b, s], the layout GPTModel returns its loss in
         self.loss_stats = {name: value.detach().transpose(0, 1) for name, value in stats.items()}
+        self.loss_stats["loss"] = loss.detach().transpose(0, 1)
         return loss.transpose(0, 1).contiguous()
 
 

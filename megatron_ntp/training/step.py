@@ -25,9 +25,13 @@ STAT_NAMES = ("loss", "ce", "entropy", "topk_mass", "tokens")
 
 
 def loss_function(loss_mask, module, output_tensor):
-    """megatron-core loss function: per-token loss [b, s] -> (sum, tokens, {"sums": [5]})."""
+    """megatron-core loss function: per-token loss [b, s] (or the fused head's masked sum [])
+    -> (sum, tokens, {"sums": [5]})."""
     mask = loss_mask.float()
-    loss_sum = (output_tensor.float() * mask).sum()
+    if module.loss_is_summed:  # the fused head weighted by the mask already
+        loss_sum = output_tensor.float()
+    else:
+        loss_sum = (output_tensor.float() * mask).sum()
     stats = module.loss_stats  # left by this micro-batch's forward, [b, s] each
     sums = torch.stack([loss_sum.detach()] + [(stats[name].float() * mask).sum()
                                               for name in ("ce", "entropy", "topk_mass")]
@@ -37,8 +41,10 @@ def loss_function(loss_mask, module, output_tensor):
 
 def forward_step(data_iterator, chunk, module):
     batch = next(data_iterator)
+    # the fused head takes the loss mask, to form its gradients during the forward
+    mask = {"loss_mask": batch["loss_mask"]} if module.fused_output_loss else {}
     output = chunk(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
-                   labels=batch["labels"])
+                   labels=batch["labels"], **mask)
     return output, partial(loss_function, batch["loss_mask"], module)
 
 

@@ -12,7 +12,7 @@ from megatron_ntp.loss import (
 )
 from megatron_ntp.loss import passes
 from megatron_ntp.loss import cpu_first_k
-from megatron_ntp.loss.topk import shard_topk
+from megatron_ntp.loss.topk import block_topk, shard_topk
 from tests.loss.cases import SETTINGS, HostSyncTrap, make_inputs, tied_bf16_logits
 
 
@@ -170,9 +170,12 @@ def test_eager_passes_equal_compiled():
 
 
 @pytest.mark.parametrize("selection", ["cpu_scan", "keys"])
-@pytest.mark.parametrize("vocab, k", [(5000, 1), (5000, 37), (4099, 20), (300, 100), (50, 80)])
+@pytest.mark.parametrize("vocab, k", [(5000, 1), (5000, 37), (4099, 20), (300, 100), (50, 80),
+                                      (4096, 3), (4096, 40)])
 def test_shard_topk_is_the_first_k_under_the_tie_rule(vocab, k, selection):
-    """Equal to a stable sort, without a host sync: noise, heavy ties, +-0, -inf, constant rows."""
+    """Equal to a stable sort, without a host sync: noise, heavy ties, +-0, -inf, constant rows;
+    over the whole row and over the k blocks whose maxima rank first (blocks of 1, 2, 4, 8 or
+    64 entries here)."""
     impl = LossImpl(selection=selection, chunk_bytes=16 * vocab * 4)  # rows in chunks of 4
     gen = torch.Generator().manual_seed(vocab + k)
     noise = torch.randn(6, vocab, generator=gen)
@@ -183,12 +186,16 @@ def test_shard_topk_is_the_first_k_under_the_tie_rule(vocab, k, selection):
     signed_zeros[:, ::7] = 1.0
     for logits in (noise, noise.double(), ties, ties.masked_fill(ties < 0, float("-inf")),
                    torch.cat([ramp, ramp.flip(-1)]), zeros, signed_zeros):
-        with HostSyncTrap():
-            values, ids = shard_topk(logits, k, impl)
+        block = min(vocab & -vocab, 64)  # a power of two dividing the vocabulary
+        block_max = logits.view(logits.shape[0], -1, block).amax(-1)
         order = torch.sort(logits, dim=-1, descending=True, stable=True).indices
         want = order[:, : min(k, vocab)].sort(-1).values
-        assert torch.equal(ids, want)
-        assert torch.equal(values, logits.gather(-1, want))
+        for search in (lambda: shard_topk(logits, k, impl),  # the whole row
+                       lambda: block_topk(logits, block_max, block, k, impl)):  # k blocks
+            with HostSyncTrap():
+                values, ids = search()
+            assert torch.equal(ids, want)
+            assert torch.equal(values, logits.gather(-1, want))
 
 
 def test_cpu_scan_is_built_and_flags_nan_rows():

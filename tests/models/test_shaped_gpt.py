@@ -1,6 +1,7 @@
 """ShapedLossGPTModel against megatron-core's own GPTModel on the same weights and batch (one
 gloo rank): with the default knobs its per-token loss is megatron-core's cross-entropy; the
-fused head gives the unfused head's loss, statistics and gradients."""
+fused head gives the unfused head's loss, statistics and gradients, per token (backward
+recomputes the logits) and as the masked sum (gradients formed during the forward)."""
 
 import torch
 
@@ -46,19 +47,33 @@ def _compare(rank, world_size):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(shaped.loss_stats["ce"], expected, rtol=1e-5, atol=1e-5)
 
+    mask = torch.rand(BATCH, SEQ, generator=torch.Generator().manual_seed(1)) > 0.25
     losses = {}
-    for name, model in (("unfused", unfused), ("fused", fused)):
-        loss = model(*inputs, labels=labels)
-        loss.sum().backward()
-        losses[name] = (loss.detach(), dict(model.loss_stats),
+    for name, model, mask_kwargs in (("unfused", unfused, {}), ("fused", fused, {}),
+                                     ("fused sum", fused, {"loss_mask": mask})):
+        model.zero_grad()
+        output = model(*inputs, labels=labels, **mask_kwargs)
+        if mask_kwargs:  # the fused head's masked sum, gradients formed during the forward
+            assert model.loss_is_summed and output.shape == ()
+            output.backward()
+            loss = model.loss_stats["loss"]
+            torch.testing.assert_close(output, (loss * mask).sum(), rtol=1e-5, atol=1e-5)
+        else:  # per-token loss; the fused head's backward recomputes the logits
+            assert not model.loss_is_summed and output.shape == (BATCH, SEQ)
+            (output * mask).sum().backward()
+            loss = output.detach()
+        losses[name] = (loss, dict(model.loss_stats),
                         {n: p.grad.clone() for n, p in model.named_parameters()})
-    (loss_u, stats_u, grads_u), (loss_f, stats_f, grads_f) = losses["unfused"], losses["fused"]
+    loss_u, stats_u, grads_u = losses["unfused"]
     assert not torch.allclose(loss_u, stats_u["ce"])  # the knobs are in effect
-    torch.testing.assert_close(loss_f, loss_u, rtol=1e-5, atol=1e-6)
-    for key in ("ce", "entropy", "topk_mass"):
-        torch.testing.assert_close(stats_f[key], stats_u[key], rtol=1e-5, atol=1e-6)
-    for name, grad in grads_u.items():
-        torch.testing.assert_close(grads_f[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    for name in ("fused", "fused sum"):
+        loss_f, stats_f, grads_f = losses[name]
+        torch.testing.assert_close(loss_f, loss_u, rtol=1e-5, atol=1e-6, msg=name)
+        for key in ("ce", "entropy", "topk_mass"):
+            torch.testing.assert_close(stats_f[key], stats_u[key], rtol=1e-5, atol=1e-6)
+        for param, grad in grads_u.items():
+            torch.testing.assert_close(grads_f[param], grad, rtol=1e-4, atol=1e-6,
+                                       msg=f"{name} {param}")
     parallel_state.destroy_model_parallel()
 
 

@@ -123,7 +123,7 @@ def test_step_metric_reduction_under_the_meta_guard():
     mask = torch.rand(BATCH, SEQ, generator=generator) > 0.3
 
     def run():
-        module = type("Module", (), {"loss_stats": stats})()
+        module = type("Module", (), {"loss_stats": stats, "loss_is_summed": False})()
         total, tokens, report = loss_function(mask, module, per_token)
         sums = reduce_sums([report, report])
         return total, tokens, sums, per_token_metrics(sums)

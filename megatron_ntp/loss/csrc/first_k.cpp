@@ -122,6 +122,58 @@ std::vector<torch::Tensor> first_k(torch::Tensor values, int64_t k) {
   return {out_values, out_positions, ok};
 }
 
+// first_k_in_blocks(values [N, C], blocks [N, nb] ascending, block, k): first_k over only the
+// listed blocks of `block` consecutive entries of each row (their concatenation, which keeps
+// position order); positions are those of the row. Each row's blocks are copied into a
+// thread-local buffer (nb * block entries, cache-resident) and scanned there.
+std::vector<torch::Tensor> first_k_in_blocks(torch::Tensor values, torch::Tensor blocks,
+                                             int64_t block, int64_t k) {
+  TORCH_CHECK(values.dim() == 2 && values.is_contiguous() && values.device().is_cpu(),
+              "first_k_in_blocks: values must be a contiguous [N, C] CPU tensor");
+  TORCH_CHECK(blocks.dim() == 2 && blocks.is_contiguous() && blocks.scalar_type() == torch::kLong
+              && blocks.size(0) == values.size(0),
+              "first_k_in_blocks: blocks must be a contiguous int64 [N, nb] tensor");
+  const int64_t n = values.size(0), c = values.size(1), nb = blocks.size(1);
+  const int64_t width = nb * block;
+  TORCH_CHECK(block >= 1 && c % block == 0, "first_k_in_blocks: block must divide C");
+  TORCH_CHECK(k >= 1 && k <= width, "first_k_in_blocks: need 1 <= k <= nb * block");
+  auto out_values = torch::empty({n, k}, values.options());
+  auto out_positions = torch::empty({n, k}, values.options().dtype(torch::kLong));
+  auto ok = torch::empty({n}, values.options().dtype(torch::kBool));
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "first_k_in_blocks", [&] {
+    const scalar_t* x = values.data_ptr<scalar_t>();
+    const int64_t* bl = blocks.data_ptr<int64_t>();
+    scalar_t* ov = out_values.data_ptr<scalar_t>();
+    int64_t* op = out_positions.data_ptr<int64_t>();
+    bool* row_ok = ok.data_ptr<bool>();
+    const int64_t num = num_blocks(width, k);
+    at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
+      std::vector<Entry<scalar_t>> buf(4 * k + kBlock);
+      std::vector<scalar_t> maxima(num);
+      std::vector<scalar_t> row(width);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t* row_blocks = bl + r * nb;
+        bool valid = true;
+        for (int64_t b = 0; b < nb; ++b) {
+          const int64_t start = row_blocks[b] * block;
+          valid &= start >= 0 && start + block <= c;
+          if (valid) std::copy(x + r * c + start, x + r * c + start + block, row.data() + b * block);
+        }
+        row_ok[r] = valid && row_first_k(row.data(), width, k, buf.data(), maxima.data(), num,
+                                         ov + r * k, op + r * k);
+        if (!row_ok[r]) continue;
+        for (int64_t i = 0; i < k; ++i) {  // buffer position -> row position
+          const int64_t p = op[r * k + i];
+          op[r * k + i] = row_blocks[p / block] * block + p % block;
+        }
+      }
+    });
+  });
+  return {out_values, out_positions, ok};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("first_k", &first_k, "first k entries per row under (value desc, position asc)");
+  m.def("first_k_in_blocks", &first_k_in_blocks,
+        "first_k over the listed blocks of each row, positions in the row");
 }
