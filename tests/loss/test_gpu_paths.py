@@ -13,6 +13,9 @@ from megatron_ntp.loss import (
 from megatron_ntp.loss import passes
 from tests.loss.cases import SETTINGS, HostSyncTrap, make_inputs
 
+VOCAB = 1024
+
+
 def test_trap_catches_syncs():
     x = torch.ones(3)
     for sync in (lambda: x.sum().item(), lambda: bool(x.any()), lambda: x.nonzero(),
@@ -22,10 +25,11 @@ def test_trap_catches_syncs():
 
 
 def _inputs():
-    """CPU inputs of _run_both_paths: logits, target, hidden states, output weight."""
-    logits, target = make_inputs(600, seed=3, dtype=torch.float32, shape=(3, 5))
+    """CPU inputs of _run_both_paths: logits, target, hidden states, output weight. V = 1024:
+    blocks of 128, so k = 5 searches 5 of the 8 blocks (k = 100: the whole row)."""
+    logits, target = make_inputs(VOCAB, seed=3, dtype=torch.float32, shape=(3, 5))
     gen = torch.Generator().manual_seed(1)
-    return logits, target, torch.randn(3, 5, 8, generator=gen), torch.randn(600, 8, generator=gen)
+    return logits, target, torch.randn(3, 5, 8, generator=gen), torch.randn(VOCAB, 8, generator=gen)
 
 
 def _backward(loss, outputs=4):
@@ -58,7 +62,7 @@ def test_gpu_path_has_no_host_sync(name):
     inputs = _inputs()
     want = _run_both_paths(LossImpl(selection="cpu_scan"), SETTINGS[name], inputs)
     for passes_impl in ("eager", "compiled"):
-        impl = LossImpl(selection="keys", passes=passes_impl, chunk_bytes=16 * 600 * 4)
+        impl = LossImpl(selection="keys", passes=passes_impl, chunk_bytes=16 * VOCAB * 4)
         with HostSyncTrap():
             got = _run_both_paths(impl, SETTINGS[name], inputs)
         for g, w in zip(got, want):
