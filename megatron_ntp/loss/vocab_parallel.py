@@ -141,7 +141,8 @@ class ShardForward:
         self.vocab_start = vocab_start
 
         with record_function(STAGE_LABELS[0]):
-            packed = self._shard_stage(logits, cfg, vocab_start, world)
+            # stage 1 views rows as blocks: a strided shard is copied (the caller's is not)
+            packed = self._shard_stage(logits.contiguous(), cfg, vocab_start, world)
         k_local = (packed.shape[-1] - 4) // 2
         with record_function(STAGE_LABELS[1]):
             gathered = _all_gather(packed, tp_group, world)  # [world, N, 4 + 2k']
@@ -266,6 +267,7 @@ class _VocabParallelShapedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, cfg, tp_group, overwrite_logits, impl):
         shard = logits.detach().reshape(-1, logits.shape[-1]).to(compute_dtype_for(logits.dtype))
+        shard = shard.contiguous()  # [N, V_local]; stage 1 views rows as blocks
         ctx.fwd = ShardForward(shard, target.reshape(-1), cfg, tp_group, impl)
         # Stage 4 runs in backward, from the logits: a converted copy is kept as is (it is ours),
         # the caller's tensor through save_for_backward (autograd checks it is not modified).
