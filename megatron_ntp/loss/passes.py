@@ -30,6 +30,8 @@ from megatron_ntp.loss.impl import LossImpl
 EAGER_BYTES_PER_ENTRY = 16  # the eager passes hold about four fp32 [rows, V_local] temporaries
 MAX_BLOCK = 128  # entries per block of the exp-sums pass (measured: 64-256 alike on CPU)
 MIN_BLOCK = 16  # below this, blocks cost more than they save: one block per row
+# the exp-sums pass's temporaries per block: its three outputs and their rescaling (fp32)
+EXP_SUMS_BYTES_PER_BLOCK = 32
 
 
 def block_size(vocab_local: int) -> int:

@@ -120,6 +120,15 @@ def shard_topk(logits: torch.Tensor, k: int, impl: LossImpl):
     return logits.gather(-1, positions), positions
 
 
+def block_topk_bytes_per_row(logits: torch.Tensor, block: int, k: int, impl: LossImpl) -> int:
+    """Temporaries of block_topk per row: none beyond [k] outputs for the CPU scan (it reads
+    the blocks where they lie); the keys selection gathers the k blocks (values, int64 keys
+    and ids: 20 bytes per entry)."""
+    if k == 0 or selection_for(logits, impl) == "cpu_scan":
+        return 0
+    return 20 * k * block
+
+
 def block_topk(logits: torch.Tensor, block_max: torch.Tensor, block: int, k: int,
                impl: LossImpl):
     """shard_topk searching only the k blocks with the first maxima (module docstring).

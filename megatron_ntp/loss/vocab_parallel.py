@@ -34,7 +34,7 @@ from megatron_ntp.loss import passes
 from megatron_ntp.loss.config import ShapedLossConfig
 from megatron_ntp.loss.impl import LossImpl, resolve
 from megatron_ntp.loss.token_terms import combine_token_sums
-from megatron_ntp.loss.topk import block_topk, is_member, kth_threshold, selection_for
+from megatron_ntp.loss.topk import block_topk, block_topk_bytes_per_row, is_member, kth_threshold
 
 # torch.profiler labels of the stages (benchmarks/loss_bench.py reads them); free when no
 # profiler runs
@@ -184,10 +184,8 @@ class ShardForward:
         vocab_local = logits.shape[-1]
         block = passes.block_size(vocab_local)
         k = min(cfg.topk, vocab_local)
-        # per row: the block sums and their rescaling (~8 fp32 values per block), and, for the
-        # keys selection, the k blocks gathered for the top k (values, int64 keys and ids)
-        gathered_blocks = 0 if selection_for(logits, self.impl) == "cpu_scan" else k * block
-        bytes_per_row = 32 * (vocab_local // block) + 20 * gathered_blocks
+        bytes_per_row = (passes.EXP_SUMS_BYTES_PER_BLOCK * (vocab_local // block)
+                         + block_topk_bytes_per_row(logits, block, k, self.impl))
         chunks = [self._shard_rows(logits[rows], k, block)
                   for rows in _row_chunks(logits.shape[0], bytes_per_row, self.impl,
                                           logits.device)]
@@ -267,7 +265,6 @@ class _VocabParallelShapedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, cfg, tp_group, overwrite_logits, impl):
         shard = logits.detach().reshape(-1, logits.shape[-1]).to(compute_dtype_for(logits.dtype))
-        shard = shard.contiguous()  # [N, V_local]; stage 1 views rows as blocks
         ctx.fwd = ShardForward(shard, target.reshape(-1), cfg, tp_group, impl)
         # Stage 4 runs in backward, from the logits: a converted copy is kept as is (it is ours),
         # the caller's tensor through save_for_backward (autograd checks it is not modified).

@@ -96,6 +96,13 @@ bool row_first_k(const T* x, int64_t c, int64_t k, Entry<T>* buf, T* maxima, int
   return true;
 }
 
+// The outputs of both entry points for n rows: values [n, k], positions [n, k], ok [n].
+std::vector<torch::Tensor> empty_outputs(const torch::Tensor& values, int64_t n, int64_t k) {
+  return {torch::empty({n, k}, values.options()),
+          torch::empty({n, k}, values.options().dtype(torch::kLong)),
+          torch::empty({n}, values.options().dtype(torch::kBool))};
+}
+
 }  // namespace
 
 std::vector<torch::Tensor> first_k(torch::Tensor values, int64_t k) {
@@ -103,14 +110,12 @@ std::vector<torch::Tensor> first_k(torch::Tensor values, int64_t k) {
               "first_k: values must be a contiguous [N, C] CPU tensor");
   const int64_t n = values.size(0), c = values.size(1);
   TORCH_CHECK(k >= 1 && k <= c, "first_k: need 1 <= k <= C, got k=", k, ", C=", c);
-  auto out_values = torch::empty({n, k}, values.options());
-  auto out_positions = torch::empty({n, k}, values.options().dtype(torch::kLong));
-  auto ok = torch::empty({n}, values.options().dtype(torch::kBool));
+  auto outputs = empty_outputs(values, n, k);
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "first_k", [&] {
     const scalar_t* x = values.data_ptr<scalar_t>();
-    scalar_t* ov = out_values.data_ptr<scalar_t>();
-    int64_t* op = out_positions.data_ptr<int64_t>();
-    bool* row_ok = ok.data_ptr<bool>();
+    scalar_t* ov = outputs[0].data_ptr<scalar_t>();
+    int64_t* op = outputs[1].data_ptr<int64_t>();
+    bool* row_ok = outputs[2].data_ptr<bool>();
     const int64_t nb = num_blocks(c, k);
     at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
       std::vector<Entry<scalar_t>> buf(4 * k + kBlock);
@@ -119,7 +124,7 @@ std::vector<torch::Tensor> first_k(torch::Tensor values, int64_t k) {
         row_ok[r] = row_first_k(x + r * c, c, k, buf.data(), maxima.data(), nb, ov + r * k, op + r * k);
     });
   });
-  return {out_values, out_positions, ok};
+  return outputs;
 }
 
 // first_k_in_blocks(values [N, C], blocks [N, nb] ascending, block, k): first_k over only the
@@ -137,15 +142,13 @@ std::vector<torch::Tensor> first_k_in_blocks(torch::Tensor values, torch::Tensor
   const int64_t width = nb * block;
   TORCH_CHECK(block >= 1 && c % block == 0, "first_k_in_blocks: block must divide C");
   TORCH_CHECK(k >= 1 && k <= width, "first_k_in_blocks: need 1 <= k <= nb * block");
-  auto out_values = torch::empty({n, k}, values.options());
-  auto out_positions = torch::empty({n, k}, values.options().dtype(torch::kLong));
-  auto ok = torch::empty({n}, values.options().dtype(torch::kBool));
+  auto outputs = empty_outputs(values, n, k);
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "first_k_in_blocks", [&] {
     const scalar_t* x = values.data_ptr<scalar_t>();
     const int64_t* bl = blocks.data_ptr<int64_t>();
-    scalar_t* ov = out_values.data_ptr<scalar_t>();
-    int64_t* op = out_positions.data_ptr<int64_t>();
-    bool* row_ok = ok.data_ptr<bool>();
+    scalar_t* ov = outputs[0].data_ptr<scalar_t>();
+    int64_t* op = outputs[1].data_ptr<int64_t>();
+    bool* row_ok = outputs[2].data_ptr<bool>();
     const int64_t num = num_blocks(width, k);
     at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
       std::vector<Entry<scalar_t>> buf(4 * k + kBlock);
@@ -169,7 +172,7 @@ std::vector<torch::Tensor> first_k_in_blocks(torch::Tensor values, torch::Tensor
       }
     });
   });
-  return {out_values, out_positions, ok};
+  return outputs;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
