@@ -58,8 +58,8 @@ def first_k(values: torch.Tensor, k: int):
     return _extension().first_k(values.contiguous(), k)
 
 
-def first_k_in_blocks(values: torch.Tensor, blocks: torch.Tensor, block: int, k: int):
-    """first_k over only the listed blocks of each row: values [N, C] (CPU), blocks [N, nb]
-    ascending block indices, blocks of `block` entries -> (values [N, k], positions [N, k]
-    ascending, in the row, ok [N] bool)."""
-    return _extension().first_k_in_blocks(values.contiguous(), blocks.contiguous(), block, k)
+def first_k_by_block_max(values: torch.Tensor, block_max: torch.Tensor, block: int, k: int):
+    """first_k, scanning only the blocks that can hold the first k: values [N, C] (CPU),
+    block_max [N, C / block] the max of each block of `block` consecutive entries (NaN where the
+    block holds one) -> (values [N, k], positions [N, k] ascending, ok [N] bool)."""
+    return _extension().first_k_by_block_max(values.contiguous(), block_max.contiguous(), block, k)

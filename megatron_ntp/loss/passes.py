@@ -32,6 +32,7 @@ MAX_BLOCK = 128  # entries per block of the exp-sums pass (measured: 64-256 alik
 MIN_BLOCK = 16  # below this, blocks cost more than they save: one block per row
 # the exp-sums pass's temporaries per block: its three outputs and their rescaling (fp32)
 EXP_SUMS_BYTES_PER_BLOCK = 32
+EXP_SUMS_BYTES_PER_SELECT_BLOCK = 4  # the select maxima (fp32)
 
 
 def block_size(vocab_local: int) -> int:
@@ -61,14 +62,17 @@ def rescale_partial_sums(maxima: torch.Tensor, sums: torch.Tensor, sums_logit: t
             (rescale * (sums_logit + offset * sums)).sum(-1))
 
 
-def _block_sums(logits, block: int):
-    """[N, V_local] -> block max, sum e, sum e * (z - max), each [N, V_local / block]."""
-    blocks = logits.reshape(-1, block)  # [N * V_local / block, block]
-    block_max = blocks.amax(-1)
-    shifted = blocks - torch.where(block_max > float("-inf"), block_max, 0.0)[:, None]
+def _block_sums(logits, block: int, select_block: int):
+    """[N, V_local] -> the max of each select block [N, V_local / select_block], and per block
+    sum e and sum e * (z - max) [N, V_local / block] each (select_block divides block)."""
+    rows = logits.shape[0]
+    select_max = logits.reshape(-1, block // select_block, select_block).amax(-1)
+    block_max = select_max.amax(-1)  # [N * V_local / block]
+    shifted = (logits.reshape(-1, block)
+               - torch.where(block_max > float("-inf"), block_max, 0.0)[:, None])
     e = torch.exp(shifted)
-    sums = (block_max, e.sum(-1), torch.where(e > 0, e * shifted, 0.0).sum(-1))
-    return tuple(value.view(logits.shape[0], -1) for value in sums)
+    return (select_max.view(rows, -1), block_max.view(rows, -1), e.sum(-1).view(rows, -1),
+            torch.where(e > 0, e * shifted, 0.0).sum(-1).view(rows, -1))
 
 
 def _gradient(logits, log_normalizer, coef):
@@ -81,21 +85,18 @@ def _gradient_inplace(logits, log_normalizer, coef):
 
 
 @functools.cache
-def _compiled(fn, block: int | None = None):
-    if block is None:
-        return torch.compile(fn, dynamic=True)
-    # the block size is a constant of the compiled loop; only the number of rows is dynamic
-    return torch.compile(functools.partial(fn, block=block), dynamic=True)
+def _compiled(fn, **constants):
+    # the block sizes are constants of the compiled loop; only the number of rows is dynamic
+    return torch.compile(functools.partial(fn, **constants), dynamic=True)
 
 
-def _run(fn, impl: LossImpl, logits, *args, block=None):
+def _run(fn, impl: LossImpl, logits, *args, **constants):
     """Run a pass compiled, or eagerly over row chunks of impl.chunk_bytes."""
     if impl.passes != "eager":
-        return _compiled(fn, block)(logits, *args)
-    keywords = {} if block is None else {"block": block}
+        return _compiled(fn, **constants)(logits, *args)
     rows = impl.rows_per_chunk(EAGER_BYTES_PER_ENTRY * logits.shape[-1], logits.device)
     outputs = [
-        fn(logits[start : start + rows], *(a[start : start + rows] for a in args), **keywords)
+        fn(logits[start : start + rows], *(a[start : start + rows] for a in args), **constants)
         for start in range(0, logits.shape[0], rows)
     ]
     if outputs[0] is None:
@@ -105,15 +106,17 @@ def _run(fn, impl: LossImpl, logits, *args, block=None):
     return torch.cat(outputs)
 
 
-def exp_sums(logits, block: int, impl: LossImpl):
-    """Stage 1's one read of the shard: (block maxima [N, V_local / block], m [N], sums [N, 2])
-    with m the row max, sums S = sum exp(z - m) and T = sum exp(z - m) (z - m). A shard that is
-    -inf everywhere gets m = -inf and sums 0; NaN or +inf logits make m or S NaN, which stage 3
-    refuses."""
-    block_max, block_sum, block_sum_logit = _run(_block_sums, impl, logits, block=block)
+def exp_sums(logits, block: int, select_block: int, impl: LossImpl):
+    """Stage 1's one read of the shard: (select maxima [N, V_local / select_block], m [N],
+    sums [N, 2]): the max of each block of select_block entries (for the top-k search; it
+    divides `block`), m the row max, sums S = sum exp(z - m) and T = sum exp(z - m) (z - m).
+    A shard that is -inf everywhere gets m = -inf and sums 0; NaN or +inf logits make m or S
+    NaN, which stage 3 refuses."""
+    select_max, block_max, block_sum, block_sum_logit = _run(
+        _block_sums, impl, logits, block=block, select_block=select_block)
     logit_max, sum_exp, sum_exp_logit = rescale_partial_sums(block_max, block_sum,
                                                              block_sum_logit)
-    return block_max, logit_max, torch.stack([sum_exp, sum_exp_logit], dim=-1)
+    return select_max, logit_max, torch.stack([sum_exp, sum_exp_logit], dim=-1)
 
 
 def gradient(logits, log_normalizer, coef, inplace: bool, impl: LossImpl):

@@ -17,8 +17,10 @@ Two selections give the same K (LossImpl.selection):
   - "cpu_scan" (CPU): the compiled scan of megatron_ntp/loss/cpu_first_k.py.
 Within a shard, the top k lies within the k blocks of B consecutive entries whose maxima rank
 first (ranking blocks by (max descending, block index ascending) is ranking them by their best
-entry: a token outside those blocks has k better tokens, the blocks' best); stage 1 has the
-block maxima already, so only those k * B entries are searched (`block_topk`), not the row.
+entry: a token outside those blocks has k better tokens, the blocks' best); stage 1 provides
+the block maxima (B from `select_block_size`), so only about k * B entries are searched
+(`block_topk`), not the row. The CPU scan takes the k-th largest block max as a lower bound of
+the k-th value and scans every block whose max reaches it (the same blocks, ties included).
 Across shards, the global top k lies within the union of the shards' top k, which are
 all-gathered (k values and ids per rank and token: O(k * TP) communication).
 """
@@ -30,6 +32,8 @@ from megatron_ntp.loss.impl import LossImpl
 
 ID_BITS = 32  # token ids < 2**32 sit in the low half of a key
 ID_MASK = (1 << ID_BITS) - 1
+SELECT_BLOCKS_PER_K = 16  # select_block_size: blocks per row per member of K, at least
+MIN_SELECT_BLOCK = 16
 
 
 def order_preserving_int(values: torch.Tensor) -> torch.Tensor:
@@ -120,6 +124,19 @@ def shard_topk(logits: torch.Tensor, k: int, impl: LossImpl):
     return logits.gather(-1, positions), positions
 
 
+def select_block_size(vocab_local: int, block: int, k: int) -> int:
+    """The blocks whose maxima stage 1 provides for the search (a power of two dividing
+    `block`): the largest one that still gives SELECT_BLOCKS_PER_K * k blocks per row, but at
+    least MIN_SELECT_BLOCK entries (a 64-byte cache line of fp32). Smaller blocks mean fewer
+    entries to search (k blocks of them) and more maxima to select among; measured on CPU at
+    k = 100: 64 at V_local = 151,936 and 16 at 8192 fastest. k = 0: `block` (no search)."""
+    select = block
+    while (k > 0 and select > MIN_SELECT_BLOCK and select % 2 == 0
+           and vocab_local // select < SELECT_BLOCKS_PER_K * k):
+        select //= 2
+    return select
+
+
 def block_topk_bytes_per_row(logits: torch.Tensor, block: int, k: int, impl: LossImpl) -> int:
     """Temporaries of block_topk per row: none beyond [k] outputs for the CPU scan (it reads
     the blocks where they lie); the keys selection gathers the k blocks (values, int64 keys
@@ -137,13 +154,14 @@ def block_topk(logits: torch.Tensor, block_max: torch.Tensor, block: int, k: int
     consecutive entries (NaN where the block holds one). Returns values [N, k'] and local ids
     [N, k'] (ascending), k' = min(k, V_local), equal to shard_topk(logits, k, impl).
     """
+    k = min(k, logits.shape[-1])
+    if selection_for(logits, impl) == "cpu_scan":  # scans the blocks where they lie
+        values, positions, ok = cpu_first_k.first_k_by_block_max(logits, block_max, block, k)
+        return values.masked_fill(~ok[:, None], float("nan")), positions.masked_fill(~ok[:, None], 0)
     num_blocks = block_max.shape[-1]
     if k >= num_blocks:  # every block: the whole row
         return shard_topk(logits, k, impl)
     blocks = select_first_k(block_max, k, impl)  # [N, k] ascending block indices
-    if selection_for(logits, impl) == "cpu_scan":  # scans the blocks where they lie
-        values, positions, ok = cpu_first_k.first_k_in_blocks(logits, blocks, block, k)
-        return values.masked_fill(~ok[:, None], float("nan")), positions.masked_fill(~ok[:, None], 0)
     rows = logits.shape[0]
     index = blocks[:, :, None].expand(rows, k, block)  # a view: no [N, k * B] index is stored
     candidates = logits.view(rows, -1, block).gather(1, index).view(rows, k * block)

@@ -34,7 +34,8 @@ from megatron_ntp.loss import passes
 from megatron_ntp.loss.config import ShapedLossConfig
 from megatron_ntp.loss.impl import LossImpl, resolve
 from megatron_ntp.loss.token_terms import combine_token_sums
-from megatron_ntp.loss.topk import block_topk, block_topk_bytes_per_row, is_member, kth_threshold
+from megatron_ntp.loss.topk import (block_topk, block_topk_bytes_per_row, is_member,
+                                   kth_threshold, select_block_size)
 
 # torch.profiler labels of the stages (benchmarks/loss_bench.py reads them); free when no
 # profiler runs
@@ -184,9 +185,11 @@ class ShardForward:
         vocab_local = logits.shape[-1]
         block = passes.block_size(vocab_local)
         k = min(cfg.topk, vocab_local)
+        select_block = select_block_size(vocab_local, block, k)
         bytes_per_row = (passes.EXP_SUMS_BYTES_PER_BLOCK * (vocab_local // block)
-                         + block_topk_bytes_per_row(logits, block, k, self.impl))
-        chunks = [self._shard_rows(logits[rows], k, block)
+                         + passes.EXP_SUMS_BYTES_PER_SELECT_BLOCK * (vocab_local // select_block)
+                         + block_topk_bytes_per_row(logits, select_block, k, self.impl))
+        chunks = [self._shard_rows(logits[rows], k, block, select_block)
                   for rows in _row_chunks(logits.shape[0], bytes_per_row, self.impl,
                                           logits.device)]
         shard_max, shard_sums, values, local_ids = (torch.cat(parts) for parts in zip(*chunks))
@@ -196,11 +199,12 @@ class ShardForward:
         pack_dtype = _pack_dtype(logits.dtype, vocab_local * world)
         return torch.cat([p.to(pack_dtype) for p in pieces], dim=-1)
 
-    def _shard_rows(self, logits, k, block):
+    def _shard_rows(self, logits, k, block, select_block):
         """Stage 1 on some rows: max [n], sums [n, 2], candidates [n, k] and local ids [n, k]."""
-        block_max, shard_max, shard_sums = passes.exp_sums(logits, block, self.impl)
+        select_max, shard_max, shard_sums = passes.exp_sums(logits, block, select_block,
+                                                            self.impl)
         if k > 0:
-            values, local_ids = block_topk(logits, block_max, block, k, self.impl)
+            values, local_ids = block_topk(logits, select_max, select_block, k, self.impl)
         else:  # K is empty: no candidates travel
             values = logits.new_empty(logits.shape[0], 0)
             local_ids = torch.empty_like(values, dtype=torch.int64)

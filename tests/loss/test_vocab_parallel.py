@@ -171,7 +171,7 @@ def test_eager_passes_equal_compiled():
 
 @pytest.mark.parametrize("selection", ["cpu_scan", "keys"])
 @pytest.mark.parametrize("vocab, k", [(5000, 1), (5000, 37), (4099, 20), (300, 100), (50, 80),
-                                      (4096, 3), (4096, 40)])
+                                      (4096, 3), (4096, 40), (8192, 100)])
 def test_shard_topk_is_the_first_k_under_the_tie_rule(vocab, k, selection):
     """Equal to a stable sort, without a host sync: noise, heavy ties, +-0, -inf, constant rows;
     over the whole row and over the k blocks whose maxima rank first (blocks of 1, 2, 4, 8 or
@@ -204,6 +204,9 @@ def test_cpu_scan_is_built_and_flags_nan_rows():
     assert cpu_first_k.available_for(logits)
     logits[2, 1234] = float("nan")
     assert cpu_first_k.first_k(logits, 10)[2].tolist() == [True, True, False, True]
+    block_max = logits.view(4, -1, 8).amax(-1)  # NaN in row 2's block 154
+    assert cpu_first_k.first_k_by_block_max(logits, block_max, 8, 10)[2].tolist() == [
+        True, True, False, True]
 
 
 def test_all_gather_dtype_keeps_token_ids_exact():
