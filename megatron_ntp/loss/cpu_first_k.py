@@ -1,7 +1,7 @@
 """The top-k selection on CPU: a compiled scan (csrc/first_k.cpp) instead of torch.topk.
 
 torch.topk on CPU partially sorts each row (~16 ns per entry); the scan bounds the k-th value
-by strided block maxima and then touches each entry about once (~1.5 ns), which is what keeps
+by strided block maxima and then touches each entry about once (~1 ns), which is what keeps
 the shaped loss near the cost of cross-entropy on CPU. Same set K, same tie rule (position
 ascending among equal values) as the "keys" selection in megatron_ntp/loss/topk.py (GPUs).
 
@@ -54,12 +54,12 @@ def available_for(values: torch.Tensor) -> bool:
 def first_k(values: torch.Tensor, k: int):
     """values [N, C] (CPU) -> (values [N, k], positions [N, k] ascending, ok [N] bool): each
     row's first k entries under (value descending, position ascending). A row holding NaN has
-    no such set: ok is False there and its values and positions are undefined."""
+    no such set: ok is False there, its values NaN and its positions 0..k-1."""
     return _extension().first_k(values.contiguous(), k)
 
 
 def first_k_by_block_max(values: torch.Tensor, block_max: torch.Tensor, block: int, k: int):
     """first_k, scanning only the blocks that can hold the first k: values [N, C] (CPU),
     block_max [N, C / block] the max of each block of `block` consecutive entries (NaN where the
-    block holds one) -> (values [N, k], positions [N, k] ascending, ok [N] bool)."""
+    block holds one) -> (values [N, k], positions [N, k] ascending, ok [N] bool), as first_k."""
     return _extension().first_k_by_block_max(values.contiguous(), block_max.contiguous(), block, k)

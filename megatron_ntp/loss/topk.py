@@ -32,7 +32,7 @@ from megatron_ntp.loss.impl import LossImpl
 
 ID_BITS = 32  # token ids < 2**32 sit in the low half of a key
 ID_MASK = (1 << ID_BITS) - 1
-SELECT_BLOCKS_PER_K = 16  # select_block_size: blocks per row per member of K, at least
+SELECT_BLOCKS_PER_K = 8  # select_block_size: blocks per row per member of K, at least
 MIN_SELECT_BLOCK = 16
 
 
@@ -76,11 +76,8 @@ def select_first_k(values: torch.Tensor, k: int, impl: LossImpl) -> torch.Tensor
     values: [N, C] with ids ascending along each row (so position order is id order); 1 <= k <= C.
     A row holding NaN gets some k positions (the caller refuses such rows after the all-gather).
     """
-    if selection_for(values, impl) == "cpu_scan":
-        _, positions, ok = cpu_first_k.first_k(values, k)
-        # a NaN row's positions are undefined: make them valid (ascending, in range)
-        first = torch.arange(k, device=values.device).expand_as(positions)
-        return torch.where(ok[:, None], positions, first)
+    if selection_for(values, impl) == "cpu_scan":  # a NaN row gets positions 0..k-1
+        return cpu_first_k.first_k(values, k)[1]
     rows = impl.rows_per_chunk(16 * values.shape[-1], values.device)  # int64 keys + topk's workspace
     return torch.cat([_first_k_keys(chunk, k) for chunk in values.split(rows)])
 
@@ -117,9 +114,8 @@ def shard_topk(logits: torch.Tensor, k: int, impl: LossImpl):
         gets NaN values, so that stage 3 refuses it on every rank after the all-gather.
     """
     k = min(k, logits.shape[1])
-    if selection_for(logits, impl) == "cpu_scan":
-        values, positions, ok = cpu_first_k.first_k(logits, k)
-        return values.masked_fill(~ok[:, None], float("nan")), positions.masked_fill(~ok[:, None], 0)
+    if selection_for(logits, impl) == "cpu_scan":  # a NaN row gets NaN values
+        return cpu_first_k.first_k(logits, k)[:2]
     positions = select_first_k(logits, k, impl)
     return logits.gather(-1, positions), positions
 
@@ -128,8 +124,9 @@ def select_block_size(vocab_local: int, block: int, k: int) -> int:
     """The blocks whose maxima stage 1 provides for the search (a power of two dividing
     `block`): the largest one that still gives SELECT_BLOCKS_PER_K * k blocks per row, but at
     least MIN_SELECT_BLOCK entries (a 64-byte cache line of fp32). Smaller blocks mean fewer
-    entries to search (k blocks of them) and more maxima to select among; measured on CPU at
-    k = 100: 64 at V_local = 151,936 and 16 at 8192 fastest. k = 0: `block` (no search)."""
+    entries to search (k blocks of them) and more maxima to select among; measured fastest on
+    CPU at k = 100: 128 at V_local = 151,936, 64 at 75,968 and 16 at 8192. k = 0: `block` (no
+    search)."""
     select = block
     while (k > 0 and select > MIN_SELECT_BLOCK and select % 2 == 0
            and vocab_local // select < SELECT_BLOCKS_PER_K * k):
@@ -156,8 +153,7 @@ def block_topk(logits: torch.Tensor, block_max: torch.Tensor, block: int, k: int
     """
     k = min(k, logits.shape[-1])
     if selection_for(logits, impl) == "cpu_scan":  # scans the blocks where they lie
-        values, positions, ok = cpu_first_k.first_k_by_block_max(logits, block_max, block, k)
-        return values.masked_fill(~ok[:, None], float("nan")), positions.masked_fill(~ok[:, None], 0)
+        return cpu_first_k.first_k_by_block_max(logits, block_max, block, k)[:2]
     num_blocks = block_max.shape[-1]
     if k >= num_blocks:  # every block: the whole row
         return shard_topk(logits, k, impl)

@@ -203,10 +203,12 @@ def test_cpu_scan_is_built_and_flags_nan_rows():
     logits = torch.randn(4, 3000)
     assert cpu_first_k.available_for(logits)
     logits[2, 1234] = float("nan")
-    assert cpu_first_k.first_k(logits, 10)[2].tolist() == [True, True, False, True]
     block_max = logits.view(4, -1, 8).amax(-1)  # NaN in row 2's block 154
-    assert cpu_first_k.first_k_by_block_max(logits, block_max, 8, 10)[2].tolist() == [
-        True, True, False, True]
+    for values, positions, ok in (cpu_first_k.first_k(logits, 10),
+                                  cpu_first_k.first_k_by_block_max(logits, block_max, 8, 10)):
+        assert ok.tolist() == [True, True, False, True]
+        assert values[2].isnan().all() and not values[[0, 1, 3]].isnan().any()
+        assert positions[2].tolist() == list(range(10))  # valid for a gather
 
 
 def test_all_gather_dtype_keeps_token_ids_exact():

@@ -2,15 +2,18 @@
 //
 // Per row, the first k entries under the total order (value descending, position ascending):
 // the same set K as megatron_ntp/loss/topk.py's torch path, without sorting or a partial sort
-// of the row (torch.topk on CPU costs ~16 ns per entry; this scan ~1.5 ns):
+// of the row (torch.topk on CPU costs ~16 ns per entry; this scan ~1 ns):
 //   1. a lower bound thr of the k-th largest value: the k-th largest of the maxima of nb >= k
 //      disjoint strided blocks {b, b + nb, b + 2 nb, ...} (k of those maxima are entries, so at
-//      least k entries are >= thr); one vectorised pass;
-//   2. one scan that appends (branch-free) every entry >= thr to a buffer, skipping blocks of 16
-//      entries that are all below thr; if ties make the buffer fill up, the best k are kept and
-//      later entries must then beat the k-th strictly (an equal later entry has a higher position);
-//   3. nth_element on the buffer (~k + a few entries) and a sort of the k survivors by position.
-// Rows with a NaN get ok = false (K is undefined). Rows run in parallel (at::parallel_for).
+//      least k entries are >= thr); one vectorised pass and a radix select among the maxima;
+//   2. one scan that tests 16 entries at a time against thr and appends only those that reach
+//      it, in position order; if ties make the buffer fill up, the first k are kept and later
+//      entries must then beat the k-th strictly (an equal later entry has a higher position);
+//   3. the k-th of the buffer (~k + a few entries) by radix select, then a filter that keeps
+//      the first k in position order (no sort).
+// first_k_by_block_max does the same with the bound taken from given block maxima, scanning
+// only the blocks that reach it. Rows with a NaN get ok = false (K is undefined), NaN values
+// and positions 0..k-1. Rows run in parallel (at::parallel_for).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -21,9 +24,32 @@
 #include <limits>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace {
 
-constexpr int64_t kBlock = 16;  // entries per skip test in the scan
+constexpr int64_t kBlock = 16;  // entries per reach test in the scan
+
+// Bit i set where x[i] >= t or x[i] is NaN, i < kBlock.
+template <typename T>
+inline uint32_t reach_mask(const T* x, T t) {
+  uint32_t mask = 0;
+  for (int64_t i = 0; i < kBlock; ++i) mask |= uint32_t(!(x[i] < t)) << i;
+  return mask;
+}
+
+#if defined(__SSE2__)
+template <>
+inline uint32_t reach_mask<float>(const float* x, float t) {
+  const __m128 threshold = _mm_set1_ps(t);
+  uint32_t mask = 0;
+  for (int q = 0; q < 4; ++q)  // "not less than": true for NaN too
+    mask |= uint32_t(_mm_movemask_ps(_mm_cmpnlt_ps(_mm_loadu_ps(x + 4 * q), threshold))) << (4 * q);
+  return mask;
+}
+#endif
 
 template <typename T>
 struct Entry {
@@ -53,22 +79,36 @@ inline float from_order_key(uint32_t key) {
 }
 
 // The k-th largest of values[0, n) (1 <= k <= n, no NaN); values is overwritten.
-// float: radix select on the order keys, one byte at a time from the top, keeping only the
-// keys in the k-th's bin (std::nth_element costs ~12 ns per entry on 512 floats; this ~2).
+// float: radix select on the order keys, 11 + 11 + 10 bits from the top, keeping only the keys
+// in the k-th's bin after each level; the bins are searched down from the largest key's
+// (std::nth_element costs ~12 ns per entry on 512 floats, this a few).
 inline float kth_largest_inplace(float* values, int64_t n, int64_t k) {
   uint32_t* keys = reinterpret_cast<uint32_t*>(values);
-  for (int64_t i = 0; i < n; ++i) keys[i] = order_key(values[i]);
+  uint32_t top = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    keys[i] = order_key(values[i]);
+    top = std::max(top, keys[i]);
+  }
+  constexpr int kShifts[3] = {21, 10, 0};
+  constexpr uint32_t kMasks[3] = {0x7FF, 0x7FF, 0x3FF};
+  uint32_t count[2048];
   uint32_t prefix = 0;
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    int64_t count[256] = {0};
-    for (int64_t i = 0; i < n; ++i) ++count[(keys[i] >> shift) & 0xFF];
-    uint32_t bin = 255;
+  for (int level = 0; level < 3; ++level) {
+    const int shift = kShifts[level];
+    const uint32_t mask = kMasks[level];
+    std::fill(count, count + mask + 1, 0u);
+    for (int64_t i = 0; i < n; ++i) ++count[(keys[i] >> shift) & mask];
+    // every remaining key shares the bits above `shift`, so none is above top's bin
+    uint32_t bin = (top >> shift) & mask;
     while (k > count[bin]) k -= count[bin--];  // the k-th largest lies in `bin`
     prefix |= bin << shift;
     int64_t m = 0;
+    top = 0;
     for (int64_t i = 0; i < n; ++i) {
       keys[m] = keys[i];
-      m += ((keys[i] >> shift) & 0xFF) == bin;
+      const bool in_bin = ((keys[i] >> shift) & mask) == bin;
+      m += in_bin;
+      top = std::max(top, in_bin ? keys[i] : 0u);
     }
     n = m;
   }
@@ -91,11 +131,19 @@ T lower_bound_of_kth(const T* x, int64_t c, int64_t k, T* maxima, int64_t nb) {
   return kth_largest_inplace(maxima, nb, k);
 }
 
+// A row without a first k (NaN): NaN values and positions 0..k-1 (valid, ascending).
+template <typename T>
+void fail_row(T* out_values, int64_t* out_positions, int64_t k) {
+  for (int64_t i = 0; i < k; ++i) {
+    out_values[i] = std::numeric_limits<T>::quiet_NaN();
+    out_positions[i] = i;
+  }
+}
+
 // Collects the entries >= thr of a row (thr a lower bound of its k-th value) and keeps the
 // first k of them under (value desc, position asc). Runs of entries are appended branch-free in
 // ascending position, and the buffer stays in position order (compaction filters it in place),
-// so the result needs no sort. buf has room for 4k + the longest run; scratch for 4k + that
-// run's values. If ties fill the buffer, the best k are kept and later entries must then beat
+// so the result needs no sort. buf and scratch have room for 4k + kBlock entries. If ties fill the buffer, the best k are kept and later entries must then beat
 // the k-th strictly (an equal later entry has a higher position).
 template <typename T>
 class Selector {
@@ -105,28 +153,48 @@ class Selector {
 
   T threshold() const { return thr_; }
 
-  // Appends x[begin:end) (positions begin..end-1) where >= thr; then compacts if full.
-  void append_run(const T* x, int64_t begin, int64_t end) {
-    // locals: the stores into buf_ could otherwise alias the members (an int64 position)
-    Entry<T>* buf = buf_;
-    const T thr = thr_;
-    const bool inclusive = inclusive_;
-    int64_t n = n_;
-    bool nan = false;
-    for (int64_t j = begin; j < end; ++j) {
-      const T v = x[j];
-      nan |= v != v;
-      buf[n] = {v, j};
-      n += (v > thr) | (inclusive & (v == thr));
+  // Appends the entries of x[begin:end) (positions begin..end-1) that are >= thr: each group of
+  // kBlock entries is tested at once and only its entries that reach thr are visited (about one
+  // per group in the blocks a search visits); compacts when full.
+  void scan(const T* x, int64_t begin, int64_t end) {
+    int64_t j = begin;
+    for (; j + kBlock <= end; j += kBlock) {
+      uint32_t mask = reach_mask(x + j, thr_);
+      if (mask == 0) continue;
+      // locals: the stores into buf_ could otherwise alias the members (an int64 position)
+      Entry<T>* buf = buf_;
+      const T thr = thr_;
+      const bool inclusive = inclusive_;
+      int64_t n = n_;
+      bool nan = false;
+      while (mask) {
+        const int64_t i = j + __builtin_ctz(mask);
+        mask &= mask - 1;
+        const T v = x[i];
+        nan |= v != v;
+        buf[n] = {v, i};
+        n += (v > thr) | (inclusive & (v == thr));
+      }
+      n_ = n;
+      nan_ |= nan;
+      if (n_ >= 4 * k_) keep_first_k();
     }
-    n_ = n;
-    nan_ |= nan;
+    for (; j < end; ++j) {
+      const T v = x[j];
+      nan_ |= v != v;
+      buf_[n_] = {v, j};
+      n_ += (v > thr_) | (inclusive_ & (v == thr_));
+    }
     if (n_ >= 4 * k_) keep_first_k();
   }
 
-  // Writes the k entries by ascending position; false for a row with NaN (K undefined).
+  // Writes the k entries by ascending position; false for a row with NaN (K undefined), which
+  // gets NaN values and positions 0..k-1.
   bool finish(T* out_values, int64_t* out_positions) {
-    if (nan_ || n_ < k_) return false;  // n >= k always holds without NaN
+    if (nan_ || n_ < k_) {  // n >= k always holds without NaN
+      fail_row(out_values, out_positions, k_);
+      return false;
+    }
     if (n_ > k_) keep_first_k();
     for (int64_t i = 0; i < k_; ++i) {
       out_values[i] = buf_[i].value;
@@ -174,16 +242,52 @@ bool row_first_k(const T* x, int64_t c, int64_t k, Entry<T>* buf, T* scratch, T*
   const T thr = c <= 4 * k ? -std::numeric_limits<T>::infinity()
                            : lower_bound_of_kth(x, c, k, maxima, nb);
   Selector<T> select(buf, scratch, k, thr);
-  int64_t j = 0;
-  for (; j + kBlock <= c; j += kBlock) {
-    const T t = select.threshold();
-    bool hit = false;
-    for (int64_t i = 0; i < kBlock; ++i) hit |= !(x[j + i] < t);  // >= thr, or NaN
-    if (hit) select.append_run(x, j, j + kBlock);
-  }
-  select.append_run(x, j, c);
+  select.scan(x, 0, c);
   return select.finish(out_values, out_positions);
 }
+
+// The blocks of one row that can hold its first k: those whose max reaches thr, the k-th
+// largest block max (k of the maxima are entries, so at least k entries are >= thr; a block
+// below thr holds none of them). About k blocks; they lie apart in a row that is usually no
+// longer in cache, so `pick` prefetches them all.
+template <typename T>
+struct PickedBlocks {
+  explicit PickedBlocks(int64_t nb) : blocks(nb), nb(nb) {}
+
+  void pick(const T* row, const T* row_max, int64_t block, int64_t k, T* maxima) {
+    nan = false;
+    for (int64_t b = 0; b < nb; ++b) nan |= row_max[b] != row_max[b];
+    if (nan) return;
+    std::copy(row_max, row_max + nb, maxima);
+    thr = kth_largest_inplace(maxima, nb, k);
+    count = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+      blocks[count] = b;
+      count += !(row_max[b] < thr);
+    }
+    constexpr int64_t kLineEntries = 64 / sizeof(T);
+    for (int64_t i = 0; i < count; ++i)
+      for (int64_t j = 0; j < block; j += kLineEntries) __builtin_prefetch(row + blocks[i] * block + j);
+  }
+
+  // first_k of the row from its picked blocks.
+  bool select(const T* row, const T* row_max, int64_t block, int64_t k, Entry<T>* buf,
+              T* scratch, T* out_values, int64_t* out_positions) const {
+    Selector<T> selector(buf, scratch, k, thr);
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t b = blocks[i];
+      if (row_max[b] >= selector.threshold())  // compaction may have raised it
+        selector.scan(row, b * block, (b + 1) * block);
+    }
+    return selector.finish(out_values, out_positions);
+  }
+
+  std::vector<int64_t> blocks;
+  int64_t nb;
+  int64_t count = 0;
+  T thr = 0;
+  bool nan = false;
+};
 
 // The outputs of the entry points for n rows: values [n, k], positions [n, k], ok [n].
 std::vector<torch::Tensor> empty_outputs(const torch::Tensor& values, int64_t n, int64_t k) {
@@ -245,43 +349,29 @@ std::vector<torch::Tensor> first_k_by_block_max(torch::Tensor values, torch::Ten
     bool* row_ok = outputs[2].data_ptr<bool>();
     const int64_t strided = num_blocks(c, k);
     at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
-      std::vector<Entry<scalar_t>> buf(4 * k + std::max(kBlock, block));
-      std::vector<scalar_t> scratch(4 * k + std::max(kBlock, block));
+      std::vector<Entry<scalar_t>> buf(4 * k + kBlock);
+      std::vector<scalar_t> scratch(4 * k + kBlock);
       std::vector<scalar_t> maxima(std::max(nb, strided));
-      std::vector<int64_t> picked(nb);
-      constexpr int64_t kLineEntries = 64 / sizeof(scalar_t);      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* row = x + r * c;
-        if (k >= nb) {
-          row_ok[r] = row_first_k(row, c, k, buf.data(), scratch.data(), maxima.data(), strided,
-                                  ov + r * k, op + r * k);
-          continue;
-        }
-        const scalar_t* row_max = bm + r * nb;
-        bool nan = false;
-        for (int64_t b = 0; b < nb; ++b) nan |= row_max[b] != row_max[b];
-        if (nan) {  // K is undefined; the caller refuses the row
+      if (k >= nb) {  // the maxima bound nothing: first_k
+        for (int64_t r = begin; r < end; ++r)
+          row_ok[r] = row_first_k(x + r * c, c, k, buf.data(), scratch.data(), maxima.data(),
+                                  strided, ov + r * k, op + r * k);
+        return;
+      }
+      // the next row's blocks are picked (and prefetched) before this row is scanned, so its
+      // cache misses overlap this row's work
+      PickedBlocks<scalar_t> current(nb), next(nb);
+      current.pick(x + begin * c, bm + begin * nb, block, k, maxima.data());
+      for (int64_t r = begin; r < end; ++r) {
+        if (r + 1 < end) next.pick(x + (r + 1) * c, bm + (r + 1) * nb, block, k, maxima.data());
+        if (current.nan) {  // K is undefined; the caller refuses the row
           row_ok[r] = false;
-          continue;
+          fail_row(ov + r * k, op + r * k, k);
+        } else {
+          row_ok[r] = current.select(x + r * c, bm + r * nb, block, k, buf.data(),
+                                     scratch.data(), ov + r * k, op + r * k);
         }
-        std::copy(row_max, row_max + nb, maxima.data());
-        const scalar_t thr = kth_largest_inplace(maxima.data(), nb, k);
-        // the blocks to scan (about k), prefetched all at once: they lie apart in a row that
-        // is usually no longer in cache, and one cache miss after another would dominate
-        int64_t num_picked = 0;
-        for (int64_t b = 0; b < nb; ++b) {
-          picked[num_picked] = b;
-          num_picked += !(row_max[b] < thr);
-        }
-        for (int64_t i = 0; i < num_picked; ++i)
-          for (int64_t j = 0; j < block; j += kLineEntries)
-            __builtin_prefetch(row + picked[i] * block + j);
-        Selector<scalar_t> select(buf.data(), scratch.data(), k, thr);
-        for (int64_t i = 0; i < num_picked; ++i) {
-          const int64_t b = picked[i];
-          if (row_max[b] >= select.threshold())  // compaction may have raised it
-            select.append_run(row, b * block, (b + 1) * block);
-        }
-        row_ok[r] = select.finish(ov + r * k, op + r * k);
+        std::swap(current, next);
       }
     });
   });
