@@ -16,11 +16,11 @@ megatron_ntp/loss/fused.py and megatron_ntp/loss/README.md:
      rescaled to m, the global K threshold from the k * TP candidates (K lies within them) and
      the K sums from the candidates alone, then the per-token algebra
      (megatron_ntp/loss/token_terms.py): loss, stats, W;
-  4. the gradient: one pass writes p_j * (W - lambda_tail) * g over the shard (g the incoming
-     per-token gradient), then scatters write the k' shard candidates (inside K: p_j *
-     (W - lambda_topk) * g) and the target (p_x W - w_x) * g. The unfused loss runs it in
-     backward, reading the logits it kept (no gradient pass at all without a wanted gradient);
-     the fused head runs it per chunk.
+  4. the gradient: one pass over the shard writes p_j * (W - lambda_topk) * g for members of K
+     (tested per entry from the threshold), p_j * (W - lambda_tail) * g for the rest and
+     (p_x W - w_x) * g at the target (g the incoming per-token gradient). The unfused loss runs
+     it in backward, reading the logits it kept (no gradient pass at all without a wanted
+     gradient); the fused head runs it per chunk.
 Backward: no collective. Communication per token: 4 + 2 * k' values per rank, never O(V).
 No host synchronisation anywhere on a GPU (CPU tensors raise on NaN at once, where syncing
 costs nothing).
@@ -125,7 +125,6 @@ class ShardForward:
     Attributes after construction (N = tokens):
         terms: TokenTerms of [N] tensors (global over the vocabulary).
         kth_value, kth_index: [N] threshold of K (global ids).
-        candidates: this shard's top k' (values, global ids), [N, k'] each.
         target_local: [N] target id local to this shard; target_here: [N] bool, target in shard.
     """
 
@@ -177,38 +176,33 @@ class ShardForward:
         return combine_token_sums(cfg, logit_max, sums, target_in_topk, valid)
 
     def _shard_stage(self, logits, cfg, vocab_start, world) -> torch.Tensor:
-        """Stage 1: [N, 4 + 2k'] (m_r, S_r, T_r, z_x or 0, k' candidate logits, k' global ids).
-        Keeps the candidates (self.candidates: values and global ids, [N, k'] each) for the
-        gradient's scatter. In row chunks whose block sums and candidates fit the budget."""
-        safe_local = torch.where(self.target_here, self.target_local, 0)[:, None]
-        target_logit = torch.where(self.target_here, logits.gather(-1, safe_local)[:, 0], 0.0)
+        """Stage 1: [N, 4 + 2k'] (m_r, S_r, T_r, z_x or 0, k' candidate logits, k' global ids),
+        each row chunk (whose block sums fit the budget) written straight into it."""
         vocab_local = logits.shape[-1]
         block = passes.block_size(vocab_local)
         k = min(cfg.topk, vocab_local)
         select_block = select_block_size(vocab_local, block, k)
+        packed = logits.new_empty(logits.shape[0], 4 + 2 * k,
+                                  dtype=_pack_dtype(logits.dtype, vocab_local * world))
+        safe_local = torch.where(self.target_here, self.target_local, 0)[:, None]
+        packed[:, 3] = torch.where(self.target_here, logits.gather(-1, safe_local)[:, 0], 0.0)
         bytes_per_row = (passes.EXP_SUMS_BYTES_PER_BLOCK * (vocab_local // block)
                          + passes.EXP_SUMS_BYTES_PER_SELECT_BLOCK * (vocab_local // select_block)
                          + block_topk_bytes_per_row(logits, select_block, k, self.impl))
-        chunks = [self._shard_rows(logits[rows], k, block, select_block)
-                  for rows in _row_chunks(logits.shape[0], bytes_per_row, self.impl,
-                                          logits.device)]
-        shard_max, shard_sums, values, local_ids = (torch.cat(parts) for parts in zip(*chunks))
-        self.candidates = values, local_ids + vocab_start
-        pieces = (shard_max[:, None], shard_sums, target_logit[:, None], values,
-                  self.candidates[1])
-        pack_dtype = _pack_dtype(logits.dtype, vocab_local * world)
-        return torch.cat([p.to(pack_dtype) for p in pieces], dim=-1)
+        for rows in _row_chunks(logits.shape[0], bytes_per_row, self.impl, logits.device):
+            self._shard_rows(logits[rows], k, block, select_block, vocab_start, packed[rows])
+        return packed
 
-    def _shard_rows(self, logits, k, block, select_block):
-        """Stage 1 on some rows: max [n], sums [n, 2], candidates [n, k] and local ids [n, k]."""
+    def _shard_rows(self, logits, k, block, select_block, vocab_start, out):
+        """Stage 1 on some rows, into out [n, 4 + 2k] (all but column 3, the target logit)."""
         select_max, shard_max, shard_sums = passes.exp_sums(logits, block, select_block,
                                                             self.impl)
-        if k > 0:
+        out[:, 0] = shard_max
+        out[:, 1:3] = shard_sums
+        if k > 0:  # else K is empty: no candidates travel
             values, local_ids = block_topk(logits, select_max, select_block, k, self.impl)
-        else:  # K is empty: no candidates travel
-            values = logits.new_empty(logits.shape[0], 0)
-            local_ids = torch.empty_like(values, dtype=torch.int64)
-        return shard_max, shard_sums, values, local_ids
+            out[:, 4 : 4 + k] = values
+            out[:, 4 + k :] = local_ids + vocab_start
 
     def gradient(self, logits: torch.Tensor, scale: torch.Tensor | None = None,
                  inplace: bool = False) -> torch.Tensor:
@@ -219,28 +213,13 @@ class ShardForward:
 
     def _gradient(self, logits, scale, inplace):
         terms = self.terms
-
-        def scaled(value):  # [N] or [N, c] per-token values times the incoming gradient
-            if scale is None:
-                return value
-            factor = scale.to(value.dtype)
-            return value * (factor if value.dim() == 1 else factor[:, None])
-
-        # every entry as if it were in the tail: p_j (W - lambda_tail)
-        grad = passes.gradient(logits, terms.log_normalizer, scaled(terms.tail_coef), inplace,
-                               self.impl)
-        values, ids = self.candidates  # [N, k']: every member of K in this shard is among them
-        if values.shape[-1] > 0:
-            member = is_member(values, ids, self.kth_value, self.kth_index)
-            coef = torch.where(member, terms.topk_coef[:, None], terms.tail_coef[:, None])
-            p = torch.exp(values - terms.log_normalizer[:, None])
-            grad.scatter_(-1, ids - self.vocab_start, scaled(p * coef).to(grad.dtype))
-        # the target entries (rows whose target is elsewhere rewrite their column 0)
-        column = torch.where(self.target_here, self.target_local, 0)[:, None]
-        target_grad = scaled(terms.target_grad)[:, None].to(grad.dtype)
-        grad.scatter_(-1, column, torch.where(self.target_here[:, None], target_grad,
-                                              grad.gather(-1, column)))
-        return grad
+        coefs = torch.stack([terms.tail_coef, terms.topk_coef, terms.target_grad], dim=-1)
+        if scale is not None:  # the incoming per-token gradient
+            coefs = coefs * scale.to(coefs.dtype)[:, None]
+        target_column = torch.where(self.target_here, self.target_local, -1)
+        return passes.gradient(logits, terms.log_normalizer, coefs.to(logits.dtype),
+                               self.kth_value.to(logits.dtype), self.kth_index - self.vocab_start,
+                               target_column, inplace, self.impl)
 
 
 def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
