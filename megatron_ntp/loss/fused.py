@@ -7,8 +7,8 @@ turned into the hidden-state gradient (matmul in the activation dtype) and the o
 gradient (fp32 accumulation):
 
 - fused_linear_shaped_loss: per-token loss, any per-token upstream gradient. Only per-token
-  scalars are kept; backward recomputes each chunk's logits (one more matmul). The model uses
-  it when its forward gets no loss mask.
+  scalars and the k' candidates are kept; backward recomputes each chunk's logits (one more
+  matmul). The model uses it when its forward gets no loss mask.
 - fused_linear_shaped_loss_sum: the per-token weights (e.g. the loss mask) are known at
   forward time and the loss is their weighted sum, so the gradients are formed during the
   forward, chunk by chunk, and backward only scales them (Liger's fused linear cross-entropy

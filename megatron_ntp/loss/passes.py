@@ -5,12 +5,11 @@
   to the row max (online-softmax rescaling at block granularity), so the row max and the sums
   come from ONE read of the logits (`exp_sums`). It is the only pass when no gradient is wanted
   (validation, eval).
-- The gradient pass (stage 4) reads the logits once more and writes every entry's gradient in
-  one loop (`gradient`): p_j times the coefficient of K or of the tail (membership of K tested
-  per entry from the [N] threshold, inside the loop), and the target's own value at its column;
-  no [N, V] mask is stored and no scatter follows. In the unfused loss it runs in backward with
-  the incoming per-token gradient folded into the coefficients: one pass where there used to
-  be two.
+- The gradient pass (stage 4) reads the logits once more and writes p_j * c in one loop, c the
+  per-token coefficient of the tail (`gradient`); the k' shard candidates of K and the target
+  entry are then written by scatters (megatron_ntp/loss/vocab_parallel.py), so no [N, V]
+  membership test or mask is ever formed. In the unfused loss it runs in backward with the
+  incoming per-token gradient folded into c: one pass where there used to be two.
 
 Written in plain torch: torch.compile fuses each pass into one loop (C++/OpenMP on CPU, Triton
 on GPU), so no [N, V] temporary is materialised; the block size B is a constant of the compiled
@@ -76,25 +75,13 @@ def _block_sums(logits, block: int, select_block: int):
             torch.where(e > 0, e * shifted, 0.0).sum(-1).view(rows, -1))
 
 
-def _gradient(logits, log_normalizer, coefs, kth_value, kth_column, target_column):
-    """[N, V_local]: d loss / d z_j for every entry of the shard, in one loop:
-    p_j * topk_coef for members of K, p_j * tail_coef for the rest, target_grad at the target.
-
-    p_j = exp(z_j - log_normalizer); coefs [N, 3] = (tail_coef, topk_coef, target_grad);
-    membership of K is the threshold test of megatron_ntp/loss/topk.py (z_j > kth_value, or
-    equal with column <= kth_column), evaluated per entry inside the loop (no mask is stored);
-    kth_column, target_column: [N] int64 columns of this shard (either may lie outside it,
-    e.g. -1: no entry of this shard is the target)."""
-    column = torch.arange(logits.shape[-1], device=logits.device)
-    kth_value = kth_value[:, None]
-    member = (logits > kth_value) | ((logits == kth_value) & (column <= kth_column[:, None]))
-    p = torch.exp(logits - log_normalizer[:, None])
-    grad = p * torch.where(member, coefs[:, 1:2], coefs[:, 0:1])
-    return torch.where(column == target_column[:, None], coefs[:, 2:3], grad)
+def _gradient(logits, log_normalizer, coef):
+    """[N, V_local]: p_j * coef, p_j = exp(z_j - log_normalizer); coef [N]."""
+    return torch.exp(logits - log_normalizer[:, None]) * coef[:, None]
 
 
-def _gradient_inplace(logits, *args):
-    logits.copy_(_gradient(logits, *args))
+def _gradient_inplace(logits, log_normalizer, coef):
+    logits.copy_(_gradient(logits, log_normalizer, coef))
 
 
 @functools.cache
@@ -132,11 +119,9 @@ def exp_sums(logits, block: int, select_block: int, impl: LossImpl):
     return select_max, logit_max, torch.stack([sum_exp, sum_exp_logit], dim=-1)
 
 
-def gradient(logits, log_normalizer, coefs, kth_value, kth_column, target_column,
-             inplace: bool, impl: LossImpl):
-    """Stage 4's pass (see _gradient for the arguments), into `logits` when inplace."""
-    args = (log_normalizer, coefs, kth_value, kth_column, target_column)
+def gradient(logits, log_normalizer, coef, inplace: bool, impl: LossImpl):
+    """Stage 4's pass: p_j * coef[row] for every entry, into `logits` when inplace."""
     if inplace:
-        _run(_gradient_inplace, impl, logits, *args)
+        _run(_gradient_inplace, impl, logits, log_normalizer, coef)
         return logits
-    return _run(_gradient, impl, logits, *args)
+    return _run(_gradient, impl, logits, log_normalizer, coef)
