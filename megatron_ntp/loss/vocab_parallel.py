@@ -101,7 +101,9 @@ def _topk_stage(gathered: torch.Tensor, logit_max: torch.Tensor, k_local: int, k
     kth_value, kth_index = kth_threshold(candidates, candidate_ids, k, impl)
     # K lies within the candidates, so its sums need no pass over the shard
     shifted = candidates - logit_max[:, None]
-    exp_topk = torch.exp(shifted) * is_member(candidates, candidate_ids, kth_value, kth_index)
+    exp_topk = torch.exp(shifted)
+    if k < world * k_local:  # else K is every candidate (e.g. TP 1)
+        exp_topk = exp_topk * is_member(candidates, candidate_ids, kth_value, kth_index)
     exp_logit_topk = torch.where(exp_topk > 0, exp_topk * shifted, 0.0)  # -inf members add 0
     return kth_value, kth_index, exp_topk.sum(-1), exp_logit_topk.sum(-1)
 
@@ -128,6 +130,8 @@ class ShardForward:
         kth_value, kth_index: [N] threshold of K (global ids).
         candidates: [N, 2k'] this shard's top k' logits, then their global ids (in the
             all-gather's dtype: a view of stage 1's buffer), for the gradient's scatter.
+        candidates_all_in_topk: whether K is every rank's every candidate (k >= TP * k', e.g.
+            at TP 1), so no membership test is needed.
         target_local: [N] target id local to this shard; target_here: [N] bool, target in shard.
     """
 
@@ -148,6 +152,7 @@ class ShardForward:
             packed = self._shard_stage(logits.contiguous(), cfg, vocab_start, world)
         self.candidates = packed[:, 4:]
         k_local = (packed.shape[-1] - 4) // 2
+        self.candidates_all_in_topk = cfg.topk >= world * k_local  # K: every candidate
         with record_function(STAGE_LABELS[1]):
             gathered = _all_gather(packed, tp_group, world)  # [world, N, 4 + 2k']
         del packed
@@ -232,8 +237,11 @@ class ShardForward:
         if k > 0:
             values = self.candidates[:, :k].to(grad.dtype)
             ids = self.candidates[:, k:].long()
-            member = is_member(values, ids, self.kth_value, self.kth_index)
-            coef = torch.where(member, terms.topk_coef[:, None], terms.tail_coef[:, None])
+            if self.candidates_all_in_topk:
+                coef = terms.topk_coef[:, None]
+            else:
+                member = is_member(values, ids, self.kth_value, self.kth_index)
+                coef = torch.where(member, terms.topk_coef[:, None], terms.tail_coef[:, None])
             p = torch.exp(values - terms.log_normalizer[:, None])
             grad.scatter_(-1, ids - self.vocab_start, scaled(p * coef).to(grad.dtype))
         # the target entries (rows whose target is elsewhere rewrite their column 0)

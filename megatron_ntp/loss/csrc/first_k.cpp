@@ -79,40 +79,43 @@ inline float from_order_key(uint32_t key) {
 }
 
 // The k-th largest of values[0, n) (1 <= k <= n, no NaN); values is overwritten.
-// float: radix select on the order keys, 11 + 11 + 10 bits from the top, keeping only the keys
-// in the k-th's bin after each level; the bins are searched down from the largest key's
-// (std::nth_element costs ~12 ns per entry on 512 floats, this a few).
+// float: radix select on the order keys with bins fitted to the keys left: each level spreads
+// [lo, hi] over at most 256 bins (the bin width a power of two), finds the bin of the k-th
+// largest by counting down from the top bin, and keeps only that bin's keys, until they are
+// all equal. The span shrinks ~128-fold per level, so 2-3 levels on real logits; counting
+// needs a 1 KiB histogram and at most 256 bins are walked per level (fixed 11-bit digits
+// measured 1.7x slower on 512 floats, std::nth_element ~3x).
 inline float kth_largest_inplace(float* values, int64_t n, int64_t k) {
   uint32_t* keys = reinterpret_cast<uint32_t*>(values);
-  uint32_t top = 0;
+  uint32_t lo = std::numeric_limits<uint32_t>::max(), hi = 0;
   for (int64_t i = 0; i < n; ++i) {
     keys[i] = order_key(values[i]);
-    top = std::max(top, keys[i]);
+    lo = std::min(lo, keys[i]);
+    hi = std::max(hi, keys[i]);
   }
-  constexpr int kShifts[3] = {21, 10, 0};
-  constexpr uint32_t kMasks[3] = {0x7FF, 0x7FF, 0x3FF};
-  uint32_t count[2048];
-  uint32_t prefix = 0;
-  for (int level = 0; level < 3; ++level) {
-    const int shift = kShifts[level];
-    const uint32_t mask = kMasks[level];
-    std::fill(count, count + mask + 1, 0u);
-    for (int64_t i = 0; i < n; ++i) ++count[(keys[i] >> shift) & mask];
-    // every remaining key shares the bits above `shift`, so none is above top's bin
-    uint32_t bin = (top >> shift) & mask;
+  constexpr int kBinBits = 8;
+  uint32_t count[1 << kBinBits];
+  while (lo != hi) {
+    const int shift = std::max(0, 32 - kBinBits - __builtin_clz(hi - lo));
+    uint32_t bin = (hi - lo) >> shift;  // the top bin
+    std::fill(count, count + bin + 1, 0u);
+    for (int64_t i = 0; i < n; ++i) ++count[(keys[i] - lo) >> shift];
     while (k > count[bin]) k -= count[bin--];  // the k-th largest lies in `bin`
-    prefix |= bin << shift;
     int64_t m = 0;
-    top = 0;
+    uint32_t bin_lo = std::numeric_limits<uint32_t>::max(), bin_hi = 0;
     for (int64_t i = 0; i < n; ++i) {
-      keys[m] = keys[i];
-      const bool in_bin = ((keys[i] >> shift) & mask) == bin;
+      const uint32_t key = keys[i];
+      const bool in_bin = ((key - lo) >> shift) == bin;
+      keys[m] = key;
       m += in_bin;
-      top = std::max(top, in_bin ? keys[i] : 0u);
+      bin_lo = std::min(bin_lo, in_bin ? key : std::numeric_limits<uint32_t>::max());
+      bin_hi = std::max(bin_hi, in_bin ? key : 0u);
     }
     n = m;
+    lo = bin_lo;
+    hi = bin_hi;
   }
-  return from_order_key(prefix);
+  return from_order_key(hi);
 }
 
 // double (tests, gradcheck): nth_element.
