@@ -252,15 +252,14 @@ bool row_first_k(const T* x, int64_t c, int64_t k, Entry<T>* buf, T* scratch, T*
 // The blocks of one row that can hold its first k: those whose max reaches thr, the k-th
 // largest block max (k of the maxima are entries, so at least k entries are >= thr; a block
 // below thr holds none of them). About k blocks; they lie apart in a row that is usually no
-// longer in cache, so `pick` prefetches them all.
+// longer in cache, so `pick` prefetches them all. A block whose max is NaN is picked whatever
+// thr is (NaN is never below it), so the scan meets the NaN and refuses the row.
 template <typename T>
 struct PickedBlocks {
-  explicit PickedBlocks(int64_t nb) : blocks(nb), nb(nb) {}
+  explicit PickedBlocks(int64_t nb) : blocks(nb) {}
 
   void pick(const T* row, const T* row_max, int64_t block, int64_t k, T* maxima) {
-    nan = false;
-    for (int64_t b = 0; b < nb; ++b) nan |= row_max[b] != row_max[b];
-    if (nan) return;
+    const int64_t nb = static_cast<int64_t>(blocks.size());
     std::copy(row_max, row_max + nb, maxima);
     thr = kth_largest_inplace(maxima, nb, k);
     count = 0;
@@ -279,17 +278,15 @@ struct PickedBlocks {
     Selector<T> selector(buf, scratch, k, thr);
     for (int64_t i = 0; i < count; ++i) {
       const int64_t b = blocks[i];
-      if (row_max[b] >= selector.threshold())  // compaction may have raised it
+      if (!(row_max[b] < selector.threshold()))  // compaction may have raised it
         selector.scan(row, b * block, (b + 1) * block);
     }
     return selector.finish(out_values, out_positions);
   }
 
   std::vector<int64_t> blocks;
-  int64_t nb;
   int64_t count = 0;
   T thr = 0;
-  bool nan = false;
 };
 
 // The outputs of the entry points for n rows: values [n, k], positions [n, k], ok [n].
@@ -367,13 +364,8 @@ std::vector<torch::Tensor> first_k_by_block_max(torch::Tensor values, torch::Ten
       current.pick(x + begin * c, bm + begin * nb, block, k, maxima.data());
       for (int64_t r = begin; r < end; ++r) {
         if (r + 1 < end) next.pick(x + (r + 1) * c, bm + (r + 1) * nb, block, k, maxima.data());
-        if (current.nan) {  // K is undefined; the caller refuses the row
-          row_ok[r] = false;
-          fail_row(ov + r * k, op + r * k, k);
-        } else {
-          row_ok[r] = current.select(x + r * c, bm + r * nb, block, k, buf.data(),
-                                     scratch.data(), ov + r * k, op + r * k);
-        }
+        row_ok[r] = current.select(x + r * c, bm + r * nb, block, k, buf.data(),
+                                   scratch.data(), ov + r * k, op + r * k);
         std::swap(current, next);
       }
     });
