@@ -252,7 +252,7 @@ bool row_first_k(const T* x, int64_t c, int64_t k, Entry<T>* buf, T* scratch, T*
 // The blocks of one row that can hold its first k: those whose max reaches thr, the k-th
 // largest block max (k of the maxima are entries, so at least k entries are >= thr; a block
 // below thr holds none of them). About k blocks; they lie apart in a row that is usually no
-// longer in cache, so `pick` prefetches them all. A block whose max is NaN is picked whatever
+// longer in cache, so they are prefetched while the row before is scanned. A block whose max is NaN is picked whatever
 // thr is (NaN is never below it), so the scan meets the NaN and refuses the row.
 template <typename T>
 struct PickedBlocks {
@@ -267,20 +267,29 @@ struct PickedBlocks {
       blocks[count] = b;
       count += !(row_max[b] < thr);
     }
+  }
+
+  // Prefetches picked blocks [begin, end) of `row`.
+  void prefetch(const T* row, int64_t block, int64_t begin, int64_t end) const {
     constexpr int64_t kLineEntries = 64 / sizeof(T);
-    for (int64_t i = 0; i < count; ++i)
+    for (int64_t i = begin; i < std::min(end, count); ++i)
       for (int64_t j = 0; j < block; j += kLineEntries) __builtin_prefetch(row + blocks[i] * block + j);
   }
 
-  // first_k of the row from its picked blocks.
+  // first_k of the row from its picked blocks; meanwhile prefetches the blocks `next` picked
+  // in next_row, one per block scanned (issued all at once they stall on the cache's queue of
+  // outstanding misses).
   bool select(const T* row, const T* row_max, int64_t block, int64_t k, Entry<T>* buf,
-              T* scratch, T* out_values, int64_t* out_positions) const {
+              T* scratch, T* out_values, int64_t* out_positions, const PickedBlocks* next,
+              const T* next_row) const {
     Selector<T> selector(buf, scratch, k, thr);
     for (int64_t i = 0; i < count; ++i) {
+      if (next != nullptr) next->prefetch(next_row, block, i, i + 1);
       const int64_t b = blocks[i];
       if (!(row_max[b] < selector.threshold()))  // compaction may have raised it
         selector.scan(row, b * block, (b + 1) * block);
     }
+    if (next != nullptr) next->prefetch(next_row, block, count, next->count);
     return selector.finish(out_values, out_positions);
   }
 
@@ -358,14 +367,17 @@ std::vector<torch::Tensor> first_k_by_block_max(torch::Tensor values, torch::Ten
                                   strided, ov + r * k, op + r * k);
         return;
       }
-      // the next row's blocks are picked (and prefetched) before this row is scanned, so its
-      // cache misses overlap this row's work
+      // the next row's blocks are picked before this row is scanned and prefetched during
+      // its scan, so their cache misses overlap this row's work
       PickedBlocks<scalar_t> current(nb), next(nb);
       current.pick(x + begin * c, bm + begin * nb, block, k, maxima.data());
+      current.prefetch(x + begin * c, block, 0, current.count);
       for (int64_t r = begin; r < end; ++r) {
-        if (r + 1 < end) next.pick(x + (r + 1) * c, bm + (r + 1) * nb, block, k, maxima.data());
-        row_ok[r] = current.select(x + r * c, bm + r * nb, block, k, buf.data(),
-                                   scratch.data(), ov + r * k, op + r * k);
+        const bool more = r + 1 < end;
+        if (more) next.pick(x + (r + 1) * c, bm + (r + 1) * nb, block, k, maxima.data());
+        row_ok[r] = current.select(x + r * c, bm + r * nb, block, k, buf.data(), scratch.data(),
+                                   ov + r * k, op + r * k, more ? &next : nullptr,
+                                   more ? x + (r + 1) * c : nullptr);
         std::swap(current, next);
       }
     });
