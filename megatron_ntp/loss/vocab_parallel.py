@@ -130,6 +130,7 @@ class ShardForward:
         kth_value, kth_index: [N] threshold of K (global ids).
         candidates: [N, 2k'] this shard's top k' logits, then their global ids (in the
             all-gather's dtype: a view of stage 1's buffer), for the gradient's scatter.
+        k_local: k' = min(k, V_local), the candidates per shard.
         candidates_all_in_topk: whether K is every rank's every candidate (k >= TP * k', e.g.
             at TP 1), so no membership test is needed.
         target_local: [N] target id local to this shard; target_here: [N] bool, target in shard.
@@ -151,7 +152,7 @@ class ShardForward:
             # stage 1 views rows as blocks: a strided shard is copied (the caller's is not)
             packed = self._shard_stage(logits.contiguous(), cfg, vocab_start, world)
         self.candidates = packed[:, 4:]
-        k_local = (packed.shape[-1] - 4) // 2
+        self.k_local = k_local = (packed.shape[-1] - 4) // 2
         self.candidates_all_in_topk = cfg.topk >= world * k_local  # K: every candidate
         with record_function(STAGE_LABELS[1]):
             gathered = _all_gather(packed, tp_group, world)  # [world, N, 4 + 2k']
@@ -233,7 +234,7 @@ class ShardForward:
         grad = passes.gradient(logits, terms.log_normalizer, scaled(terms.tail_coef), inplace,
                                self.impl)
         # the shard's k' candidates: every member of K in this shard is among them
-        k = self.candidates.shape[-1] // 2
+        k = self.k_local
         if k > 0:
             values = self.candidates[:, :k].to(grad.dtype)
             ids = self.candidates[:, k:].long()
