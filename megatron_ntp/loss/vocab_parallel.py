@@ -86,10 +86,11 @@ def refuse_nonfinite_rows(bad: torch.Tensor) -> None:
 
 
 def _topk_stage(gathered: torch.Tensor, logit_max: torch.Tensor, k_local: int, k: int,
-                impl: LossImpl):
+                all_in_topk: bool, impl: LossImpl):
     """K's threshold and sums for some rows from their all-gathered candidates (stage 3).
 
-    gathered: [world, n, 4 + 2 k_local] (this rank's all-gather, some rows); logit_max: [n].
+    gathered: [world, n, 4 + 2 k_local] (this rank's all-gather, some rows); logit_max: [n];
+    all_in_topk: K is every candidate (ShardForward.candidates_all_in_topk).
     Returns kth_value [n], kth_index [n] (global id), sum over K of exp(z - m) and of
     exp(z - m) (z - m), [n] each.
     """
@@ -102,7 +103,7 @@ def _topk_stage(gathered: torch.Tensor, logit_max: torch.Tensor, k_local: int, k
     # K lies within the candidates, so its sums need no pass over the shard
     shifted = candidates - logit_max[:, None]
     exp_topk = torch.exp(shifted)
-    if k < world * k_local:  # else K is every candidate (e.g. TP 1)
+    if not all_in_topk:
         exp_topk = exp_topk * is_member(candidates, candidate_ids, kth_value, kth_index)
     exp_logit_topk = torch.where(exp_topk > 0, exp_topk * shifted, 0.0)  # -inf members add 0
     return kth_value, kth_index, exp_topk.sum(-1), exp_logit_topk.sum(-1)
@@ -168,9 +169,10 @@ class ShardForward:
         if k_local > 0:
             k = min(cfg.topk, world * k_local)
             # in row chunks: the [rows, k x TP] temporaries stay small next to the logits
-            chunks = [_topk_stage(gathered[:, rows], logit_max[rows], k_local, k, impl)
+            chunks = [_topk_stage(gathered[:, rows], logit_max[rows], k_local, k,
+                                  self.candidates_all_in_topk, impl)
                       for rows in _row_chunks(target.shape[0], 48 * world * k_local, impl,
-                                                      target.device)]
+                                              target.device)]
             kth_value, kth_index, sum_exp_topk, sum_exp_logit_topk = (
                 torch.cat(parts) for parts in zip(*chunks))
         else:

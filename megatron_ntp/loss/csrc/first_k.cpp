@@ -252,8 +252,9 @@ bool row_first_k(const T* x, int64_t c, int64_t k, Entry<T>* buf, T* scratch, T*
 // The blocks of one row that can hold its first k: those whose max reaches thr, the k-th
 // largest block max (k of the maxima are entries, so at least k entries are >= thr; a block
 // below thr holds none of them). About k blocks; they lie apart in a row that is usually no
-// longer in cache, so they are prefetched while the row before is scanned. A block whose max is NaN is picked whatever
-// thr is (NaN is never below it), so the scan meets the NaN and refuses the row.
+// longer in cache, so they are prefetched while the row before is scanned. A block whose max
+// is NaN is picked whatever thr is (NaN is never below it), so the scan meets the NaN and
+// refuses the row.
 template <typename T>
 struct PickedBlocks {
   explicit PickedBlocks(int64_t nb) : blocks(nb) {}
