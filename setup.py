@@ -8,7 +8,7 @@ setup(
     version="0.1.0",
     description="Pretraining with a generalized (shaped) next-token loss on megatron-core",
     packages=find_packages(include=["megatron_ntp", "megatron_ntp.*"]),
-    package_data={"megatron_ntp.loss": ["csrc/*.cpp"]},
+    package_data={"megatron_ntp.loss": ["csrc/*.cpp", "csrc/*.h"]},
     python_requires=">=3.11",
     install_requires=[
         "torch>=2.6",  # megatron-core 0.19.2's own lower bound
@@ -20,7 +20,7 @@ setup(
         "scipy",
         "threadpoolctl",  # one BLAS thread for the tiny L-BFGS-B problems of scaling-law fits
         "tensorboard",
-        "ninja",  # torch's extension builder (the CPU top-k scan, megatron_ntp/loss/csrc)
+        "ninja",  # torch's extension builder (the CPU kernels, megatron_ntp/loss/csrc)
         # Hugging Face export (megatron_ntp/export): Qwen3 / Qwen3-MoE classes, offline loading
         "transformers>=4.57,<5",
         "safetensors",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 SELECTIONS = ("auto", "cpu_scan", "keys")
 # LossImpl.chunk_bytes when None, by device type (accelerators: the "cuda" entry)
 DEFAULT_CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 512 << 20}
-PASSES = ("auto", "compiled", "eager")
+PASSES = ("auto", "cpu_kernel", "compiled", "eager")
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,10 @@ class LossImpl:
     path; "auto": cpu_scan for CPU tensors when its extension builds, else keys."""
 
     passes: str = "auto"
-    """The elementwise passes over the logits. "compiled": torch.compile (one fused loop per
-    pass); "eager": plain torch over row chunks of `chunk_bytes`; "auto": compiled."""
+    """The elementwise passes over the logits. "cpu_kernel": hand-written C++ loops (contiguous
+    CPU float32 logits only); "compiled": torch.compile (one fused loop per pass, the GPU path);
+    "eager": plain torch over row chunks of `chunk_bytes`; "auto": cpu_kernel where it serves
+    the logits and its extension builds, else compiled."""
 
     chunk_bytes: int | None = None
     """Memory budget of the temporaries of one row chunk (stage 1's block sums and top-k

@@ -11,11 +11,14 @@
   membership test or mask is ever formed. In the unfused loss it runs in backward with the
   incoming per-token gradient folded into c: one pass where there used to be two.
 
-Written in plain torch: torch.compile fuses each pass into one loop (C++/OpenMP on CPU, Triton
-on GPU), so no [N, V] temporary is materialised; the block size B is a constant of the compiled
-code (not a dynamic size), which keeps the CPU loops vectorised. LossImpl(passes="eager") runs
-the same functions eagerly over row chunks (LossImpl.chunk_bytes) where a compiler is
-unavailable or for debugging.
+Written in plain torch: torch.compile fuses each pass into one loop (Triton on GPU, C++/OpenMP
+on CPU), so no [N, V] temporary is materialised; the block size B is a constant of the compiled
+code (not a dynamic size), which keeps the CPU loops vectorised. On CPU, float32 logits take
+the same passes as hand-written C++ loops instead (LossImpl.passes "cpu_kernel", csrc/passes.cpp
+via megatron_ntp/loss/cpu_kernels.py): torch.compile's CPU loops are bound by Sleef's expf;
+those use a cheaper polynomial of the same accuracy, and sum each row at its exact max.
+LossImpl(passes="eager") runs the torch functions eagerly over row chunks
+(LossImpl.chunk_bytes) where a compiler is unavailable or for debugging.
 
 -inf logits (masked vocabulary entries) have e = 0 and add nothing, as in a masked softmax
 (0 * log 0 is taken as 0, never 0 * -inf = NaN).
@@ -25,6 +28,7 @@ import functools
 
 import torch
 
+from megatron_ntp.loss import cpu_kernels
 from megatron_ntp.loss.impl import LossImpl
 
 EAGER_BYTES_PER_ENTRY = 16  # the eager passes hold about four fp32 [rows, V_local] temporaries
@@ -90,9 +94,22 @@ def _compiled(fn, **constants):
     return torch.compile(functools.partial(fn, **constants), dynamic=True)
 
 
+def passes_for(logits: torch.Tensor, impl: LossImpl) -> str:
+    """The implementation of the passes over `logits` under impl: "cpu_kernel", "compiled" or
+    "eager"."""
+    if impl.passes in ("compiled", "eager"):
+        return impl.passes
+    if cpu_kernels.passes_available_for(logits):
+        return "cpu_kernel"
+    if impl.passes == "cpu_kernel":
+        raise ValueError(f"LossImpl(passes='cpu_kernel') needs contiguous CPU float32 logits and "
+                         f"the built kernels; got {logits.dtype} on {logits.device}")
+    return "compiled"
+
+
 def _run(fn, impl: LossImpl, logits, *args, **constants):
     """Run a pass compiled, or eagerly over row chunks of impl.chunk_bytes."""
-    if impl.passes != "eager":
+    if passes_for(logits, impl) == "compiled":
         return _compiled(fn, **constants)(logits, *args)
     rows = impl.rows_per_chunk(EAGER_BYTES_PER_ENTRY * logits.shape[-1], logits.device)
     outputs = [
@@ -112,6 +129,8 @@ def exp_sums(logits, block: int, select_block: int, impl: LossImpl):
     divides `block`), m the row max, sums S = sum exp(z - m) and T = sum exp(z - m) (z - m).
     A shard that is -inf everywhere gets m = -inf and sums 0; NaN or +inf logits make m or S
     NaN, which stage 3 refuses."""
+    if passes_for(logits, impl) == "cpu_kernel":
+        return cpu_kernels.exp_sums(logits, select_block)
     select_max, block_max, block_sum, block_sum_logit = _run(
         _block_sums, impl, logits, block=block, select_block=select_block)
     logit_max, sum_exp, sum_exp_logit = rescale_partial_sums(block_max, block_sum,
@@ -121,6 +140,9 @@ def exp_sums(logits, block: int, select_block: int, impl: LossImpl):
 
 def gradient(logits, log_normalizer, coef, inplace: bool, impl: LossImpl):
     """Stage 4's pass: p_j * coef[row] for every entry, into `logits` when inplace."""
+    if passes_for(logits, impl) == "cpu_kernel":
+        out = logits if inplace else torch.empty_like(logits)
+        return cpu_kernels.gradient(logits, log_normalizer, coef, out)
     if inplace:
         _run(_gradient_inplace, impl, logits, log_normalizer, coef)
         return logits

@@ -14,7 +14,7 @@ Two selections give the same K (LossImpl.selection):
     no repair, no data-dependent shape, no host sync. float64 (tests, gradcheck) does not fit
     beside an id in 64 bits and takes a stable sort instead, equally exact and sync-free.
     Rows are taken in chunks whose keys fit LossImpl.chunk_bytes.
-  - "cpu_scan" (CPU): the compiled scan of megatron_ntp/loss/cpu_first_k.py.
+  - "cpu_scan" (CPU): the compiled scan of megatron_ntp/loss/cpu_kernels.py (csrc/first_k.cpp).
 Within a shard, the top k lies within the k blocks of B consecutive entries whose maxima rank
 first (ranking blocks by (max descending, block index ascending) is ranking them by their best
 entry: a token outside those blocks has k better tokens, the blocks' best); stage 1 provides
@@ -27,7 +27,7 @@ all-gathered (k values and ids per rank and token: O(k * TP) communication).
 
 import torch
 
-from megatron_ntp.loss import cpu_first_k
+from megatron_ntp.loss import cpu_kernels
 from megatron_ntp.loss.impl import LossImpl
 
 ID_BITS = 32  # token ids < 2**32 sit in the low half of a key
@@ -52,7 +52,7 @@ def selection_for(values: torch.Tensor, impl: LossImpl) -> str:
     """The selection that serves `values` under impl: "cpu_scan" or "keys"."""
     if impl.selection == "keys":
         return "keys"
-    if cpu_first_k.available_for(values):
+    if cpu_kernels.available_for(values):
         return "cpu_scan"
     if impl.selection == "cpu_scan":
         raise ValueError(f"LossImpl(selection='cpu_scan') needs CPU float32/float64 values and "
@@ -77,7 +77,7 @@ def select_first_k(values: torch.Tensor, k: int, impl: LossImpl) -> torch.Tensor
     A row holding NaN gets some k positions (the caller refuses such rows after the all-gather).
     """
     if selection_for(values, impl) == "cpu_scan":  # a NaN row gets positions 0..k-1
-        return cpu_first_k.first_k(values, k)[1]
+        return cpu_kernels.first_k(values, k)[1]
     rows = impl.rows_per_chunk(16 * values.shape[-1], values.device)  # int64 keys + topk's workspace
     return torch.cat([_first_k_keys(chunk, k) for chunk in values.split(rows)])
 
@@ -115,7 +115,7 @@ def shard_topk(logits: torch.Tensor, k: int, impl: LossImpl):
     """
     k = min(k, logits.shape[1])
     if selection_for(logits, impl) == "cpu_scan":  # a NaN row gets NaN values
-        return cpu_first_k.first_k(logits, k)[:2]
+        return cpu_kernels.first_k(logits, k)[:2]
     positions = select_first_k(logits, k, impl)
     return logits.gather(-1, positions), positions
 
@@ -153,7 +153,7 @@ def block_topk(logits: torch.Tensor, block_max: torch.Tensor, block: int, k: int
     """
     k = min(k, logits.shape[-1])
     if selection_for(logits, impl) == "cpu_scan":  # scans the blocks where they lie
-        return cpu_first_k.first_k_by_block_max(logits, block_max, block, k)[:2]
+        return cpu_kernels.first_k_by_block_max(logits, block_max, block, k)[:2]
     num_blocks = block_max.shape[-1]
     if k >= num_blocks:  # every block: the whole row
         return shard_topk(logits, k, impl)

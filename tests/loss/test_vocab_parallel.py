@@ -11,7 +11,7 @@ from megatron_ntp.loss import (
     vocab_parallel_shaped_loss,
 )
 from megatron_ntp.loss import passes
-from megatron_ntp.loss import cpu_first_k
+from megatron_ntp.loss import cpu_kernels
 from megatron_ntp.loss.topk import block_topk, shard_topk
 from tests.loss.cases import SETTINGS, HostSyncTrap, make_inputs, tied_bf16_logits
 
@@ -201,14 +201,14 @@ def test_shard_topk_is_the_first_k_under_the_tie_rule(vocab, k, selection):
 def test_cpu_scan_is_built_and_flags_nan_rows():
     # the scan is what makes the loss cheap on CPU: a failed build must not pass unnoticed
     logits = torch.randn(6, 3000)
-    assert cpu_first_k.available_for(logits)
+    assert cpu_kernels.available_for(logits)
     logits[1, 1234] = float("nan")  # one NaN: row 1's block 154
     logits[2, 17] = -float("nan")  # negative NaN (what inf - inf gives on x86): a low order key
     logits[4, ::100] = float("nan")  # NaN in 30 blocks, more than k: the k-th block max is NaN
     bad = [False, True, True, False, True, False]
     block_max = logits.view(6, -1, 8).amax(-1)
-    for values, positions, ok in (cpu_first_k.first_k(logits, 10),
-                                  cpu_first_k.first_k_by_block_max(logits, block_max, 8, 10)):
+    for values, positions, ok in (cpu_kernels.first_k(logits, 10),
+                                  cpu_kernels.first_k_by_block_max(logits, block_max, 8, 10)):
         assert ok.tolist() == [not b for b in bad]
         assert values[bad].isnan().all() and not values[[not b for b in bad]].isnan().any()
         assert (positions[bad] == torch.arange(10)).all()  # valid for a gather

@@ -14,7 +14,8 @@
 // first_k_by_block_max does the same with the bound taken from given block maxima, scanning
 // only the blocks that reach it. Rows with a NaN get ok = false (K is undefined), NaN values
 // and positions 0..k-1. Rows run in parallel (at::parallel_for).
-#include <torch/extension.h>
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -384,10 +385,4 @@ std::vector<torch::Tensor> first_k_by_block_max(torch::Tensor values, torch::Ten
     });
   });
   return outputs;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("first_k", &first_k, "first k entries per row under (value desc, position asc)");
-  m.def("first_k_by_block_max", &first_k_by_block_max,
-        "first_k scanning only the blocks whose given max reaches the k-th largest block max");
 }

@@ -1,0 +1,99 @@
+"""The shaped loss's CPU kernels (csrc/), compiled as one extension on first use.
+
+- The top-k scan (csrc/first_k.cpp) instead of torch.topk: torch.topk on CPU partially sorts
+  each row (~16 ns per entry); the scan bounds the k-th value by block maxima and then touches
+  each entry about once (~1 ns). Same set K, same tie rule (position ascending among equal
+  values) as the "keys" selection in megatron_ntp/loss/topk.py (GPUs).
+- The two passes over the logits (csrc/passes.cpp), float32: the exp-sums pass of stage 1 and
+  the gradient pass of stage 4, the functions megatron_ntp/loss/passes.py defines in torch.
+  torch.compile's CPU loops spend most of their time in Sleef's expf; these loops use a
+  cheaper polynomial of the same accuracy (~1 ulp) and sum in double: ~2.5x faster stage 1
+  and ~2x faster stage 4 on an AVX2 core, results equal to rounding.
+Together they keep the shaped loss near the cost of cross-entropy on CPU.
+
+The extension is built with the C++ compiler torch.compile already needs and ninja (a
+dependency; about 30 s, cached under torch's extension folder, $TORCH_EXTENSIONS_DIR).
+LossImpl(selection="keys") and LossImpl(passes="compiled") use the torch paths on CPU too; if
+the build fails, those are used with a warning.
+"""
+
+import functools
+import hashlib
+import os
+import shutil
+import sys
+import warnings
+
+import torch
+
+_CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+_SOURCES = [os.path.join(_CSRC, name) for name in ("bindings.cpp", "first_k.cpp", "passes.cpp")]
+_HEADERS = [os.path.join(_CSRC, "kernels.h")]
+
+
+@functools.cache
+def _extension():
+    from torch.utils.cpp_extension import load
+
+    # torch runs `ninja` from PATH; the pip-installed one sits beside this interpreter, which is
+    # not on PATH when the venv is used without activating it (.venv/bin/python -m pytest).
+    venv_bin = os.path.dirname(sys.executable)
+    if shutil.which("ninja") is None and shutil.which("ninja", path=venv_bin):
+        os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
+    # The sources' hash in the name: two checkouts with different sources (or versions) get
+    # their own build folders instead of rebuilding over each other under one build lock.
+    digest = hashlib.sha256()
+    for path in _SOURCES + _HEADERS:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    try:
+        return load(name=f"megatron_ntp_cpu_kernels_{digest.hexdigest()[:12]}", sources=_SOURCES,
+                    extra_include_paths=[_CSRC], extra_cflags=["-O3", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"])
+    except Exception as err:  # no compiler, headers, ...: the torch paths still work
+        warnings.warn(f"megatron_ntp: building the CPU kernels ({_CSRC}) failed, using "
+                      f"torch.topk and torch.compile instead (slower): {err}")
+        return None
+
+
+def available_for(values: torch.Tensor) -> bool:
+    """Whether the top-k scan serves `values` (a CPU float32/float64 tensor, kernels built)."""
+    return (values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64)
+            and _extension() is not None)
+
+
+def passes_available_for(logits: torch.Tensor) -> bool:
+    """Whether exp_sums and gradient serve `logits` (a contiguous CPU float32 tensor, kernels
+    built)."""
+    return (logits.device.type == "cpu" and logits.dtype == torch.float32
+            and logits.is_contiguous() and _extension() is not None)
+
+
+def first_k(values: torch.Tensor, k: int):
+    """values [N, C] (CPU) -> (values [N, k], positions [N, k] ascending, ok [N] bool): each
+    row's first k entries under (value descending, position ascending). A row holding NaN has
+    no such set: ok is False there, its values NaN and its positions 0..k-1."""
+    return _extension().first_k(values.contiguous(), k)
+
+
+def first_k_by_block_max(values: torch.Tensor, block_max: torch.Tensor, block: int, k: int):
+    """first_k, scanning only the blocks that can hold the first k: values [N, C] (CPU),
+    block_max [N, C / block] the max of each block of `block` consecutive entries (NaN where the
+    block holds one) -> (values [N, k], positions [N, k] ascending, ok [N] bool), as first_k."""
+    return _extension().first_k_by_block_max(values.contiguous(), block_max.contiguous(), block, k)
+
+
+def exp_sums(logits: torch.Tensor, select_block: int, simd: bool = True):
+    """passes.exp_sums on CPU float32 logits [N, V_local] -> (select maxima [N, V_local /
+    select_block], m [N], sums [N, 2]); each row is summed at its exact max (no blocks).
+    simd=False runs the plain loop that CPUs without AVX2 + FMA run (for tests)."""
+    return tuple(_extension().exp_sums(logits.contiguous(), select_block, simd))
+
+
+def gradient(logits: torch.Tensor, log_normalizer: torch.Tensor, coef: torch.Tensor,
+             out: torch.Tensor, simd: bool = True) -> torch.Tensor:
+    """out [N, V_local] = exp(logits - log_normalizer[:, None]) * coef[:, None] (CPU float32;
+    out may be logits itself). simd as in exp_sums."""
+    _extension().gradient(logits.contiguous(), log_normalizer.float().contiguous(),
+                          coef.float().contiguous(), out, simd)
+    return out

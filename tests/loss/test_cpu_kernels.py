@@ -1,0 +1,94 @@
+"""The CPU passes (csrc/passes.cpp) against float64 truth, on both of their loops (AVX2 + FMA,
+and the plain loop that CPUs without them run), edge rows included; and the choice of passes."""
+
+import pytest
+import torch
+
+from megatron_ntp.loss import cpu_kernels, passes
+from megatron_ntp.loss.impl import LossImpl
+
+INF, NAN = float("inf"), float("nan")
+NAN_ROWS, NEG_INF_ROW, CONSTANT_ROW, ONE_LIVE_ROW = [4, 5, 8], 6, 9, 10  # rows of _rows
+
+
+def _rows(vocab: int, seed: int) -> torch.Tensor:
+    """[12, vocab] float32: noise at three scales, then the edge rows."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(4, vocab, generator=gen) * torch.tensor([[0.1], [3.0], [30.0], [300.0]])
+    edge = torch.randn(8, vocab, generator=gen)
+    edge[0, vocab // 2] = NAN
+    edge[1, -1] = -NAN  # what inf - inf gives on x86
+    edge[2] = -INF  # -inf everywhere: m = -inf, sums 0
+    edge[3, ::2] = -INF  # masked entries add nothing
+    edge[4, 0] = INF  # m = +inf, S = NaN
+    edge[5] = 7.0  # a constant row: S = V, T = 0
+    edge[6, 1:] = -INF  # one live entry: S = 1, T = 0
+    edge[7] = torch.linspace(-200.0, 0.0, vocab)  # exp underflows over most of the row
+    return torch.cat([noise, edge])
+
+
+def _truth(logits: torch.Tensor):
+    """float64 m [N], S [N], T [N] (rows of -inf: m = -inf, sums 0)."""
+    z = logits.double()
+    m = z.amax(-1)
+    shifted = z - torch.where(m > -INF, m, 0.0)[:, None]
+    e = shifted.exp()
+    return m, e.sum(-1), torch.where(e > 0, e * shifted, 0.0).sum(-1)
+
+
+@pytest.mark.parametrize("simd", [True, False])
+@pytest.mark.parametrize("vocab, select_block", [(3000, 8), (3000, 3000), (4096, 64), (75968, 64),
+                                                 (20, 4), (7, 7), (37, 37)])
+def test_exp_sums_equal_float64(vocab, select_block, simd):
+    logits = _rows(vocab, seed=vocab)
+    select_max, m, sums = cpu_kernels.exp_sums(logits, select_block, simd=simd)
+    want_select = logits.view(logits.shape[0], -1, select_block).amax(-1)  # NaN where NaN
+    assert torch.equal(select_max.isnan(), want_select.isnan())
+    assert torch.equal(select_max.nan_to_num(0.0), want_select.nan_to_num(0.0))
+    want_m, want_s, want_t = _truth(logits)
+    assert torch.equal(m.double().nan_to_num(0.0), want_m.nan_to_num(0.0))
+    assert torch.equal(m.isnan(), want_m.isnan())
+    finite = [row for row in range(logits.shape[0]) if row not in NAN_ROWS]
+    for got, want in ((sums[:, 0], want_s), (sums[:, 1], want_t)):
+        torch.testing.assert_close(got[finite].double(), want[finite], rtol=1e-6, atol=1e-6)
+    assert sums[NAN_ROWS, 0].isnan().all()  # NaN or +inf logits: refused by stage 3
+    assert sums[NEG_INF_ROW].tolist() == [0.0, 0.0] and m[NEG_INF_ROW] == -INF
+    assert sums[CONSTANT_ROW].tolist() == [vocab, 0.0]
+    assert sums[ONE_LIVE_ROW].tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("simd", [True, False])
+@pytest.mark.parametrize("vocab", [3000, 75968, 7])
+def test_gradient_equals_float64_in_place_too(vocab, simd):
+    logits = _rows(vocab, seed=vocab + 1)
+    gen = torch.Generator().manual_seed(vocab)
+    log_normalizer = torch.logsumexp(logits, -1).nan_to_num(0.0, 0.0, 0.0)
+    coef = torch.randn(logits.shape[0], generator=gen)
+    # the float32 difference, as every pass takes it (its rounding is the input's, not exp's)
+    want = (logits - log_normalizer[:, None]).double().exp() * coef.double()[:, None]
+    out = cpu_kernels.gradient(logits, log_normalizer, coef, torch.empty_like(logits), simd=simd)
+    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-30, equal_nan=True)
+    inplace = logits.clone()
+    assert cpu_kernels.gradient(inplace, log_normalizer, coef, inplace, simd=simd) is inplace
+    assert torch.equal(inplace.nan_to_num(0.0), out.nan_to_num(0.0))
+
+
+def test_exp_polynomial_is_within_two_ulp():
+    """Every float32 step of exp's argument over [-88, 1], through the gradient pass (coef 1)."""
+    x = torch.linspace(-88.0, 1.0, 1 << 20)[None]
+    got = cpu_kernels.gradient(x, torch.zeros(1), torch.ones(1), torch.empty_like(x))
+    want = x.double().exp()
+    ulp = torch.tensor(2.0).pow(torch.floor(torch.log2(want)) - 23)
+    normal = want > torch.finfo(torch.float32).tiny
+    assert ((got.double() - want).abs() / ulp)[normal].max() <= 2.0
+    assert got[0, 0] == 0.0  # exp(-88) = 6e-39 is flushed: -inf logits add exactly nothing
+
+
+def test_passes_choice():
+    logits = torch.randn(4, 64)
+    assert passes.passes_for(logits, LossImpl()) == "cpu_kernel"  # the kernels are built
+    assert passes.passes_for(logits.double(), LossImpl()) == "compiled"
+    assert passes.passes_for(logits.t(), LossImpl()) == "compiled"  # not contiguous
+    assert passes.passes_for(logits, LossImpl(passes="compiled")) == "compiled"
+    with pytest.raises(ValueError, match="passes='cpu_kernel'.*float64"):
+        passes.passes_for(logits.double(), LossImpl(passes="cpu_kernel"))
