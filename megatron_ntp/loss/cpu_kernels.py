@@ -7,8 +7,9 @@
 - The two passes over the logits (csrc/passes.cpp), float32: the exp-sums pass of stage 1 and
   the gradient pass of stage 4, the functions megatron_ntp/loss/passes.py defines in torch.
   torch.compile's CPU loops spend most of their time in Sleef's expf; these loops use a
-  cheaper polynomial of the same accuracy (~1 ulp) and sum in double: ~2.5x faster stage 1
-  and ~2x faster stage 4 on an AVX2 core, results equal to rounding.
+  cheaper polynomial of the same accuracy (<= 1.25 ulp) and sum in double: ~2.5x faster
+  stage 1 and ~2x faster stage 4 on an AVX2 core, results equal to rounding. Stage 1 also
+  runs the scan's block search on each row while the row is in cache (shard_stage).
 Together they keep the shaped loss near the cost of cross-entropy on CPU.
 
 The extension is built with the C++ compiler torch.compile already needs and ninja (a
@@ -63,7 +64,7 @@ def available_for(values: torch.Tensor) -> bool:
 
 
 def passes_available_for(logits: torch.Tensor) -> bool:
-    """Whether exp_sums and gradient serve `logits` (a contiguous CPU float32 tensor, kernels
+    """Whether shard_stage and gradient serve `logits` (a contiguous CPU float32 tensor, kernels
     built)."""
     return (logits.device.type == "cpu" and logits.dtype == torch.float32
             and logits.is_contiguous() and _extension() is not None)
@@ -83,17 +84,19 @@ def first_k_by_block_max(values: torch.Tensor, block_max: torch.Tensor, block: i
     return _extension().first_k_by_block_max(values.contiguous(), block_max.contiguous(), block, k)
 
 
-def exp_sums(logits: torch.Tensor, select_block: int, simd: bool = True):
-    """passes.exp_sums on CPU float32 logits [N, V_local] -> (select maxima [N, V_local /
-    select_block], m [N], sums [N, 2]); each row is summed at its exact max (no blocks).
-    simd=False runs the plain loop that CPUs without AVX2 + FMA run (for tests)."""
-    return tuple(_extension().exp_sums(logits.contiguous(), select_block, simd))
+def shard_stage(logits: torch.Tensor, select_block: int, k: int, simd: bool = True):
+    """Stage 1 of a CPU float32 shard [N, V_local] in one pass per row: (select maxima [N,
+    V_local / select_block], m [N], sums [N, 2] (passes.exp_sums), values [N, k], positions
+    [N, k] ascending (topk.block_topk; NaN rows: NaN values, positions 0..k-1)); each row is
+    summed at its exact max and searched while it is in cache. simd=False runs the plain loops
+    that CPUs without AVX2 + FMA run (for tests)."""
+    return tuple(_extension().shard_stage(logits.contiguous(), select_block, k, simd))
 
 
 def gradient(logits: torch.Tensor, log_normalizer: torch.Tensor, coef: torch.Tensor,
              out: torch.Tensor, simd: bool = True) -> torch.Tensor:
     """out [N, V_local] = exp(logits - log_normalizer[:, None]) * coef[:, None] (CPU float32;
-    out may be logits itself). simd as in exp_sums."""
+    out may be logits itself). simd as in shard_stage."""
     _extension().gradient(logits.contiguous(), log_normalizer.float().contiguous(),
                           coef.float().contiguous(), out, simd)
     return out

@@ -129,8 +129,8 @@ def exp_sums(logits, block: int, select_block: int, impl: LossImpl):
     divides `block`), m the row max, sums S = sum exp(z - m) and T = sum exp(z - m) (z - m).
     A shard that is -inf everywhere gets m = -inf and sums 0; NaN or +inf logits make m or S
     NaN, which stage 3 refuses."""
-    if passes_for(logits, impl) == "cpu_kernel":
-        return cpu_kernels.exp_sums(logits, select_block)
+    if passes_for(logits, impl) == "cpu_kernel":  # (with k = 0: no top-k search)
+        return cpu_kernels.shard_stage(logits, select_block, 0)[:3]
     select_max, block_max, block_sum, block_sum_logit = _run(
         _block_sums, impl, logits, block=block, select_block=select_block)
     logit_max, sum_exp, sum_exp_logit = rescale_partial_sums(block_max, block_sum,

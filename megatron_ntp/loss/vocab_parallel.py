@@ -31,12 +31,12 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
-from megatron_ntp.loss import passes
+from megatron_ntp.loss import cpu_kernels, passes
 from megatron_ntp.loss.config import ShapedLossConfig
 from megatron_ntp.loss.impl import LossImpl, resolve
 from megatron_ntp.loss.token_terms import combine_token_sums
 from megatron_ntp.loss.topk import (block_topk, block_topk_bytes_per_row, is_member,
-                                   kth_threshold, select_block_size)
+                                   kth_threshold, select_block_size, selection_for)
 
 # torch.profiler labels of the stages (benchmarks/loss_bench.py reads them); free when no
 # profiler runs
@@ -207,12 +207,19 @@ class ShardForward:
 
     def _shard_rows(self, logits, k, block, select_block, vocab_start, out):
         """Stage 1 on some rows, into out [n, 4 + 2k] (all but column 3, the target logit)."""
-        select_max, shard_max, shard_sums = passes.exp_sums(logits, block, select_block,
-                                                            self.impl)
+        if (passes.passes_for(logits, self.impl) == "cpu_kernel"
+                and (k == 0 or selection_for(logits, self.impl) == "cpu_scan")):
+            # on CPU one kernel: each row's sums and top-k search while the row is in cache
+            _, shard_max, shard_sums, values, local_ids = cpu_kernels.shard_stage(
+                logits, select_block, k)
+        else:
+            select_max, shard_max, shard_sums = passes.exp_sums(logits, block, select_block,
+                                                                self.impl)
+            if k > 0:
+                values, local_ids = block_topk(logits, select_max, select_block, k, self.impl)
         out[:, 0] = shard_max
         out[:, 1:3] = shard_sums
         if k > 0:  # else K is empty: no candidates travel
-            values, local_ids = block_topk(logits, select_max, select_block, k, self.impl)
             out[:, 4 : 4 + k] = values
             out[:, 4 + k :] = local_ids + vocab_start
 

@@ -1,5 +1,6 @@
-"""The CPU passes (csrc/passes.cpp) against float64 truth, on both of their loops (AVX2 + FMA,
-and the plain loop that CPUs without them run), edge rows included; and the choice of passes."""
+"""The CPU passes (csrc/passes.cpp) against float64 truth and a stable sort, on both of their
+loops (AVX2 + FMA, and the plain loop that CPUs without them run), edge rows included; and the
+choice of passes."""
 
 import pytest
 import torch
@@ -39,9 +40,9 @@ def _truth(logits: torch.Tensor):
 @pytest.mark.parametrize("simd", [True, False])
 @pytest.mark.parametrize("vocab, select_block", [(3000, 8), (3000, 3000), (4096, 64), (75968, 64),
                                                  (20, 4), (7, 7), (37, 37)])
-def test_exp_sums_equal_float64(vocab, select_block, simd):
+def test_shard_stage_sums_equal_float64(vocab, select_block, simd):
     logits = _rows(vocab, seed=vocab)
-    select_max, m, sums = cpu_kernels.exp_sums(logits, select_block, simd=simd)
+    select_max, m, sums, _, _ = cpu_kernels.shard_stage(logits, select_block, 0, simd=simd)
     want_select = logits.view(logits.shape[0], -1, select_block).amax(-1)  # NaN where NaN
     assert torch.equal(select_max.isnan(), want_select.isnan())
     assert torch.equal(select_max.nan_to_num(0.0), want_select.nan_to_num(0.0))
@@ -55,6 +56,26 @@ def test_exp_sums_equal_float64(vocab, select_block, simd):
     assert sums[NEG_INF_ROW].tolist() == [0.0, 0.0] and m[NEG_INF_ROW] == -INF
     assert sums[CONSTANT_ROW].tolist() == [vocab, 0.0]
     assert sums[ONE_LIVE_ROW].tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("simd", [True, False])
+@pytest.mark.parametrize("vocab, select_block, k", [(3000, 8, 37), (4096, 16, 100), (4096, 64, 3),
+                                                    (300, 4, 100), (37, 37, 5), (20, 4, 20)])
+def test_shard_stage_top_k_is_the_first_k_under_the_tie_rule(vocab, select_block, k, simd):
+    """The search inside stage 1 (in the select blocks, or the whole row when k reaches their
+    number) equals a stable sort: noise, heavy ties, +-0, -inf; NaN rows get NaN values and
+    positions 0..k-1."""
+    gen = torch.Generator().manual_seed(vocab + k)
+    ties = torch.randint(-2, 2, (4, vocab), generator=gen).float()
+    signed_zeros = torch.where(torch.rand(2, vocab, generator=gen) < 0.5, 0.0, -0.0)
+    logits = torch.cat([_rows(vocab, seed=k), ties, ties.masked_fill(ties < 0, -INF),
+                        signed_zeros])
+    _, _, _, values, positions = cpu_kernels.shard_stage(logits, select_block, k, simd=simd)
+    nan_rows = logits.isnan().any(-1)
+    want = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :k].sort(-1).values
+    assert torch.equal(positions[~nan_rows], want[~nan_rows])
+    assert torch.equal(values[~nan_rows], logits.gather(-1, want)[~nan_rows])
+    assert values[nan_rows].isnan().all() and (positions[nan_rows] == torch.arange(k)).all()
 
 
 @pytest.mark.parametrize("simd", [True, False])

@@ -11,8 +11,9 @@ std::vector<torch::Tensor> first_k(torch::Tensor values, int64_t k);
 std::vector<torch::Tensor> first_k_by_block_max(torch::Tensor values, torch::Tensor block_max,
                                                 int64_t block, int64_t k);
 
-// passes.cpp: the exp-sums pass (stage 1) and the gradient pass (stage 4), float32
-// (simd = false: the plain loops, as on CPUs without AVX2 + FMA)
-std::vector<torch::Tensor> exp_sums(torch::Tensor logits, int64_t select_block, bool simd);
+// passes.cpp: stage 1 (the exp-sums pass and the shard's top k) and the gradient pass
+// (stage 4), float32 (simd = false: the plain loops, as on CPUs without AVX2 + FMA)
+std::vector<torch::Tensor> shard_stage(torch::Tensor logits, int64_t select_block, int64_t k,
+                                       bool simd);
 void gradient(torch::Tensor logits, torch::Tensor log_normalizer, torch::Tensor coef,
               torch::Tensor out, bool simd);

@@ -1,13 +1,15 @@
-// The loss's two passes over a float32 [N, V_local] logits shard on CPU (megatron_ntp/loss/
-// passes.py has their definitions in torch, which the GPUs run compiled):
-//   exp_sums(logits, select_block, simd) -> (select maxima [N, V_local / select_block], m [N],
-//       sums [N, 2]): per row the max of each select block, the row max m, and
-//       S = sum exp(z - m), T = sum exp(z - m) (z - m);
+// The loss's passes over a float32 [N, V_local] logits shard on CPU (megatron_ntp/loss/passes.py
+// has their definitions in torch, which the GPUs run compiled):
+//   shard_stage(logits, select_block, k, simd) -> (select maxima [N, V_local / select_block],
+//       m [N], sums [N, 2], values [N, k], positions [N, k] ascending): stage 1 per row: the
+//       max of each select block, the row max m, S = sum exp(z - m), T = sum exp(z - m) (z - m),
+//       and the row's first k under (value desc, position asc), searched in the select blocks
+//       that can hold them (first_k.h; a NaN row gets NaN values and positions 0..k-1);
 //   gradient(logits, log_normalizer [N], coef [N], out [N, V_local], simd): out = exp(z - lz)
 //       coef, out may be logits itself.
-// Each row is read twice by exp_sums: once for the maxima, once more (from cache: a row of
-// 151,936 floats is 594 KiB) for the sums at the exact row max, so no block rescaling is
-// needed. Both loops are bound by exp: torch.compile's loops call Sleef's expf (1 ulp) at
+// shard_stage reads a row from memory once, for its maxima; the sums at the exact row max (so
+// no block rescaling is needed) and the top-k search then find it in cache (a row of 151,936
+// floats is 594 KiB; searched later, from memory, the blocks cost a cache miss each). Both loops are bound by exp: torch.compile's loops call Sleef's expf (1 ulp) at
 // ~1.1 ns per entry on an AVX2 core; the polynomial below (Cephes' expf; <= 1.25 ulp measured
 // over [-87, 1]) is ~3x cheaper. Sums run in float32 lanes over 256 entries, then in double, so
 // they are more accurate than the compiled loop's blocks of 128 (measured: 1.2e-7 against
@@ -18,12 +20,14 @@
 // The AVX2 + FMA loops are compiled for those instructions alone and chosen at run time, so
 // the extension still loads on CPUs without them (a plain loop then).
 #include "kernels.h"
+#include "first_k.h"
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define NTP_HAVE_AVX2_PATH 1
@@ -205,6 +209,36 @@ bool use_avx2(bool simd) {
 #endif
 }
 
+// The row's top k from its select-block maxima: first_k_by_block_max's search for one row at
+// a time (first_k.h), its buffers kept across the rows of one thread.
+class TopKSearch {
+ public:
+  TopKSearch(int64_t n, int64_t blocks, int64_t k)
+      : n_(n), k_(k), strided_(ntp_first_k::num_blocks(n, std::max<int64_t>(k, 1))),
+        buf_(4 * k + ntp_first_k::kBlock), scratch_(4 * k + ntp_first_k::kBlock),
+        maxima_(std::max(blocks, strided_)), picked_(blocks) {}
+
+  // A row holding NaN gets NaN values and positions 0..k-1.
+  void run(const float* row, const float* select_max, int64_t select_block, float* values,
+           int64_t* positions) {
+    if (k_ >= static_cast<int64_t>(picked_.blocks.size())) {  // the maxima bound nothing
+      ntp_first_k::row_first_k(row, n_, k_, buf_.data(), scratch_.data(), maxima_.data(),
+                               strided_, values, positions);
+      return;
+    }
+    picked_.pick(row, select_max, select_block, k_, maxima_.data());
+    picked_.select(row, select_max, select_block, k_, buf_.data(), scratch_.data(), values,
+                   positions, nullptr, nullptr);
+  }
+
+ private:
+  int64_t n_, k_, strided_;
+  std::vector<ntp_first_k::Entry<float>> buf_;
+  std::vector<float> scratch_;
+  std::vector<float> maxima_;
+  ntp_first_k::PickedBlocks<float> picked_;
+};
+
 void check_logits(const torch::Tensor& logits, const char* what) {
   TORCH_CHECK(logits.device().is_cpu() && logits.scalar_type() == torch::kFloat32 &&
                   logits.dim() == 2 && logits.is_contiguous(),
@@ -219,21 +253,28 @@ void check_per_row(const torch::Tensor& t, int64_t rows, const char* name) {
 
 }  // namespace
 
-std::vector<torch::Tensor> exp_sums(torch::Tensor logits, int64_t select_block, bool simd) {
-  check_logits(logits, "exp_sums");
+std::vector<torch::Tensor> shard_stage(torch::Tensor logits, int64_t select_block, int64_t k,
+                                       bool simd) {
+  check_logits(logits, "shard_stage");
   const int64_t rows = logits.size(0), n = logits.size(1);
-  TORCH_CHECK(select_block >= 1 && n % select_block == 0, "exp_sums: select_block ",
+  TORCH_CHECK(select_block >= 1 && n % select_block == 0, "shard_stage: select_block ",
               select_block, " must divide V_local = ", n);
+  TORCH_CHECK(k >= 0 && k <= n, "shard_stage: need 0 <= k <= V_local, got k=", k, ", V_local=", n);
   const int64_t blocks = n / select_block;
   auto select_max = torch::empty({rows, blocks}, logits.options());
   auto row_max = torch::empty({rows}, logits.options());
   auto sums = torch::empty({rows, 2}, logits.options());
+  auto values = torch::empty({rows, k}, logits.options());
+  auto positions = torch::empty({rows, k}, logits.options().dtype(torch::kLong));
   const float* z = logits.data_ptr<float>();
   float* select_out = select_max.data_ptr<float>();
   float* max_out = row_max.data_ptr<float>();
   float* sums_out = sums.data_ptr<float>();
+  float* values_out = values.data_ptr<float>();
+  int64_t* positions_out = positions.data_ptr<int64_t>();
   const bool avx2 = use_avx2(simd);
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    TopKSearch search(n, blocks, k);
     for (int64_t r = begin; r < end; ++r) {
       const float* row = z + r * n;
       float m;
@@ -255,9 +296,12 @@ std::vector<torch::Tensor> exp_sums(torch::Tensor logits, int64_t select_block, 
       }
       sums_out[2 * r] = static_cast<float>(s);
       sums_out[2 * r + 1] = static_cast<float>(t);
+      if (k > 0)  // the row is still in cache
+        search.run(row, select_out + r * blocks, select_block, values_out + r * k,
+                   positions_out + r * k);
     }
   });
-  return {select_max, row_max, sums};
+  return {select_max, row_max, sums, values, positions};
 }
 
 void gradient(torch::Tensor logits, torch::Tensor log_normalizer, torch::Tensor coef,
