@@ -155,18 +155,20 @@ def test_input_errors_are_clear():
         fused_linear_shaped_loss(logits, torch.randn(5, 7), torch.zeros(2, 3, dtype=torch.long), ShapedLossConfig())
 
 
-def test_eager_passes_equal_compiled():
+def test_eager_compiled_and_cpu_kernel_passes_agree():
     logits, target = make_inputs(3000, seed=8, dtype=torch.float32, shape=(6, 7))
     cfg = SETTINGS["beta_neg_both_lambdas"]
     results = []
     rows_5 = 5 * 3000 * passes.EAGER_BYTES_PER_ENTRY  # several row chunks of 5 rows
-    for impl in (LossImpl(passes="compiled"), LossImpl(passes="eager", chunk_bytes=rows_5)):
+    for impl in (LossImpl(passes="compiled"), LossImpl(passes="eager", chunk_bytes=rows_5),
+                 LossImpl(passes="cpu_kernel")):
         z = logits.clone().requires_grad_()
         loss, stats = vocab_parallel_shaped_loss(z, target, cfg, impl=impl)
         loss.sum().backward()
         results.append((loss, z.grad, stats["entropy"]))
-    for got, want in zip(results[1], results[0]):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for result in results[1:]:
+        for got, want in zip(result, results[0]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("selection", ["cpu_scan", "keys"])

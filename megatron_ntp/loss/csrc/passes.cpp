@@ -9,7 +9,8 @@
 //       coef, out may be logits itself.
 // shard_stage reads a row from memory once, for its maxima; the sums at the exact row max (so
 // no block rescaling is needed) and the top-k search then find it in cache (a row of 151,936
-// floats is 594 KiB; searched later, from memory, the blocks cost a cache miss each). Both loops are bound by exp: torch.compile's loops call Sleef's expf (1 ulp) at
+// floats is 594 KiB; searched later, from memory, the blocks cost a cache miss each).
+// Both passes are bound by exp: torch.compile's loops call Sleef's expf (1 ulp) at
 // ~1.1 ns per entry on an AVX2 core; the polynomial below (Cephes' expf; <= 1.25 ulp measured
 // over [-87, 1]) is ~3x cheaper. Sums run in float32 lanes over 256 entries, then in double, so
 // they are more accurate than the compiled loop's blocks of 128 (measured: 1.2e-7 against
