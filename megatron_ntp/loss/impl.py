@@ -58,6 +58,23 @@ class LossImpl:
         return max(1, budget // max(1, bytes_per_row))
 
 
+def choose(impl: LossImpl, switch: str, cpu_choice: str, cpu_serves, default: str,
+           tensor: torch.Tensor, needs: str) -> str:
+    """What serves `tensor` for one of impl's switches ("selection" or "passes"): the switch's
+    value if it names another choice; else cpu_choice where cpu_serves(tensor) (the tensor
+    suits the CPU kernels and they built; asked only here, so another choice builds nothing);
+    else `default`, or a ValueError when cpu_choice was asked for."""
+    requested = getattr(impl, switch)
+    if requested not in ("auto", cpu_choice):
+        return requested
+    if cpu_serves(tensor):
+        return cpu_choice
+    if requested == cpu_choice:
+        raise ValueError(f"LossImpl({switch}='{cpu_choice}') needs {needs} and the built CPU "
+                         f"kernels; got {tensor.dtype} on {tensor.device}")
+    return default
+
+
 def default_impl() -> LossImpl:
     """The implementation used when `impl` is None: auto, unless an environment variable says
     otherwise (MEGATRON_NTP_CPU_TOPK=0, MEGATRON_NTP_COMPILE=0)."""

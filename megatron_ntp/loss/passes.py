@@ -29,7 +29,7 @@ import functools
 import torch
 
 from megatron_ntp.loss import cpu_kernels
-from megatron_ntp.loss.impl import LossImpl
+from megatron_ntp.loss.impl import LossImpl, choose
 
 EAGER_BYTES_PER_ENTRY = 16  # the eager passes hold about four fp32 [rows, V_local] temporaries
 MAX_BLOCK = 128  # entries per block of the exp-sums pass (measured: 64-256 alike on CPU)
@@ -97,14 +97,8 @@ def _compiled(fn, **constants):
 def passes_for(logits: torch.Tensor, impl: LossImpl) -> str:
     """The implementation of the passes over `logits` under impl: "cpu_kernel", "compiled" or
     "eager"."""
-    if impl.passes in ("compiled", "eager"):
-        return impl.passes
-    if cpu_kernels.passes_available_for(logits):
-        return "cpu_kernel"
-    if impl.passes == "cpu_kernel":
-        raise ValueError(f"LossImpl(passes='cpu_kernel') needs contiguous CPU float32 logits and "
-                         f"the built kernels; got {logits.dtype} on {logits.device}")
-    return "compiled"
+    return choose(impl, "passes", "cpu_kernel", cpu_kernels.passes_available_for,
+                  "compiled", logits, needs="contiguous CPU float32 logits")
 
 
 def _run(fn, impl: LossImpl, logits, *args, **constants):

@@ -28,7 +28,7 @@ all-gathered (k values and ids per rank and token: O(k * TP) communication).
 import torch
 
 from megatron_ntp.loss import cpu_kernels
-from megatron_ntp.loss.impl import LossImpl
+from megatron_ntp.loss.impl import LossImpl, choose
 
 ID_BITS = 32  # token ids < 2**32 sit in the low half of a key
 ID_MASK = (1 << ID_BITS) - 1
@@ -50,14 +50,8 @@ def ranking_keys(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 def selection_for(values: torch.Tensor, impl: LossImpl) -> str:
     """The selection that serves `values` under impl: "cpu_scan" or "keys"."""
-    if impl.selection == "keys":
-        return "keys"
-    if cpu_kernels.available_for(values):
-        return "cpu_scan"
-    if impl.selection == "cpu_scan":
-        raise ValueError(f"LossImpl(selection='cpu_scan') needs CPU float32/float64 values and "
-                         f"the built scan; got {values.dtype} on {values.device}")
-    return "keys"
+    return choose(impl, "selection", "cpu_scan", cpu_kernels.available_for, "keys",
+                  values, needs="CPU float32/float64 values")
 
 
 def _first_k_keys(values: torch.Tensor, k: int) -> torch.Tensor:

@@ -45,14 +45,10 @@ std::vector<torch::Tensor> first_k(torch::Tensor values, int64_t k) {
     scalar_t* ov = outputs[0].data_ptr<scalar_t>();
     int64_t* op = outputs[1].data_ptr<int64_t>();
     bool* row_ok = outputs[2].data_ptr<bool>();
-    const int64_t nb = num_blocks(c, k);
     at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
-      std::vector<Entry<scalar_t>> buf(4 * k + kBlock);
-      std::vector<scalar_t> scratch(4 * k + kBlock);
-      std::vector<scalar_t> maxima(nb);
+      RowSearch<scalar_t> search(c, 0, k);
       for (int64_t r = begin; r < end; ++r)
-        row_ok[r] = row_first_k(x + r * c, c, k, buf.data(), scratch.data(), maxima.data(), nb,
-                                ov + r * k, op + r * k);
+        row_ok[r] = search.first_k(x + r * c, ov + r * k, op + r * k);
     });
   });
   return outputs;
@@ -83,28 +79,26 @@ std::vector<torch::Tensor> first_k_by_block_max(torch::Tensor values, torch::Ten
     scalar_t* ov = outputs[0].data_ptr<scalar_t>();
     int64_t* op = outputs[1].data_ptr<int64_t>();
     bool* row_ok = outputs[2].data_ptr<bool>();
-    const int64_t strided = num_blocks(c, k);
     at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
-      std::vector<Entry<scalar_t>> buf(4 * k + kBlock);
-      std::vector<scalar_t> scratch(4 * k + kBlock);
-      std::vector<scalar_t> maxima(std::max(nb, strided));
-      if (k >= nb) {  // the maxima bound nothing: first_k
+      RowSearch<scalar_t> search(c, nb, k);
+      if (!search.blocks_bound()) {  // the maxima bound nothing: first_k
         for (int64_t r = begin; r < end; ++r)
-          row_ok[r] = row_first_k(x + r * c, c, k, buf.data(), scratch.data(), maxima.data(),
-                                  strided, ov + r * k, op + r * k);
+          row_ok[r] = search.first_k(x + r * c, ov + r * k, op + r * k);
         return;
       }
       // the next row's blocks are picked before this row is scanned and prefetched during
-      // its scan, so their cache misses overlap this row's work
-      PickedBlocks<scalar_t> current(nb), next(nb);
-      current.pick(x + begin * c, bm + begin * nb, block, k, maxima.data());
+      // its scan, so their cache misses overlap this row's work (the rows come from memory)
+      PickedBlocks<scalar_t>& current = search.picked;
+      PickedBlocks<scalar_t> next(nb);
+      scalar_t* maxima = search.maxima.data();
+      current.pick(x + begin * c, bm + begin * nb, block, k, maxima);
       current.prefetch(x + begin * c, block, 0, current.count);
       for (int64_t r = begin; r < end; ++r) {
         const bool more = r + 1 < end;
-        if (more) next.pick(x + (r + 1) * c, bm + (r + 1) * nb, block, k, maxima.data());
-        row_ok[r] = current.select(x + r * c, bm + r * nb, block, k, buf.data(), scratch.data(),
-                                   ov + r * k, op + r * k, more ? &next : nullptr,
-                                   more ? x + (r + 1) * c : nullptr);
+        if (more) next.pick(x + (r + 1) * c, bm + (r + 1) * nb, block, k, maxima);
+        row_ok[r] = current.select(x + r * c, bm + r * nb, block, k, search.buf.data(),
+                                   search.scratch.data(), ov + r * k, op + r * k,
+                                   more ? &next : nullptr, more ? x + (r + 1) * c : nullptr);
         std::swap(current, next);
       }
     });

@@ -284,4 +284,39 @@ struct PickedBlocks {
   T thr = 0;
 };
 
+// The buffers of the row searches, kept across the rows of one thread, and the searches of one
+// row: the whole row (first_k), or the blocks whose given max can hold its first k
+// (first_k_by_block_max, passes.cpp's shard_stage). A row holding NaN gets NaN values and
+// positions 0..k-1 (the return value false).
+template <typename T>
+struct RowSearch {
+  // c entries per row, nb blocks of given maxima (0 for first_k), k >= 1
+  RowSearch(int64_t c, int64_t nb, int64_t k)
+      : c(c), k(k), strided(num_blocks(c, k)), buf(4 * k + kBlock), scratch(4 * k + kBlock),
+        maxima(std::max(nb, strided)), picked(nb) {}
+
+  bool first_k(const T* row, T* values, int64_t* positions) {
+    return row_first_k(row, c, k, buf.data(), scratch.data(), maxima.data(), strided, values,
+                       positions);
+  }
+
+  // Whether the given maxima bound anything: with k >= nb every block is picked (the row).
+  bool blocks_bound() const { return k < static_cast<int64_t>(picked.blocks.size()); }
+
+  // row_max [nb]: the max of each block of `block` entries (NaN where the block holds one).
+  bool by_block_max(const T* row, const T* row_max, int64_t block, T* values,
+                    int64_t* positions) {
+    if (!blocks_bound()) return first_k(row, values, positions);
+    picked.pick(row, row_max, block, k, maxima.data());
+    return picked.select(row, row_max, block, k, buf.data(), scratch.data(), values, positions,
+                         nullptr, nullptr);
+  }
+
+  int64_t c, k, strided;
+  std::vector<Entry<T>> buf;
+  std::vector<T> scratch;
+  std::vector<T> maxima;
+  PickedBlocks<T> picked;
+};
+
 }  // namespace ntp_first_k

@@ -55,19 +55,29 @@ inline float exp_plain(float x) { return x <= kExpMin ? 0.0f : std::exp(x); }
 
 // --- plain loops (any CPU) -------------------------------------------------------------------
 
+// Folds z[0, len) into a block's running max and NaN flag.
+inline void fold_block_max(const float* z, int64_t len, float* value, bool* nan) {
+  for (int64_t i = 0; i < len; ++i) {
+    *nan |= std::isnan(z[i]);
+    *value = std::max(*value, z[i]);
+  }
+}
+
+// Stores a select block's max (NaN where it holds one) and folds it into the row's.
+inline void store_block_max(float value, bool has_nan, float* select_max, float* m, bool* nan) {
+  *select_max = has_nan ? kNaN : value;
+  *nan |= has_nan;
+  *m = std::max(*m, value);
+}
+
 float select_maxima_plain(const float* z, int64_t n, int64_t select_block, float* select_max) {
   float m = -kInf;
   bool nan = false;
   for (int64_t b = 0; b < n / select_block; ++b) {
-    float block_max = -kInf;
-    bool block_nan = false;
-    for (int64_t i = b * select_block; i < (b + 1) * select_block; ++i) {
-      block_nan |= std::isnan(z[i]);
-      block_max = std::max(block_max, z[i]);
-    }
-    select_max[b] = block_nan ? kNaN : block_max;
-    nan |= block_nan;
-    m = std::max(m, block_max);
+    float value = -kInf;
+    bool has_nan = false;
+    fold_block_max(z + b * select_block, select_block, &value, &has_nan);
+    store_block_max(value, has_nan, select_max + b, &m, &nan);
   }
   return nan ? kNaN : m;
 }
@@ -151,13 +161,8 @@ NTP_AVX2 float select_maxima_avx2(const float* z, int64_t n, int64_t select_bloc
     }
     float value = horizontal_max(block_max);
     bool has_nan = _mm256_movemask_ps(block_nan) != 0;
-    for (int64_t i = vector_end; i < select_block; ++i) {
-      has_nan |= std::isnan(zb[i]);
-      value = std::max(value, zb[i]);
-    }
-    select_max[b] = has_nan ? kNaN : value;
-    nan |= has_nan;
-    m = std::max(m, value);
+    fold_block_max(zb + vector_end, select_block - vector_end, &value, &has_nan);
+    store_block_max(value, has_nan, select_max + b, &m, &nan);
   }
   return nan ? kNaN : m;
 }
@@ -210,36 +215,6 @@ bool use_avx2(bool simd) {
 #endif
 }
 
-// The row's top k from its select-block maxima: first_k_by_block_max's search for one row at
-// a time (first_k.h), its buffers kept across the rows of one thread.
-class TopKSearch {
- public:
-  TopKSearch(int64_t n, int64_t blocks, int64_t k)
-      : n_(n), k_(k), strided_(ntp_first_k::num_blocks(n, std::max<int64_t>(k, 1))),
-        buf_(4 * k + ntp_first_k::kBlock), scratch_(4 * k + ntp_first_k::kBlock),
-        maxima_(std::max(blocks, strided_)), picked_(blocks) {}
-
-  // A row holding NaN gets NaN values and positions 0..k-1.
-  void run(const float* row, const float* select_max, int64_t select_block, float* values,
-           int64_t* positions) {
-    if (k_ >= static_cast<int64_t>(picked_.blocks.size())) {  // the maxima bound nothing
-      ntp_first_k::row_first_k(row, n_, k_, buf_.data(), scratch_.data(), maxima_.data(),
-                               strided_, values, positions);
-      return;
-    }
-    picked_.pick(row, select_max, select_block, k_, maxima_.data());
-    picked_.select(row, select_max, select_block, k_, buf_.data(), scratch_.data(), values,
-                   positions, nullptr, nullptr);
-  }
-
- private:
-  int64_t n_, k_, strided_;
-  std::vector<ntp_first_k::Entry<float>> buf_;
-  std::vector<float> scratch_;
-  std::vector<float> maxima_;
-  ntp_first_k::PickedBlocks<float> picked_;
-};
-
 void check_logits(const torch::Tensor& logits, const char* what) {
   TORCH_CHECK(logits.device().is_cpu() && logits.scalar_type() == torch::kFloat32 &&
                   logits.dim() == 2 && logits.is_contiguous(),
@@ -275,7 +250,7 @@ std::vector<torch::Tensor> shard_stage(torch::Tensor logits, int64_t select_bloc
   int64_t* positions_out = positions.data_ptr<int64_t>();
   const bool avx2 = use_avx2(simd);
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    TopKSearch search(n, blocks, k);
+    ntp_first_k::RowSearch<float> search(n, blocks, k);
     for (int64_t r = begin; r < end; ++r) {
       const float* row = z + r * n;
       float m;
@@ -298,8 +273,8 @@ std::vector<torch::Tensor> shard_stage(torch::Tensor logits, int64_t select_bloc
       sums_out[2 * r] = static_cast<float>(s);
       sums_out[2 * r + 1] = static_cast<float>(t);
       if (k > 0)  // the row is still in cache
-        search.run(row, select_out + r * blocks, select_block, values_out + r * k,
-                   positions_out + r * k);
+        search.by_block_max(row, select_out + r * blocks, select_block, values_out + r * k,
+                            positions_out + r * k);
     }
   });
   return {select_max, row_max, sums, values, positions};
