@@ -94,9 +94,15 @@ def shard_stage(logits: torch.Tensor, select_block: int, k: int, simd: bool = Tr
 
 
 def gradient(logits: torch.Tensor, log_normalizer: torch.Tensor, coef: torch.Tensor,
-             out: torch.Tensor, simd: bool = True) -> torch.Tensor:
+             out: torch.Tensor, candidates, target, simd: bool = True) -> torch.Tensor:
     """out [N, V_local] = exp(logits - log_normalizer[:, None]) * coef[:, None] (CPU float32;
-    out may be logits itself). simd as in shard_stage."""
+    out may be logits itself), then per row, while it is in cache, the entries of
+    candidates = (columns [N, c] int64, values [N, c], coefs [N, c]) get
+    exp(value - log_normalizer) * coef, and target = (column [N] int64, value [N]) writes the
+    value where the column is >= 0. simd as in shard_stage."""
+    columns, values, coefs = candidates
+    column, value = target
     _extension().gradient(logits.contiguous(), log_normalizer.float().contiguous(),
-                          coef.float().contiguous(), out, simd)
+                          coef.float().contiguous(), out, columns, values.float(), coefs.float(),
+                          column.contiguous(), value.float().contiguous(), simd)
     return out

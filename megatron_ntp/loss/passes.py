@@ -7,8 +7,8 @@
   (validation, eval).
 - The gradient pass (stage 4) reads the logits once more and writes p_j * c in one loop, c the
   per-token coefficient of the tail (`gradient`); the k' shard candidates of K and the target
-  entry are then written by scatters (megatron_ntp/loss/vocab_parallel.py), so no [N, V]
-  membership test or mask is ever formed. In the unfused loss it runs in backward with the
+  entry are then written by scatters (the C++ loop writes them while the row is in cache), so
+  no [N, V] membership test or mask is ever formed. In the unfused loss it runs in backward with the
   incoming per-token gradient folded into c: one pass where there used to be two.
 
 Written in plain torch: torch.compile fuses each pass into one loop (Triton on GPU, C++/OpenMP
@@ -132,12 +132,31 @@ def exp_sums(logits, block: int, select_block: int, impl: LossImpl):
     return select_max, logit_max, torch.stack([sum_exp, sum_exp_logit], dim=-1)
 
 
-def gradient(logits, log_normalizer, coef, inplace: bool, impl: LossImpl):
-    """Stage 4's pass: p_j * coef[row] for every entry, into `logits` when inplace."""
-    if passes_for(logits, impl) == "cpu_kernel":
+def _write_entries(grad, log_normalizer, candidates, target):
+    """gradient's candidate and target entries, by scatters (the torch passes)."""
+    columns, values, coefs = candidates
+    if columns.shape[-1] > 0:
+        probs = torch.exp(values.to(grad.dtype) - log_normalizer[:, None])
+        grad.scatter_(-1, columns, (probs * coefs).to(grad.dtype))
+    column, value = target
+    here = column >= 0
+    safe = torch.where(here, column, 0)[:, None]  # rows without one rewrite their column 0
+    grad.scatter_(-1, safe, torch.where(here[:, None], value[:, None].to(grad.dtype),
+                                        grad.gather(-1, safe)))
+
+
+def gradient(logits, log_normalizer, coef, inplace: bool, impl: LossImpl, candidates, target):
+    """Stage 4's pass: p_j * coef[row] for every entry, into `logits` when inplace; then the
+    entries of candidates = (columns [N, c] int64, logit values [N, c], coefs [N, c]) get
+    p_j * their own coef, and target = (column [N] int64, -1 for none; value [N]) writes the
+    value at the column (after the candidates, where one is both)."""
+    if passes_for(logits, impl) == "cpu_kernel":  # the entries while each row is in cache
         out = logits if inplace else torch.empty_like(logits)
-        return cpu_kernels.gradient(logits, log_normalizer, coef, out)
+        return cpu_kernels.gradient(logits, log_normalizer, coef, out, candidates, target)
     if inplace:
         _run(_gradient_inplace, impl, logits, log_normalizer, coef)
-        return logits
-    return _run(_gradient, impl, logits, log_normalizer, coef)
+        grad = logits
+    else:
+        grad = _run(_gradient, impl, logits, log_normalizer, coef)
+    _write_entries(grad, log_normalizer, candidates, target)
+    return grad

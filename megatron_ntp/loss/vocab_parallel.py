@@ -17,8 +17,9 @@ megatron_ntp/loss/fused.py and megatron_ntp/loss/README.md:
      the K sums from the candidates alone, then the per-token algebra
      (megatron_ntp/loss/token_terms.py): loss, stats, W;
   4. the gradient: one pass writes p_j * (W - lambda_tail) * g over the shard (g the incoming
-     per-token gradient), then scatters write the k' shard candidates (inside K: p_j *
-     (W - lambda_topk) * g) and the target (p_x W - w_x) * g. (Testing membership of K per
+     per-token gradient), then the k' shard candidates (inside K: p_j * (W - lambda_topk) * g)
+     and the target (p_x W - w_x) * g are written (scatters; on CPU the C++ pass writes them
+     while each row is in cache). (Testing membership of K per
      entry inside the pass instead measured 1.8x slower on CPU: the compiled loop loses its
      vectorisation.) The unfused loss runs it in backward, reading the logits it kept (no
      gradient pass at all without a wanted gradient); the fused head runs it per chunk.
@@ -130,7 +131,7 @@ class ShardForward:
         terms: TokenTerms of [N] tensors (global over the vocabulary).
         kth_value, kth_index: [N] threshold of K (global ids).
         candidates: [N, 2k'] this shard's top k' logits, then their global ids (in the
-            all-gather's dtype: a view of stage 1's buffer), for the gradient's scatter.
+            all-gather's dtype: a view of stage 1's buffer), for the gradient's candidate entries.
         k_local: k' = min(k, V_local), the candidates per shard.
         candidates_all_in_topk: whether K is every rank's every candidate (k >= TP * k', e.g.
             at TP 1), so no membership test is needed.
@@ -239,27 +240,20 @@ class ShardForward:
             factor = scale.to(value.dtype)
             return value * (factor if value.dim() == 1 else factor[:, None])
 
-        # every entry as if it were in the tail: p_j (W - lambda_tail)
-        grad = passes.gradient(logits, terms.log_normalizer, scaled(terms.tail_coef), inplace,
-                               self.impl)
-        # the shard's k' candidates: every member of K in this shard is among them
+        # every entry as if it were in the tail: p_j (W - lambda_tail); then the shard's k'
+        # candidates (every member of K in this shard is among them) and the target entry
         k = self.k_local
-        if k > 0:
-            values = self.candidates[:, :k].to(grad.dtype)
-            ids = self.candidates[:, k:].long()
-            if self.candidates_all_in_topk:
-                coef = terms.topk_coef[:, None]
-            else:
-                member = is_member(values, ids, self.kth_value, self.kth_index)
-                coef = torch.where(member, terms.topk_coef[:, None], terms.tail_coef[:, None])
-            p = torch.exp(values - terms.log_normalizer[:, None])
-            grad.scatter_(-1, ids - self.vocab_start, scaled(p * coef).to(grad.dtype))
-        # the target entries (rows whose target is elsewhere rewrite their column 0)
-        column = torch.where(self.target_here, self.target_local, 0)[:, None]
-        target_grad = scaled(terms.target_grad)[:, None].to(grad.dtype)
-        grad.scatter_(-1, column, torch.where(self.target_here[:, None], target_grad,
-                                              grad.gather(-1, column)))
-        return grad
+        values = self.candidates[:, :k].to(logits.dtype)
+        ids = self.candidates[:, k:].long()
+        if self.candidates_all_in_topk:
+            coefs = scaled(terms.topk_coef)[:, None].expand(-1, k)
+        else:
+            member = is_member(values, ids, self.kth_value, self.kth_index)
+            coefs = scaled(torch.where(member, terms.topk_coef[:, None], terms.tail_coef[:, None]))
+        target_column = torch.where(self.target_here, self.target_local, -1)
+        return passes.gradient(logits, terms.log_normalizer, scaled(terms.tail_coef), inplace,
+                               self.impl, candidates=(ids - self.vocab_start, values, coefs),
+                               target=(target_column, scaled(terms.target_grad)))
 
 
 def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:

@@ -78,6 +78,48 @@ def test_shard_stage_top_k_is_the_first_k_under_the_tie_rule(vocab, select_block
     assert values[nan_rows].isnan().all() and (positions[nan_rows] == torch.arange(k)).all()
 
 
+def _no_entries(logits):
+    """gradient's (candidates, target) when no entry is written."""
+    rows = logits.shape[0]
+    empty = torch.empty(rows, 0)
+    return (empty.long(), empty, empty), (torch.full((rows,), -1), torch.zeros(rows))
+
+
+@pytest.mark.parametrize("simd", [True, False])
+@pytest.mark.parametrize("inplace", [True, False])
+def test_gradient_entries_equal_the_scatters(simd, inplace):
+    """The candidate and target entries written in the C++ pass equal the torch passes'
+    scatters: strided candidate values (a view of stage 1's buffer), coefs expanded from
+    [N, 1] or per entry, a target among the candidates (the target's value wins), rows
+    without a target (column -1); an out-of-range column raises instead of writing."""
+    gen = torch.Generator().manual_seed(7)
+    rows, vocab, k = 6, 500, 9
+    logits = torch.randn(rows, vocab, generator=gen) * 3
+    log_normalizer = torch.logsumexp(logits, -1)
+    coef = torch.randn(rows, generator=gen)
+    columns = torch.stack([torch.randperm(vocab, generator=gen)[:k] for _ in range(rows)])
+    packed = torch.cat([torch.randn(rows, 4), logits.gather(-1, columns)], -1)  # strided view
+    values = packed[:, 4:]
+    target_column = torch.tensor([columns[0, 3], -1, 17, columns[3, 0], 499, -1])
+    target_value = torch.randn(rows, generator=gen)
+    for coefs in (torch.randn(rows, generator=gen)[:, None].expand(-1, k),
+                  torch.randn(rows, k, generator=gen)):
+        want = passes._gradient(logits, log_normalizer, coef)
+        passes._write_entries(want, log_normalizer, (columns, values, coefs),
+                              (target_column, target_value))
+        source = logits.clone()
+        out = source if inplace else torch.empty_like(source)
+        got = cpu_kernels.gradient(source, log_normalizer, coef, out, (columns, values, coefs),
+                                   (target_column, target_value), simd=simd)
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=0.0)
+        assert torch.equal(got[[0, 3], [columns[0, 3], columns[3, 0]]], target_value[[0, 3]])
+    bad = columns.clone()
+    bad[2, 5] = vocab
+    with pytest.raises(RuntimeError, match="candidate column 500 outside"):
+        cpu_kernels.gradient(logits, log_normalizer, coef, torch.empty_like(logits),
+                             (bad, values, coefs), (target_column, target_value), simd=simd)
+
+
 @pytest.mark.parametrize("simd", [True, False])
 @pytest.mark.parametrize("vocab", [3000, 75968, 7])
 def test_gradient_equals_float64_in_place_too(vocab, simd):
@@ -87,17 +129,20 @@ def test_gradient_equals_float64_in_place_too(vocab, simd):
     coef = torch.randn(logits.shape[0], generator=gen)
     # the float32 difference, as every pass takes it (its rounding is the input's, not exp's)
     want = (logits - log_normalizer[:, None]).double().exp() * coef.double()[:, None]
-    out = cpu_kernels.gradient(logits, log_normalizer, coef, torch.empty_like(logits), simd=simd)
+    out = cpu_kernels.gradient(logits, log_normalizer, coef, torch.empty_like(logits),
+                               *_no_entries(logits), simd=simd)
     torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-30, equal_nan=True)
     inplace = logits.clone()
-    assert cpu_kernels.gradient(inplace, log_normalizer, coef, inplace, simd=simd) is inplace
+    assert cpu_kernels.gradient(inplace, log_normalizer, coef, inplace, *_no_entries(logits),
+                                simd=simd) is inplace
     assert torch.equal(inplace.nan_to_num(0.0), out.nan_to_num(0.0))
 
 
 def test_exp_polynomial_is_within_two_ulp():
     """Every float32 step of exp's argument over [-88, 1], through the gradient pass (coef 1)."""
     x = torch.linspace(-88.0, 1.0, 1 << 20)[None]
-    got = cpu_kernels.gradient(x, torch.zeros(1), torch.ones(1), torch.empty_like(x))
+    got = cpu_kernels.gradient(x, torch.zeros(1), torch.ones(1), torch.empty_like(x),
+                               *_no_entries(x))
     want = x.double().exp()
     ulp = torch.tensor(2.0).pow(torch.floor(torch.log2(want)) - 23)
     normal = want > torch.finfo(torch.float32).tiny

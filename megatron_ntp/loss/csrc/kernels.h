@@ -16,4 +16,6 @@ std::vector<torch::Tensor> first_k_by_block_max(torch::Tensor values, torch::Ten
 std::vector<torch::Tensor> shard_stage(torch::Tensor logits, int64_t select_block, int64_t k,
                                        bool simd);
 void gradient(torch::Tensor logits, torch::Tensor log_normalizer, torch::Tensor coef,
-              torch::Tensor out, bool simd);
+              torch::Tensor out, torch::Tensor candidate_columns, torch::Tensor candidate_values,
+              torch::Tensor candidate_coefs, torch::Tensor target_column,
+              torch::Tensor target_value, bool simd);

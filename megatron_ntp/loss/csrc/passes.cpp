@@ -5,8 +5,11 @@
 //       max of each select block, the row max m, S = sum exp(z - m), T = sum exp(z - m) (z - m),
 //       and the row's first k under (value desc, position asc), searched in the select blocks
 //       that can hold them (first_k.h; a NaN row gets NaN values and positions 0..k-1);
-//   gradient(logits, log_normalizer [N], coef [N], out [N, V_local], simd): out = exp(z - lz)
-//       coef, out may be logits itself.
+//   gradient(logits, log_normalizer [N], coef [N], out [N, V_local], candidate columns, values
+//       and coefs [N, c], target column and value [N], simd): out = exp(z - lz) coef, out may
+//       be logits itself; then, while the row is in cache, each candidate entry (stage 4's
+//       shard candidates of K) gets exp(value - lz) times its own coef and the target entry
+//       its value (where its column is >= 0), in that order.
 // shard_stage reads a row from memory once, for its maxima; the sums at the exact row max (so
 // no block rescaling is needed) and the top-k search then find it in cache (a row of 151,936
 // floats is 594 KiB; searched later, from memory, the blocks cost a cache miss each).
@@ -281,27 +284,61 @@ std::vector<torch::Tensor> shard_stage(torch::Tensor logits, int64_t select_bloc
 }
 
 void gradient(torch::Tensor logits, torch::Tensor log_normalizer, torch::Tensor coef,
-              torch::Tensor out, bool simd) {
+              torch::Tensor out, torch::Tensor candidate_columns, torch::Tensor candidate_values,
+              torch::Tensor candidate_coefs, torch::Tensor target_column,
+              torch::Tensor target_value, bool simd) {
   check_logits(logits, "gradient");
   check_logits(out, "gradient (out)");
   TORCH_CHECK(out.sizes() == logits.sizes(), "gradient: out must have the logits' shape");
   const int64_t rows = logits.size(0), n = logits.size(1);
   check_per_row(log_normalizer, rows, "log_normalizer");
   check_per_row(coef, rows, "coef");
+  check_per_row(target_value, rows, "target_value");
+  TORCH_CHECK(target_column.scalar_type() == torch::kLong && target_column.dim() == 1 &&
+                  target_column.size(0) == rows && target_column.is_contiguous(),
+              "gradient: target_column must be a contiguous int64 [N] tensor, N = ", rows);
+  const int64_t c = candidate_columns.size(-1);
+  TORCH_CHECK(candidate_columns.scalar_type() == torch::kLong && candidate_columns.dim() == 2 &&
+                  candidate_columns.size(0) == rows && candidate_values.sizes() ==
+                  candidate_columns.sizes() && candidate_coefs.sizes() == candidate_columns.sizes(),
+              "gradient: candidate columns (int64), values and coefs must be [N, c], N = ", rows);
+  TORCH_CHECK(candidate_values.scalar_type() == torch::kFloat32 &&
+                  candidate_coefs.scalar_type() == torch::kFloat32,
+              "gradient: candidate values and coefs must be float32");
   const float* z = logits.data_ptr<float>();
   const float* lz = log_normalizer.data_ptr<float>();
-  const float* c = coef.data_ptr<float>();
+  const float* row_coef = coef.data_ptr<float>();
   float* o = out.data_ptr<float>();
+  // the candidates' tensors may be strided views (coefs e.g. expanded from [N, 1])
+  const int64_t* columns = candidate_columns.data_ptr<int64_t>();
+  const float* values = candidate_values.data_ptr<float>();
+  const float* coefs = candidate_coefs.data_ptr<float>();
+  const int64_t column_stride[2] = {candidate_columns.stride(0), candidate_columns.stride(1)};
+  const int64_t value_stride[2] = {candidate_values.stride(0), candidate_values.stride(1)};
+  const int64_t coef_stride[2] = {candidate_coefs.stride(0), candidate_coefs.stride(1)};
+  const int64_t* target_columns = target_column.data_ptr<int64_t>();
+  const float* target_values = target_value.data_ptr<float>();
   const bool avx2 = use_avx2(simd);
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
+      float* row_out = o + r * n;
 #ifdef NTP_HAVE_AVX2_PATH
       if (avx2) {
-        gradient_avx2(z + r * n, n, lz[r], c[r], o + r * n);
-        continue;
-      }
+        gradient_avx2(z + r * n, n, lz[r], row_coef[r], row_out);
+      } else
 #endif
-      gradient_plain(z + r * n, n, lz[r], c[r], o + r * n);
+        gradient_plain(z + r * n, n, lz[r], row_coef[r], row_out);
+      for (int64_t j = 0; j < c; ++j) {
+        const int64_t column = columns[r * column_stride[0] + j * column_stride[1]];
+        TORCH_CHECK(column >= 0 && column < n, "gradient: candidate column ", column,
+                    " outside [0, ", n, ")");
+        const float value = values[r * value_stride[0] + j * value_stride[1]];
+        row_out[column] = exp_plain(clamp_exp_arg(value - lz[r])) *
+                          coefs[r * coef_stride[0] + j * coef_stride[1]];
+      }
+      const int64_t column = target_columns[r];
+      TORCH_CHECK(column < n, "gradient: target column ", column, " outside [-1, ", n, ")");
+      if (column >= 0) row_out[column] = target_values[r];
     }
   });
 }
