@@ -87,9 +87,13 @@ def first_k_by_block_max(values: torch.Tensor, block_max: torch.Tensor, block: i
 def shard_stage(logits: torch.Tensor, select_block: int, k: int, simd: bool = True):
     """Stage 1 of a CPU float32 shard [N, V_local] in one pass per row: (select maxima [N,
     V_local / select_block], m [N], sums [N, 2] (passes.exp_sums), values [N, k], positions
-    [N, k] ascending (topk.block_topk; NaN rows: NaN values, positions 0..k-1)); each row is
-    summed at its exact max and searched while it is in cache. simd=False runs the plain loops
-    that CPUs without AVX2 + FMA run (for tests)."""
+    [N, k] ascending (topk.block_topk; NaN rows: NaN values, positions 0..k-1), topk_terms
+    [N, 3], topk_last_position [N]); each row is summed at its exact max and searched while it
+    is in cache. topk_terms are stage 3's terms of those k as K (for a shard that is the whole
+    vocabulary): the value of K's last member (the smallest; its position, the largest among
+    equal values, in topk_last_position) and S_K, T_K at m as sums holds S, T (k = 0: +inf,
+    0, 0 and -1). simd=False runs the plain loops that CPUs without AVX2 + FMA run (for
+    tests)."""
     return tuple(_extension().shard_stage(logits.contiguous(), select_block, k, simd))
 
 

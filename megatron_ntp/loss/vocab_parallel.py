@@ -14,15 +14,15 @@ megatron_ntp/loss/fused.py and megatron_ntp/loss/README.md:
   3. on every rank alike, from the gathered values: rows with NaN/+inf logits are refused (the
      same decision on every rank, after the one collective); the global max m, S and T
      rescaled to m, the global K threshold from the k * TP candidates (K lies within them) and
-     the K sums from the candidates alone, then the per-token algebra
-     (megatron_ntp/loss/token_terms.py): loss, stats, W;
+     the K sums from the candidates alone (at TP 1 on CPU stage 1's kernel forms both), then
+     the per-token algebra (megatron_ntp/loss/token_terms.py): loss, stats, W;
   4. the gradient: one pass writes p_j * (W - lambda_tail) * g over the shard (g the incoming
      per-token gradient), then the k' shard candidates (inside K: p_j * (W - lambda_topk) * g)
      and the target (p_x W - w_x) * g are written (scatters; on CPU the C++ pass writes them
-     while each row is in cache). (Testing membership of K per
-     entry inside the pass instead measured 1.8x slower on CPU: the compiled loop loses its
-     vectorisation.) The unfused loss runs it in backward, reading the logits it kept (no
-     gradient pass at all without a wanted gradient); the fused head runs it per chunk.
+     while each row is in cache). (Testing membership of K per entry inside the pass instead
+     measured 1.8x slower on CPU: the compiled loop loses its vectorisation.) The unfused loss
+     runs it in backward, reading the logits it kept (no gradient pass at all without a wanted
+     gradient); the fused head runs it per chunk.
 Backward: no collective. Communication per token: 4 + 2 * k' values per rank, never O(V).
 No host synchronisation anywhere on a GPU (CPU tensors raise on NaN at once, where syncing
 costs nothing).
@@ -167,7 +167,11 @@ class ShardForward:
         """Stage 3 on the gathered [world, N, 4 + 2k'] values: TokenTerms of [N] tensors."""
         impl = self.impl
         logit_max, sum_exp, sum_exp_logit, target_logit = _global_sums(gathered, dtype)
-        if k_local > 0:
+        if k_local > 0 and self._single_shard_topk is not None:
+            # one shard (TP 1) on CPU: K is its k' candidates, whose terms stage 1 formed
+            topk_terms, kth_index = self._single_shard_topk
+            kth_value, sum_exp_topk, sum_exp_logit_topk = topk_terms.to(dtype).unbind(-1)
+        elif k_local > 0:
             k = min(cfg.topk, world * k_local)
             # in row chunks: the [rows, k x TP] temporaries stay small next to the logits
             chunks = [_topk_stage(gathered[:, rows], logit_max[rows], k_local, k,
@@ -190,7 +194,8 @@ class ShardForward:
 
     def _shard_stage(self, logits, cfg, vocab_start, world) -> torch.Tensor:
         """Stage 1: [N, 4 + 2k'] (m_r, S_r, T_r, z_x or 0, k' candidate logits, k' global ids),
-        each row chunk (whose block sums fit the budget) written straight into it."""
+        each row chunk (whose block sums fit the budget) written straight into it. On CPU
+        (one kernel) with one shard, also K's terms for stage 3 (self._single_shard_topk)."""
         vocab_local = logits.shape[-1]
         block = passes.block_size(vocab_local)
         k = min(cfg.topk, vocab_local)
@@ -199,20 +204,29 @@ class ShardForward:
                                   dtype=_pack_dtype(logits.dtype, vocab_local * world))
         safe_local = torch.where(self.target_here, self.target_local, 0)[:, None]
         packed[:, 3] = torch.where(self.target_here, logits.gather(-1, safe_local)[:, 0], 0.0)
+        # on CPU one kernel: each row's sums and top-k search while the row is in cache
+        kernel = (passes.passes_for(logits, self.impl) == "cpu_kernel"
+                  and (k == 0 or selection_for(logits, self.impl) == "cpu_scan"))
+        self._single_shard_topk = None
+        if kernel and world == 1 and k > 0:  # [N, 3] (kth value, S_K, T_K) and [N] kth index
+            self._single_shard_topk = (logits.new_empty(logits.shape[0], 3),
+                                       self.target_local.new_empty(logits.shape[0]))
         bytes_per_row = (passes.EXP_SUMS_BYTES_PER_BLOCK * (vocab_local // block)
                          + passes.EXP_SUMS_BYTES_PER_SELECT_BLOCK * (vocab_local // select_block)
                          + block_topk_bytes_per_row(logits, select_block, k, self.impl))
         for rows in _row_chunks(logits.shape[0], bytes_per_row, self.impl, logits.device):
-            self._shard_rows(logits[rows], k, block, select_block, vocab_start, packed[rows])
+            self._shard_rows(logits[rows], k, block, select_block, vocab_start, packed[rows],
+                             kernel, rows)
         return packed
 
-    def _shard_rows(self, logits, k, block, select_block, vocab_start, out):
+    def _shard_rows(self, logits, k, block, select_block, vocab_start, out, kernel, rows):
         """Stage 1 on some rows, into out [n, 4 + 2k] (all but column 3, the target logit)."""
-        if (passes.passes_for(logits, self.impl) == "cpu_kernel"
-                and (k == 0 or selection_for(logits, self.impl) == "cpu_scan")):
-            # on CPU one kernel: each row's sums and top-k search while the row is in cache
-            _, shard_max, shard_sums, values, local_ids = cpu_kernels.shard_stage(
-                logits, select_block, k)
+        if kernel:
+            _, shard_max, shard_sums, values, local_ids, topk_terms, topk_last = (
+                cpu_kernels.shard_stage(logits, select_block, k))
+            if self._single_shard_topk is not None:
+                self._single_shard_topk[0][rows] = topk_terms
+                self._single_shard_topk[1][rows] = topk_last  # global ids: vocab_start is 0
         else:
             select_max, shard_max, shard_sums = passes.exp_sums(logits, block, select_block,
                                                                 self.impl)

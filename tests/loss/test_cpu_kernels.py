@@ -42,7 +42,10 @@ def _truth(logits: torch.Tensor):
                                                  (20, 4), (7, 7), (37, 37)])
 def test_shard_stage_sums_equal_float64(vocab, select_block, simd):
     logits = _rows(vocab, seed=vocab)
-    select_max, m, sums, _, _ = cpu_kernels.shard_stage(logits, select_block, 0, simd=simd)
+    select_max, m, sums, _, _, topk_terms, topk_last = cpu_kernels.shard_stage(
+        logits, select_block, 0, simd=simd)
+    assert torch.equal(topk_terms, torch.tensor([INF, 0.0, 0.0]).expand_as(topk_terms))  # K = {}
+    assert (topk_last == -1).all()
     want_select = logits.view(logits.shape[0], -1, select_block).amax(-1)  # NaN where NaN
     assert torch.equal(select_max.isnan(), want_select.isnan())
     assert torch.equal(select_max.nan_to_num(0.0), want_select.nan_to_num(0.0))
@@ -64,18 +67,32 @@ def test_shard_stage_sums_equal_float64(vocab, select_block, simd):
 def test_shard_stage_top_k_is_the_first_k_under_the_tie_rule(vocab, select_block, k, simd):
     """The search inside stage 1 (in the select blocks, or the whole row when k reaches their
     number) equals a stable sort: noise, heavy ties, +-0, -inf; NaN rows get NaN values and
-    positions 0..k-1."""
+    positions 0..k-1. The terms of those k as K (stage 3 at TP 1) equal float64's."""
     gen = torch.Generator().manual_seed(vocab + k)
     ties = torch.randint(-2, 2, (4, vocab), generator=gen).float()
     signed_zeros = torch.where(torch.rand(2, vocab, generator=gen) < 0.5, 0.0, -0.0)
     logits = torch.cat([_rows(vocab, seed=k), ties, ties.masked_fill(ties < 0, -INF),
                         signed_zeros])
-    _, _, _, values, positions = cpu_kernels.shard_stage(logits, select_block, k, simd=simd)
+    _, m, _, values, positions, topk_terms, topk_last = cpu_kernels.shard_stage(
+        logits, select_block, k, simd=simd)
     nan_rows = logits.isnan().any(-1)
+    ok = ~nan_rows
     want = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :k].sort(-1).values
-    assert torch.equal(positions[~nan_rows], want[~nan_rows])
-    assert torch.equal(values[~nan_rows], logits.gather(-1, want)[~nan_rows])
+    assert torch.equal(positions[ok], want[ok])
+    assert torch.equal(values[ok], logits.gather(-1, want)[ok])
     assert values[nan_rows].isnan().all() and (positions[nan_rows] == torch.arange(k)).all()
+
+    top = logits.gather(-1, want).double()
+    kth = top.amin(-1)
+    assert torch.equal(topk_terms[ok, 0].double(), kth[ok])
+    assert torch.equal(topk_last[ok], torch.where(top == kth[:, None], want, -1).amax(-1)[ok])
+    shifted = top - m.double().clamp(min=-1e300)[:, None]  # a -inf row: sums 0, as S and T
+    e = shifted.exp()
+    torch.testing.assert_close(topk_terms[ok, 1].double(), e.sum(-1)[ok], rtol=1e-6, atol=0.0,
+                               equal_nan=True)  # NaN: the +inf row, as its S
+    torch.testing.assert_close(topk_terms[ok, 2].double(),
+                               torch.where(e == 0, 0.0, e * shifted).sum(-1)[ok],
+                               rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
 def _no_entries(logits):

@@ -156,16 +156,21 @@ def test_input_errors_are_clear():
 
 
 def test_eager_compiled_and_cpu_kernel_passes_agree():
+    """The C++ kernels (at TP 1 they also form K's terms for stage 3) agree with the torch
+    passes and stage 3's candidate algebra: noise, and a row of heavy ties across K's edge."""
     logits, target = make_inputs(3000, seed=8, dtype=torch.float32, shape=(6, 7))
+    logits[0, 0] = torch.randint(-2, 2, (3000,), generator=torch.Generator().manual_seed(1))
+    # K (k = 5) is the first five of the tied largest; the target is the sixth, just outside
+    target[0, 0] = int((logits[0, 0] == 1).nonzero()[5])
     cfg = SETTINGS["beta_neg_both_lambdas"]
     results = []
     rows_5 = 5 * 3000 * passes.EAGER_BYTES_PER_ENTRY  # several row chunks of 5 rows
     for impl in (LossImpl(passes="compiled"), LossImpl(passes="eager", chunk_bytes=rows_5),
-                 LossImpl(passes="cpu_kernel")):
+                 LossImpl(passes="cpu_kernel"), LossImpl(passes="cpu_kernel", chunk_bytes=rows_5)):
         z = logits.clone().requires_grad_()
         loss, stats = vocab_parallel_shaped_loss(z, target, cfg, impl=impl)
         loss.sum().backward()
-        results.append((loss, z.grad, stats["entropy"]))
+        results.append((loss, z.grad, stats["entropy"], stats["topk_mass"]))
     for result in results[1:]:
         for got, want in zip(result, results[0]):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -1,10 +1,15 @@
 // The loss's passes over a float32 [N, V_local] logits shard on CPU (megatron_ntp/loss/passes.py
 // has their definitions in torch, which the GPUs run compiled):
 //   shard_stage(logits, select_block, k, simd) -> (select maxima [N, V_local / select_block],
-//       m [N], sums [N, 2], values [N, k], positions [N, k] ascending): stage 1 per row: the
-//       max of each select block, the row max m, S = sum exp(z - m), T = sum exp(z - m) (z - m),
-//       and the row's first k under (value desc, position asc), searched in the select blocks
-//       that can hold them (first_k.h; a NaN row gets NaN values and positions 0..k-1);
+//       m [N], sums [N, 2], values [N, k], positions [N, k] ascending, topk_terms [N, 3],
+//       topk_last_position [N]):
+//       stage 1 per row: the max of each select block, the row max m, S = sum exp(z - m),
+//       T = sum exp(z - m) (z - m), the row's first k under (value desc, position asc),
+//       searched in the select blocks that can hold them (first_k.h; a NaN row gets NaN values
+//       and positions 0..k-1), and the terms of that set as K (what stage 3 needs when the row
+//       is the whole vocabulary): its last member's value (the smallest value; its position,
+//       the largest among equal ones, in topk_last_position) and its sums S_K, T_K like S and
+//       T (k = 0: +inf, 0, 0 and position -1);
 //   gradient(logits, log_normalizer [N], coef [N], out [N, V_local], candidate columns, values
 //       and coefs [N, c], target column and value [N], simd): out = exp(z - lz) coef, out may
 //       be logits itself; then, while the row is in cache, each candidate entry (stage 4's
@@ -232,6 +237,39 @@ void check_per_row(const torch::Tensor& t, int64_t rows, const char* name) {
 
 }  // namespace
 
+namespace {
+
+// The sums S, T of z[0, n) at m (m = -inf: the row is -inf everywhere, sums 0).
+void exp_sums(const float* z, int64_t n, float m, bool avx2, double* s, double* t) {
+  *s = *t = 0;
+  if (m == -kInf) return;
+#ifdef NTP_HAVE_AVX2_PATH
+  if (avx2) return exp_sums_avx2(z, n, m, s, t);
+#endif
+  exp_sums_plain(z, n, m, s, t);
+}
+
+// topk_terms of a row's first k (k >= 1): the last member's value, S_K, T_K into out [3], and
+// its position.
+void topk_terms(const float* values, const int64_t* positions, int64_t k, float m, bool avx2,
+                float* out, int64_t* out_position) {
+  float last = values[0];
+  int64_t last_position = positions[0];
+  for (int64_t i = 1; i < k; ++i) {  // positions ascend: the last equal one is the largest
+    const bool later = !(values[i] > last);
+    last_position = later ? positions[i] : last_position;
+    last = later ? values[i] : last;
+  }
+  double s, t;
+  exp_sums(values, k, m, avx2, &s, &t);
+  out[0] = last;
+  out[1] = static_cast<float>(s);
+  out[2] = static_cast<float>(t);
+  *out_position = last_position;
+}
+
+}  // namespace
+
 std::vector<torch::Tensor> shard_stage(torch::Tensor logits, int64_t select_block, int64_t k,
                                        bool simd) {
   check_logits(logits, "shard_stage");
@@ -245,12 +283,16 @@ std::vector<torch::Tensor> shard_stage(torch::Tensor logits, int64_t select_bloc
   auto sums = torch::empty({rows, 2}, logits.options());
   auto values = torch::empty({rows, k}, logits.options());
   auto positions = torch::empty({rows, k}, logits.options().dtype(torch::kLong));
+  auto topk = torch::empty({rows, 3}, logits.options());
+  auto topk_last = torch::empty({rows}, logits.options().dtype(torch::kLong));
   const float* z = logits.data_ptr<float>();
   float* select_out = select_max.data_ptr<float>();
   float* max_out = row_max.data_ptr<float>();
   float* sums_out = sums.data_ptr<float>();
   float* values_out = values.data_ptr<float>();
   int64_t* positions_out = positions.data_ptr<int64_t>();
+  float* topk_out = topk.data_ptr<float>();
+  int64_t* topk_last_out = topk_last.data_ptr<int64_t>();
   const bool avx2 = use_avx2(simd);
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     ntp_first_k::RowSearch<float> search(n, blocks, k);
@@ -264,23 +306,24 @@ std::vector<torch::Tensor> shard_stage(torch::Tensor logits, int64_t select_bloc
 #endif
         m = select_maxima_plain(row, n, select_block, select_out + r * blocks);
       max_out[r] = m;
-      double s = 0, t = 0;
-      if (m != -kInf) {  // else the row is -inf everywhere: sums 0
-#ifdef NTP_HAVE_AVX2_PATH
-        if (avx2) {
-          exp_sums_avx2(row, n, m, &s, &t);
-        } else
-#endif
-          exp_sums_plain(row, n, m, &s, &t);
-      }
+      double s, t;
+      exp_sums(row, n, m, avx2, &s, &t);
       sums_out[2 * r] = static_cast<float>(s);
       sums_out[2 * r + 1] = static_cast<float>(t);
-      if (k > 0)  // the row is still in cache
+      float* terms = topk_out + 3 * r;
+      if (k > 0) {  // the row is still in cache
         search.by_block_max(row, select_out + r * blocks, select_block, values_out + r * k,
                             positions_out + r * k);
+        topk_terms(values_out + r * k, positions_out + r * k, k, m, avx2, terms,
+                   topk_last_out + r);
+      } else {
+        terms[0] = kInf;
+        terms[1] = terms[2] = 0;
+        topk_last_out[r] = -1;
+      }
     }
   });
-  return {select_max, row_max, sums, values, positions};
+  return {select_max, row_max, sums, values, positions, topk, topk_last};
 }
 
 void gradient(torch::Tensor logits, torch::Tensor log_normalizer, torch::Tensor coef,
