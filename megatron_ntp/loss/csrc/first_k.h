@@ -16,6 +16,13 @@
 namespace ntp_first_k {
 
 constexpr int64_t kBlock = 16;  // entries per reach test in the scan
+// The selector's buffer is compacted to the first k when it holds kCompactAt * k entries,
+// which raises the threshold to their k-th value: a trained model's largest logits cluster in
+// a few blocks of ids (frequent tokens), so the k-th largest block max bounds the k-th value
+// loosely (~360 entries reach it at k = 100, V = 8192, against ~110 on noise), and an early
+// compaction lets the blocks after it be skipped (measured: 2 ~18% faster than 4 there, alike
+// on noise).
+constexpr int64_t kCompactAt = 2;
 
 // Bit i set where x[i] >= t or x[i] is NaN, i < kBlock.
 template <typename T>
@@ -131,8 +138,9 @@ void fail_row(T* out_values, int64_t* out_positions, int64_t k) {
 // Collects the entries >= thr of a row (thr a lower bound of its k-th value) and keeps the
 // first k of them under (value desc, position asc). Runs of entries are appended branch-free in
 // ascending position, and the buffer stays in position order (compaction filters it in place),
-// so the result needs no sort. buf and scratch have room for 4k + kBlock entries. If ties fill the buffer, the best k are kept and later entries must then beat
-// the k-th strictly (an equal later entry has a higher position).
+// so the result needs no sort. buf and scratch have room for kCompactAt * k + kBlock entries.
+// After a compaction (the buffer full, ties included) the best k are kept and later entries
+// must beat the k-th strictly (an equal later entry has a higher position).
 template <typename T>
 class Selector {
  public:
@@ -165,7 +173,7 @@ class Selector {
       }
       n_ = n;
       nan_ |= nan;
-      if (n_ >= 4 * k_) keep_first_k();
+      if (n_ >= kCompactAt * k_) keep_first_k();
     }
     for (; j < end; ++j) {
       const T v = x[j];
@@ -173,7 +181,7 @@ class Selector {
       buf_[n_] = {v, j};
       n_ += (v > thr_) | (inclusive_ & (v == thr_));
     }
-    if (n_ >= 4 * k_) keep_first_k();
+    if (n_ >= kCompactAt * k_) keep_first_k();
   }
 
   // Writes the k entries by ascending position; false for a row with NaN (K undefined), which
@@ -223,7 +231,7 @@ class Selector {
   int64_t n_ = 0;
 };
 
-// first_k of one row. buf, scratch: capacity 4k + kBlock; maxima: nb entries.
+// first_k of one row. buf, scratch: capacity kCompactAt * k + kBlock; maxima: nb entries.
 template <typename T>
 bool row_first_k(const T* x, int64_t c, int64_t k, Entry<T>* buf, T* scratch, T* maxima,
                  int64_t nb, T* out_values, int64_t* out_positions) {
@@ -292,8 +300,8 @@ template <typename T>
 struct RowSearch {
   // c entries per row, nb blocks of given maxima (0 for first_k), k >= 1
   RowSearch(int64_t c, int64_t nb, int64_t k)
-      : c(c), k(k), strided(num_blocks(c, k)), buf(4 * k + kBlock), scratch(4 * k + kBlock),
-        maxima(std::max(nb, strided)), picked(nb) {}
+      : c(c), k(k), strided(num_blocks(c, k)), buf(kCompactAt * k + kBlock),
+        scratch(kCompactAt * k + kBlock), maxima(std::max(nb, strided)), picked(nb) {}
 
   bool first_k(const T* row, T* values, int64_t* positions) {
     return row_first_k(row, c, k, buf.data(), scratch.data(), maxima.data(), strided, values,
