@@ -264,9 +264,11 @@ class ShardForward:
         else:
             member = is_member(values, ids, self.kth_value, self.kth_index)
             coefs = scaled(torch.where(member, terms.topk_coef[:, None], terms.tail_coef[:, None]))
+            del member
+        columns = ids.sub_(self.vocab_start)  # in place: one [N, k'] int64 temporary fewer
         target_column = torch.where(self.target_here, self.target_local, -1)
         return passes.gradient(logits, terms.log_normalizer, scaled(terms.tail_coef), inplace,
-                               self.impl, candidates=(ids - self.vocab_start, values, coefs),
+                               self.impl, candidates=(columns, values, coefs),
                                target=(target_column, scaled(terms.target_grad)))
 
 
