@@ -133,7 +133,8 @@ class ShardForward:
         terms: TokenTerms of [N] tensors (global over the vocabulary).
         kth_value, kth_index: [N] threshold of K (global ids).
         candidates: [N, 2k'] this shard's top k' logits, then their global ids (in the
-            all-gather's dtype: a view of stage 1's buffer), for the gradient's candidate entries.
+            all-gather's dtype: a view of stage 1's buffer), for the gradient's candidate
+            entries.
         k_local: k' = min(k, V_local), the candidates per shard.
         candidates_all_in_topk: whether K is every rank's every candidate (k >= TP * k', e.g.
             at TP 1), so no membership test is needed.
@@ -176,8 +177,8 @@ class ShardForward:
         elif k_local > 0:
             k = min(cfg.topk, world * k_local)
             # in row chunks: the [rows, k x TP] temporaries stay small next to the logits (~96
-            # bytes per candidate: ids, keys, selection, exps; counted 48, (c)'s peak at TP 2
-            # read +14 to +17 MiB over megatron-core's, +11 with 96)
+            # bytes per candidate: ids, selection, exps, sums; benchmarks/README.md has (c)'s
+            # peak at TP 2)
             chunks = [_topk_stage(gathered[:, rows], logit_max[rows], k_local, k,
                                   self.candidates_all_in_topk, impl)
                       for rows in _row_chunks(target.shape[0], STAGE3_BYTES_PER_CANDIDATE * world
