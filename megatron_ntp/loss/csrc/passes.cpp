@@ -235,10 +235,6 @@ void check_per_row(const torch::Tensor& t, int64_t rows, const char* name) {
               "gradient: ", name, " must be a contiguous float32 [N] CPU tensor, N = ", rows);
 }
 
-}  // namespace
-
-namespace {
-
 // The sums S, T of z[0, n) at m (m = -inf: the row is -inf everywhere, sums 0).
 void exp_sums(const float* z, int64_t n, float m, bool avx2, double* s, double* t) {
   *s = *t = 0;
