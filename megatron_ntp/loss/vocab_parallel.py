@@ -10,7 +10,9 @@ megatron_ntp/loss/fused.py and megatron_ntp/loss/README.md:
      k' = min(k, V_local) candidates, searched only in the k blocks whose maxima rank first
      (megatron_ntp/loss/topk.py); the target logit if the target is in the shard;
   2. ONE all-gather of [N, 4 + 2k'] values per rank: (m_r, S_r, T_r, z_x, k' logits, k' ids),
-     in the compute dtype (float64 only when float32 cannot hold every token id exactly);
+     in the compute dtype (float64 only when float32 cannot hold every token id exactly), in
+     place: stage 1 writes its rank's slot of the [TP, N, 4 + 2k'] result (on CPU, where
+     gloo's all-gather copies through a temporary, an all-reduce of the zeroed other slots);
   3. on every rank alike, from the gathered values: rows with NaN/+inf logits are refused (the
      same decision on every rank, after the one collective); the global max m, S and T
      rescaled to m, the global K threshold from the k * TP candidates (K lies within them) and
@@ -56,18 +58,42 @@ def _group_rank_size(tp_group):
     return dist.get_rank(tp_group), dist.get_world_size(tp_group)
 
 
-def _all_gather(tensor: torch.Tensor, tp_group, world: int) -> torch.Tensor:
-    """[N, C] on each rank -> [world, N, C]."""
+def _exchange_buffer(rows: int, columns: int, dtype, device, world: int) -> torch.Tensor:
+    """[world, N, C]: stage 1 writes this rank's slot, _exchange fills the others. On the CPU
+    (gloo) the other slots start at zero (see _exchange)."""
+    if device.type == "cpu" and world > 1:
+        return torch.zeros(world, rows, columns, dtype=dtype, device=device)
+    return torch.empty(world, rows, columns, dtype=dtype, device=device)
+
+
+def _exchange(gathered: torch.Tensor, rank: int, tp_group, world: int) -> None:
+    """Every rank's [N, C] slot of gathered [world, N, C] from the rank that wrote it, in place.
+    CPU tensors go through gloo, whose all-gather copies through a flat temporary as large as
+    the output (ProcessGroupGloo::allgather) while its all-reduce works in place: there the
+    other slots are zero (_exchange_buffer) and a sum is the gather."""
     if world == 1:
-        return tensor[None]
-    gathered = tensor.new_empty(world, *tensor.shape)  # written in place: no list, no stack
-    flat = gathered.view(-1, tensor.shape[-1])
+        return
+    if gathered.device.type == "cpu":
+        _sum_zeroed_slots(gathered, tp_group)
+    else:
+        _all_gather_in_place(gathered, rank, tp_group)
+
+
+def _all_gather_in_place(gathered: torch.Tensor, rank: int, tp_group) -> None:
+    """An all-gather with no input buffer of its own: the input is this rank's slot of the
+    output (NCCL's in-place form, as FSDP2 gathers its parameters)."""
+    flat = gathered.view(-1, gathered.shape[-1])
     gather_single = getattr(dist, "all_gather_single", None)  # torch >= 2.13
     if gather_single is None:
-        dist.all_gather_into_tensor(flat, tensor.contiguous(), group=tp_group)
+        dist.all_gather_into_tensor(flat, gathered[rank], group=tp_group)
     else:
-        gather_single(flat, tensor.contiguous(), group=tp_group)
-    return gathered
+        gather_single(flat, gathered[rank], group=tp_group)
+
+
+def _sum_zeroed_slots(gathered: torch.Tensor, tp_group) -> None:
+    """The gather as an in-place all-reduce(SUM), every rank's other slots zero: x + 0 is exact
+    for every value (-inf, NaN and token ids included; -0 comes back as +0, equal to it)."""
+    dist.all_reduce(gathered, group=tp_group)
 
 
 def _pack_dtype(compute_dtype: torch.dtype, vocab: int) -> torch.dtype:
@@ -155,16 +181,17 @@ class ShardForward:
 
         with record_function(STAGE_LABELS[0]):
             # stage 1 views rows as blocks: a strided shard is copied (the caller's is not)
-            packed = self._shard_stage(logits.contiguous(), cfg, vocab_start, world)
-        self.candidates = packed[:, 4:]
-        self.k_local = k_local = (packed.shape[-1] - 4) // 2
+            gathered = self._shard_stage(logits.contiguous(), cfg, rank, world)
+        self.k_local = k_local = (gathered.shape[-1] - 4) // 2
         self.candidates_all_in_topk = cfg.topk >= world * k_local  # K: every candidate
         with record_function(STAGE_LABELS[1]):
-            gathered = _all_gather(packed, tp_group, world)  # [world, N, 4 + 2k']
-        del packed
+            _exchange(gathered, rank, tp_group, world)  # [world, N, 4 + 2k'], every slot
         with record_function(STAGE_LABELS[2]):
             self.terms = self._combine_stage(gathered, logits.dtype, target, valid, cfg,
                                              k_local, world, vocab_start)
+        # backward needs this rank's candidates only: a copy, so the other ranks' are freed
+        own = gathered[rank, :, 4:]
+        self.candidates = own if world == 1 else own.clone()
 
     def _combine_stage(self, gathered, dtype, target, valid, cfg, k_local, world, vocab_start):
         """Stage 3 on the gathered [world, N, 4 + 2k'] values: TokenTerms of [N] tensors."""
@@ -197,16 +224,20 @@ class ShardForward:
         target_in_topk = is_member(target_logit[:, None], target[:, None], kth_value, kth_index)[:, 0]
         return combine_token_sums(cfg, logit_max, sums, target_in_topk, valid)
 
-    def _shard_stage(self, logits, cfg, vocab_start, world) -> torch.Tensor:
-        """Stage 1: [N, 4 + 2k'] (m_r, S_r, T_r, z_x or 0, k' candidate logits, k' global ids),
-        each row chunk (whose block sums fit the budget) written straight into it. On CPU
-        (one kernel) with one shard, also K's terms for stage 3 (self._single_shard_topk)."""
+    def _shard_stage(self, logits, cfg, rank, world) -> torch.Tensor:
+        """Stage 1 into this rank's slot of the exchange buffer [world, N, 4 + 2k'] (returned):
+        m_r, S_r, T_r, z_x or 0, k' candidate logits, k' global ids; each row chunk (whose
+        block sums fit the budget) written straight into it. On CPU (one kernel) with one
+        shard, also K's terms for stage 3 (self._single_shard_topk)."""
         vocab_local = logits.shape[-1]
+        vocab_start = rank * vocab_local
         block = passes.block_size(vocab_local)
         k = min(cfg.topk, vocab_local)
         select_block = select_block_size(vocab_local, block, k)
-        packed = logits.new_empty(logits.shape[0], 4 + 2 * k,
-                                  dtype=_pack_dtype(logits.dtype, vocab_local * world))
+        gathered = _exchange_buffer(logits.shape[0], 4 + 2 * k,
+                                    _pack_dtype(logits.dtype, vocab_local * world),
+                                    logits.device, world)
+        packed = gathered[rank]  # [N, 4 + 2k']
         safe_local = torch.where(self.target_here, self.target_local, 0)[:, None]
         packed[:, 3] = torch.where(self.target_here, logits.gather(-1, safe_local)[:, 0], 0.0)
         # on CPU one kernel: each row's sums and top-k search while the row is in cache
@@ -222,7 +253,7 @@ class ShardForward:
         for rows in _row_chunks(logits.shape[0], bytes_per_row, self.impl, logits.device):
             self._shard_rows(logits[rows], k, block, select_block, vocab_start, packed[rows],
                              kernel, rows)
-        return packed
+        return gathered
 
     def _shard_rows(self, logits, k, block, select_block, vocab_start, out, kernel, rows):
         """Stage 1 on some rows, into out [n, 4 + 2k] (all but column 3, the target logit)."""
@@ -264,15 +295,16 @@ class ShardForward:
         k = self.k_local
         values = self.candidates[:, :k].to(logits.dtype)
         ids = self.candidates[:, k:].long()
+        topk_coef, tail_coef = scaled(terms.topk_coef), scaled(terms.tail_coef)  # [N] each
         if self.candidates_all_in_topk:
-            coefs = scaled(terms.topk_coef)[:, None].expand(-1, k)
-        else:
+            coefs = topk_coef[:, None].expand(-1, k)
+        else:  # one [N, k'] coefficient tensor (scaling [N] first, not after)
             member = is_member(values, ids, self.kth_value, self.kth_index)
-            coefs = scaled(torch.where(member, terms.topk_coef[:, None], terms.tail_coef[:, None]))
+            coefs = torch.where(member, topk_coef[:, None], tail_coef[:, None])
             del member
         columns = ids.sub_(self.vocab_start)  # in place: one [N, k'] int64 temporary fewer
         target_column = torch.where(self.target_here, self.target_local, -1)
-        return passes.gradient(logits, terms.log_normalizer, scaled(terms.tail_coef), inplace,
+        return passes.gradient(logits, terms.log_normalizer, tail_coef, inplace,
                                self.impl, candidates=(columns, values, coefs),
                                target=(target_column, scaled(terms.target_grad)))
 

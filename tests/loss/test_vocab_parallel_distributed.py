@@ -13,8 +13,9 @@ from megatron_ntp.loss import (
     reference_shaped_loss,
     vocab_parallel_shaped_loss,
 )
-from tests.distributed import run_distributed
+from megatron_ntp.loss import vocab_parallel
 from megatron_ntp.loss.vocab_parallel import NONFINITE_LOGITS
+from tests.distributed import run_distributed
 from tests.loss.cases import SETTINGS, make_inputs, nonfinite_cases, tied_bf16_logits
 
 # V = 1000 exercises the blocked shard selection for small k (V_local 1000/500/250, whose last
@@ -76,17 +77,30 @@ def _record_collectives(log):
     return originals
 
 
+def _gpu_exchange(gathered, rank, tp_group, world):
+    """vocab_parallel._exchange's GPU branch (the in-place all-gather), run on gloo tensors."""
+    if world > 1:
+        vocab_parallel._all_gather_in_place(gathered, rank, tp_group)
+
+
 def _check_communication(failures, group, rank, world):
-    """Per token and rank: 4 values + k (value, id) pairs, in one float32 all-gather (float32
-    holds these ids exactly); nothing in backward; never O(V). Before torch 2.13 (no
-    dist.all_gather_single) the same gather goes through all_gather_into_tensor."""
+    """Per token and rank: 4 values + k (value, id) pairs, in one float32 exchange (float32
+    holds these ids exactly); nothing in backward; never O(V). CPU tensors exchange by one
+    in-place all-reduce of the [TP, N, 4 + 2k] buffer (other slots zero); the GPU branch, an
+    in-place all-gather, runs here on gloo too and gives the same loss and gradient bit for
+    bit, also through all_gather_into_tensor (torch < 2.13 has no dist.all_gather_single)."""
     vocab = 28000
     logits, target = make_inputs(vocab, seed=7, dtype=torch.float32)
-    for name, k, old_torch in (("tail_suppression", 100, False), ("precision", 0, False),
-                               ("tail_suppression", 100, True)):
+    reference = {}
+    for name, k, gpu_branch, old_torch in (
+            ("tail_suppression", 100, False, False), ("precision", 0, False, False),
+            ("tail_suppression", 100, True, False), ("tail_suppression", 100, True, True)):
         shard = _shard(logits, rank, world).requires_grad_()
         log = []
         originals = _record_collectives(log)
+        cpu_exchange = vocab_parallel._exchange
+        if gpu_branch:
+            vocab_parallel._exchange = _gpu_exchange
         if old_torch:
             del dist.all_gather_single
         try:
@@ -94,18 +108,22 @@ def _check_communication(failures, group, rank, world):
             forward_log = list(log)
             loss.sum().backward()
         finally:
+            vocab_parallel._exchange = cpu_exchange
             for collective, original in originals.items():
                 setattr(dist, collective, original)
-        if old_torch:
-            reference, _ = vocab_parallel_shaped_loss(_shard(logits, rank, world), target,
-                                                      SETTINGS[name], group)
-            _compare(failures, "loss without all_gather_single", loss, reference, atol=0.0)
+        label = f"{name} (GPU branch{', torch < 2.13' if old_torch else ''})" if gpu_branch else name
+        if gpu_branch:
+            _compare(failures, f"{label} loss", loss, reference[name][0], atol=0.0)
+            _compare(failures, f"{label} gradient", shard.grad, reference[name][1], atol=0.0)
+        else:
+            reference[name] = (loss.detach(), shard.grad)
+        size = target.numel() * (4 + 2 * k) * world
         expected = [] if world == 1 else [
-            ("all_gather", target.numel() * (4 + 2 * k) * world, torch.float32)]
+            ("all_gather" if gpu_branch else "all_reduce", size, torch.float32)]
         if forward_log != expected:
-            failures.append(f"{name}: forward collectives {forward_log}, expected {expected}")
+            failures.append(f"{label}: forward collectives {forward_log}, expected {expected}")
         if log != forward_log:
-            failures.append(f"{name}: backward ran collectives: {log[len(forward_log):]}")
+            failures.append(f"{label}: backward ran collectives: {log[len(forward_log):]}")
 
 
 def _check_megatron_cross_entropy(failures, group, rank, world):
