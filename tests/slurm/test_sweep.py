@@ -44,8 +44,10 @@ def _spec(tmp_path, data) -> str:
         "settings": ["cross_entropy", "precision"],
         "budgets": {"flops": BUDGETS},
         "schedule": {"warmup_fraction": 0.1, "decay_fraction": 0.2},
+        # one-CPU jobs that share the node: --oversubscribe overrides the batch script's
+        # --exclusive (as --mem its --mem=0), so two run at once on two cores
         "slurm": {"gpus_per_node": 0, "nproc_per_node": 1,
-                  "sbatch_args": ["--cpus-per-task=1", "--mem=1500"],
+                  "sbatch_args": ["--cpus-per-task=1", "--mem=1500", "--oversubscribe"],
                   "env": {"OMP_NUM_THREADS": 1}},
     }
     path = tmp_path / "spec.yaml"
