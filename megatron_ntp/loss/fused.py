@@ -35,30 +35,14 @@ STAT_NAMES = ("loss", "ce", "entropy", "topk_mass")
 MATMUL_LABELS = ("shaped_loss.logits_matmul", "shaped_loss.gradient_matmuls")
 
 
-CPU_LOGITS_SLICE = 2048  # vocabulary rows per logits matmul on CPU (see _logits)
-
-
-def _logits(tokens, weight, out, scratch=None):
+def _logits(tokens, weight, out):
     """[c, H] x [V_local, H] -> out [c, V_local] (the compute dtype), one buffer reused by every
     chunk: on CPU a fresh 64 MiB allocation is returned to the system when freed and pays its
-    page faults again at every chunk (~5% of the matmul's time at ~110-token chunks, measured).
-
-    On CPU with float32 activations the matmul runs as weight slices x tokens^T, each
-    [CPU_LOGITS_SLICE, c] result (scratch, [CPU_LOGITS_SLICE, >= c]) copied transposed into
-    out: MKL runs this layout ~25% faster than [c, H] x [H, V_local] for c ~ 110 (1024 x
-    151,936, "AMD EPYC", benchmarks/README.md), and the products are the same dot products."""
+    page faults again at every chunk (~5% of the matmul's time at ~110-token chunks, measured)."""
     with record_function(MATMUL_LABELS[0]):
-        tokens, weight = tokens.detach(), weight.detach()  # out= takes no part in autograd
-        if tokens.dtype != out.dtype:
-            return out.copy_(tokens @ weight.t())
-        if scratch is None:
-            return torch.mm(tokens, weight.t(), out=out)
-        rows = tokens.shape[0]
-        for start in range(0, weight.shape[0], CPU_LOGITS_SLICE):
-            end = min(start + CPU_LOGITS_SLICE, weight.shape[0])
-            part = torch.mm(weight[start:end], tokens.t(), out=scratch[: end - start, :rows])
-            out[:, start:end].copy_(part.t())
-        return out
+        if tokens.dtype == out.dtype:  # out= takes no part in autograd: detached operands
+            return torch.mm(tokens.detach(), weight.detach().t(), out=out)
+        return out.copy_(tokens @ weight.t())
 
 
 def _chunks(num_tokens: int, vocab_local: int, chunk_tokens):
@@ -67,16 +51,10 @@ def _chunks(num_tokens: int, vocab_local: int, chunk_tokens):
 
 
 def _logits_buffer(chunks, tokens, weight):
-    """(logits [largest chunk, V_local] in the compute dtype: every chunk's logits, one after
-    another; _logits' scratch on CPU, else None)."""
+    """[largest chunk, V_local] in the compute dtype: every chunk's logits, one after another."""
     rows = max(end - start for start, end in chunks)
-    dtype = compute_dtype_for(tokens.dtype)
-    logits = torch.empty(rows, weight.shape[0], dtype=dtype, device=tokens.device)
-    scratch = None
-    if tokens.device.type == "cpu" and tokens.dtype == dtype:
-        scratch = torch.empty(min(CPU_LOGITS_SLICE, weight.shape[0]), rows, dtype=dtype,
-                              device=tokens.device)
-    return logits, scratch
+    return torch.empty(rows, weight.shape[0], dtype=compute_dtype_for(tokens.dtype),
+                       device=tokens.device)
 
 
 class _Gradients:
@@ -100,10 +78,7 @@ class _Gradients:
         if self.hidden is not None:
             self.hidden[start:end] = grad_logits.to(self.weight.dtype) @ self.weight
         if self.weight_grad is not None:
-            # as [H, V_local] += [H, c] x [c, V_local]: the same products, ~25% faster in MKL
-            # than [V_local, c] x [c, H] at c ~ 110 (benchmarks/README.md)
-            tokens = self.tokens[start:end].to(self.compute_dtype)
-            self.weight_grad.t().addmm_(tokens.t(), grad_logits)
+            self.weight_grad.addmm_(grad_logits.t(), self.tokens[start:end].to(self.compute_dtype))
 
     def finish(self, hidden_shape, tp_group):
         """(hidden gradient or None, weight gradient or None) in the inputs' dtypes."""
@@ -122,11 +97,10 @@ def _forward_chunks(tokens, weight, target, cfg, tp_group, chunk_tokens, impl, o
     """Stages 1-3 per chunk; on_chunk(start, end, shard, logits) may use the chunk's logits.
     Returns the chunks and the per-token outputs (STAT_NAMES) as [N] tensors."""
     chunks = _chunks(tokens.shape[0], weight.shape[0], chunk_tokens)
-    buffer, scratch = _logits_buffer(chunks, tokens, weight)
+    buffer = _logits_buffer(chunks, tokens, weight)
     shards = []
     for start, end in chunks:
-        # [c, V_local]
-        logits = _logits(tokens[start:end], weight, buffer[: end - start], scratch)
+        logits = _logits(tokens[start:end], weight, buffer[: end - start])  # [c, V_local]
         shards.append(ShardForward(logits, target[start:end], cfg, tp_group, impl))
         on_chunk(start, end, shards[-1], logits)
         del logits
@@ -153,9 +127,9 @@ class _FusedLinearShapedLoss(torch.autograd.Function):
         tokens = hidden.reshape(-1, hidden.shape[-1])
         grad_loss = grad_loss.reshape(-1)
         grads = _Gradients(tokens, weight, *ctx.needs_input_grad[:2])
-        buffer, scratch = _logits_buffer(ctx.chunks, tokens, weight)
+        buffer = _logits_buffer(ctx.chunks, tokens, weight)
         for (start, end), shard in zip(ctx.chunks, ctx.shards):
-            logits = _logits(tokens[start:end], weight, buffer[: end - start], scratch)  # again
+            logits = _logits(tokens[start:end], weight, buffer[: end - start])  # recomputed
             grads.add_chunk(start, end, shard, logits, grad_loss[start:end])
             del logits
         return *grads.finish(hidden.shape, ctx.tp_group), None, None, None, None, None

@@ -260,20 +260,3 @@ def test_strided_logits_equal_contiguous(overwrite):
         results.append((loss, grad, stats["topk_mass"]))
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
-
-
-def test_fused_logits_in_vocabulary_slices_equal_one_matmul():
-    # the fused head's CPU logits (weight slices x tokens^T, copied transposed, the last slice
-    # short) and the one-matmul form GPUs run, against tokens @ weight.T
-    from megatron_ntp.loss.fused import CPU_LOGITS_SLICE, _logits, _logits_buffer
-
-    gen = torch.Generator().manual_seed(5)
-    vocab = 2 * CPU_LOGITS_SLICE + 904
-    tokens, weight = torch.randn(9, 48, generator=gen), torch.randn(vocab, 48, generator=gen)
-    buffer, scratch = _logits_buffer([(0, 9)], tokens, weight)
-    assert scratch.shape == (CPU_LOGITS_SLICE, 9)
-    want = tokens.double() @ weight.double().t()  # entries ~7: float32 sums agree to ~1e-5
-    torch.testing.assert_close(_logits(tokens[:7], weight, buffer[:7], scratch).double(),
-                               want[:7], rtol=0, atol=1e-5)
-    torch.testing.assert_close(_logits(tokens, weight, buffer, None).double(), want, rtol=0,
-                               atol=1e-5)
