@@ -58,23 +58,14 @@ def _group_rank_size(tp_group):
     return dist.get_rank(tp_group), dist.get_world_size(tp_group)
 
 
-def _exchange_buffer(rows: int, columns: int, dtype, device, world: int) -> torch.Tensor:
-    """[world, N, C]: stage 1 writes this rank's slot, _exchange fills the others. On the CPU
-    (gloo) the other slots start at zero (see _exchange)."""
-    if device.type == "cpu" and world > 1:
-        return torch.zeros(world, rows, columns, dtype=dtype, device=device)
-    return torch.empty(world, rows, columns, dtype=dtype, device=device)
-
-
 def _exchange(gathered: torch.Tensor, rank: int, tp_group, world: int) -> None:
     """Every rank's [N, C] slot of gathered [world, N, C] from the rank that wrote it, in place.
     CPU tensors go through gloo, whose all-gather copies through a flat temporary as large as
-    the output (ProcessGroupGloo::allgather) while its all-reduce works in place: there the
-    other slots are zero (_exchange_buffer) and a sum is the gather."""
+    the output (ProcessGroupGloo::allgather) while its all-reduce works in place."""
     if world == 1:
         return
     if gathered.device.type == "cpu":
-        _sum_zeroed_slots(gathered, tp_group)
+        _sum_with_other_slots_zeroed(gathered, rank, tp_group)
     else:
         _all_gather_in_place(gathered, rank, tp_group)
 
@@ -90,9 +81,11 @@ def _all_gather_in_place(gathered: torch.Tensor, rank: int, tp_group) -> None:
         gather_single(flat, gathered[rank], group=tp_group)
 
 
-def _sum_zeroed_slots(gathered: torch.Tensor, tp_group) -> None:
-    """The gather as an in-place all-reduce(SUM), every rank's other slots zero: x + 0 is exact
-    for every value (-inf, NaN and token ids included; -0 comes back as +0, equal to it)."""
+def _sum_with_other_slots_zeroed(gathered: torch.Tensor, rank: int, tp_group) -> None:
+    """The gather as an in-place all-reduce(SUM), each rank's other slots zeroed first: x + 0
+    is exact for every value (-inf, NaN and token ids included; -0 comes back as +0, equal)."""
+    gathered[:rank].zero_()
+    gathered[rank + 1 :].zero_()
     dist.all_reduce(gathered, group=tp_group)
 
 
@@ -229,14 +222,12 @@ class ShardForward:
         m_r, S_r, T_r, z_x or 0, k' candidate logits, k' global ids; each row chunk (whose
         block sums fit the budget) written straight into it. On CPU (one kernel) with one
         shard, also K's terms for stage 3 (self._single_shard_topk)."""
-        vocab_local = logits.shape[-1]
-        vocab_start = rank * vocab_local
+        vocab_local, vocab_start = logits.shape[-1], self.vocab_start
         block = passes.block_size(vocab_local)
         k = min(cfg.topk, vocab_local)
         select_block = select_block_size(vocab_local, block, k)
-        gathered = _exchange_buffer(logits.shape[0], 4 + 2 * k,
-                                    _pack_dtype(logits.dtype, vocab_local * world),
-                                    logits.device, world)
+        gathered = logits.new_empty(world, logits.shape[0], 4 + 2 * k,
+                                    dtype=_pack_dtype(logits.dtype, vocab_local * world))
         packed = gathered[rank]  # [N, 4 + 2k']
         safe_local = torch.where(self.target_here, self.target_local, 0)[:, None]
         packed[:, 3] = torch.where(self.target_here, logits.gather(-1, safe_local)[:, 0], 0.0)
