@@ -16,8 +16,16 @@ The extension is built with the C++ compiler torch.compile already needs and nin
 dependency; about 30 s, cached under torch's extension folder, $TORCH_EXTENSIONS_DIR).
 LossImpl(selection="keys") and LossImpl(passes="compiled") use the torch paths on CPU too; if
 the build fails, those are used with a warning.
+
+torch guards a build folder with a `lock` file that only the builder removes: a build killed
+midway (Ctrl-C, scancel, a preempted job) leaves it, and every later load waits on it forever,
+even where the library is built. Here every process that builds or loads the extension first
+takes an flock on the folder (released by the kernel when its holder dies), so a `lock` file
+found while holding it is such a leftover and is removed, with a warning.
 """
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import os
@@ -32,29 +40,53 @@ _SOURCES = [os.path.join(_CSRC, name) for name in ("bindings.cpp", "first_k.cpp"
 _HEADERS = [os.path.join(_CSRC, "kernels.h")]
 
 
+def extension_name() -> str:
+    """The extension's name, with the sources' hash in it: two checkouts with different sources
+    (or versions) get their own build folders instead of rebuilding over each other."""
+    digest = hashlib.sha256()
+    for path in _SOURCES + _HEADERS:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return f"megatron_ntp_cpu_kernels_{digest.hexdigest()[:12]}"
+
+
 @functools.cache
 def _extension():
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import _get_build_directory, load
 
     # torch runs `ninja` from PATH; the pip-installed one sits beside this interpreter, which is
     # not on PATH when the venv is used without activating it (.venv/bin/python -m pytest).
     venv_bin = os.path.dirname(sys.executable)
     if shutil.which("ninja") is None and shutil.which("ninja", path=venv_bin):
         os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
-    # The sources' hash in the name: two checkouts with different sources (or versions) get
-    # their own build folders instead of rebuilding over each other under one build lock.
-    digest = hashlib.sha256()
-    for path in _SOURCES + _HEADERS:
-        with open(path, "rb") as f:
-            digest.update(f.read())
+    name = extension_name()
     try:
-        return load(name=f"megatron_ntp_cpu_kernels_{digest.hexdigest()[:12]}", sources=_SOURCES,
-                    extra_include_paths=[_CSRC], extra_cflags=["-O3", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"])
+        build_directory = _get_build_directory(name, verbose=False)  # created if absent
+        with _only_builder(build_directory):
+            return load(name=name, sources=_SOURCES, build_directory=build_directory,
+                        extra_include_paths=[_CSRC], extra_cflags=["-O3", "-fopenmp"],
+                        extra_ldflags=["-fopenmp"])
     except Exception as err:  # no compiler, headers, ...: the torch paths still work
         warnings.warn(f"megatron_ntp: building the CPU kernels ({_CSRC}) failed, using "
                       f"torch.topk and torch.compile instead (slower): {err}")
         return None
+
+
+@contextlib.contextmanager
+def _only_builder(build_directory: str):
+    """Hold an exclusive flock on `build_directory`; remove torch's build lock if one is there
+    (with the flock held, no live process is building: the file outlived a killed build)."""
+    with open(os.path.join(build_directory, "megatron_ntp.flock"), "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)  # blocks while another process builds or loads
+        try:
+            stale = os.path.join(build_directory, "lock")
+            if os.path.exists(stale):
+                warnings.warn(f"megatron_ntp: removing {stale}, left by a build of the CPU "
+                              f"kernels that did not finish")
+                os.remove(stale)
+            yield
+        finally:
+            fcntl.flock(guard, fcntl.LOCK_UN)
 
 
 def available_for(values: torch.Tensor) -> bool:

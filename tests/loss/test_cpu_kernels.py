@@ -1,6 +1,11 @@
 """The CPU passes (csrc/passes.cpp) against float64 truth and a stable sort, on both of their
 loops (AVX2 + FMA, and the plain loop that CPUs without them run), edge rows included; and the
-choice of passes."""
+choice of passes; a build lock left by a killed build."""
+
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -175,3 +180,26 @@ def test_passes_choice():
     assert passes.passes_for(logits, LossImpl(passes="compiled")) == "compiled"
     with pytest.raises(ValueError, match="passes='cpu_kernel'.*float64"):
         passes.passes_for(logits.double(), LossImpl(passes="cpu_kernel"))
+
+
+def test_a_build_lock_left_by_a_killed_build_does_not_hang_the_next_run(tmp_path):
+    """torch waits on a build folder's `lock` file until its builder removes it; a build killed
+    midway (Ctrl-C, scancel) leaves it. The next process must load the built kernels, remove
+    the file and say so (torch alone waits forever: the subprocess would time out)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    assert cpu_kernels._extension() is not None  # built (or loaded) in torch's usual folder
+    name = cpu_kernels.extension_name()
+    root = tmp_path / "torch_extensions"
+    # a copy of the built folder (times kept: ninja finds nothing to rebuild) and a stale lock
+    folder = shutil.copytree(_get_build_directory(name, verbose=False), root / name)
+    (folder / "lock").touch()
+    run = subprocess.run(
+        [sys.executable, "-c", "from megatron_ntp.loss import cpu_kernels\n"
+         "assert cpu_kernels._extension() is not None, 'the kernels did not load'"],
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+        env={**os.environ, "TORCH_EXTENSIONS_DIR": str(root)},
+        capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert f"megatron_ntp: removing {folder / 'lock'}, left by a build" in run.stderr
+    assert not (folder / "lock").exists()
