@@ -144,7 +144,7 @@ class FlopsPerToken:
     attends to half the sequence on average)."""
     recompute: int
     """Extra forward FLOPs of activation recomputation (full: one forward of the layers;
-    selective: the attention core)."""
+    selective: the forward of the modules it rebuilds)."""
 
     @property
     def model(self) -> int:
@@ -157,20 +157,45 @@ class FlopsPerToken:
         return self.model + self.recompute
 
 
-def flops_per_token(m, seq_length: int, recompute: str = "none") -> FlopsPerToken:
+def recompute_modules(m, p) -> tuple[str, ...]:
+    """megatron-core's recompute_modules under parallel.recompute='selective' (() otherwise):
+    parallel.recompute_modules, or by default the attention core with local layers and nothing
+    with Transformer Engine layers, whose fused attention keeps no [s, s] scores to recompute."""
+    if p.recompute != "selective":
+        return ()
+    if p.recompute_modules is not None:
+        return tuple(p.recompute_modules)
+    return () if m.transformer_impl == "transformer_engine" else ("core_attn",)
+
+
+def _recomputes_mlp(m, p) -> bool:
+    """Whether selective recompute rebuilds each layer's MLP: "mlp" in a dense model, "moe" in
+    an MoE one (megatron-core's "mlp" skips MoE layers)."""
+    return ("moe" if m.num_experts else "mlp") in recompute_modules(m, p)
+
+
+def flops_per_token(m, seq_length: int, p=None) -> FlopsPerToken:
+    """Training FLOPs per token of model config `m`; p: the ParallelConfig whose recompute
+    settings give the `recompute` term (None: no recompute). Selective recompute counts the
+    matmuls of the modules it rebuilds (core_attn, mlp or moe); layernorm, moe_act and
+    shared_experts (the presets have none) rebuild no matmul."""
     h = m.hidden_size
     q = m.num_attention_heads * m.kv_channels
     kv = m.num_query_groups * m.kv_channels
     vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by)
-    per_layer = h * (q + 2 * kv) + q * h
     if m.num_experts:
-        per_layer += m.num_experts * h + m.moe_router_topk * 3 * h * m.moe_ffn_hidden_size
+        mlp = m.num_experts * h + m.moe_router_topk * 3 * h * m.moe_ffn_hidden_size
     else:
-        per_layer += 3 * h * m.ffn_hidden_size
-    layers_forward = 2 * m.num_layers * per_layer
+        mlp = 3 * h * m.ffn_hidden_size
+    mlp_forward = 2 * m.num_layers * mlp
+    layers_forward = 2 * m.num_layers * (h * (q + 2 * kv) + q * h) + mlp_forward
     attention_forward = 2 * m.num_layers * q * seq_length  # 2 matmuls * 2 FLOPs * s/2
-    extra = {"none": 0, "selective": attention_forward,
-             "full": layers_forward + attention_forward}[recompute]
+    extra = 0
+    if p is not None and p.recompute == "full":
+        extra = layers_forward + attention_forward
+    elif p is not None and p.recompute == "selective":
+        extra = ((attention_forward if "core_attn" in recompute_modules(m, p) else 0)
+                 + (mlp_forward if _recomputes_mlp(m, p) else 0))
     return FlopsPerToken(matmul=3 * (layers_forward + 2 * vocab * h),
                          attention=3 * attention_forward, recompute=extra)
 
@@ -293,9 +318,12 @@ def activation_bytes_per_layer(m, p, micro_batch_size: int, seq_length: int,
     (norm inputs, linear inputs) are sharded by TP only under sequence parallelism; the
     attention and MLP interiors are sharded by TP. The attention core keeps q, k, v and its
     output; the local (unfused) attention also keeps the softmax probabilities,
-    heads * seq per token, unless recompute=selective rebuilds them. MoE layers keep the router
-    logits (fp32) of this rank's tokens and, per routed copy of a token on this rank, the
-    permuted input, the expert interior and the expert output (balanced routing assumed).
+    heads * seq per token, unless selective recompute rebuilds them (core_attn). MoE layers
+    keep the router logits (fp32) of this rank's tokens and, per routed copy of a token on this
+    rank, the permuted input, the expert interior and the expert output (balanced routing
+    assumed). A layer whose MLP selective recompute rebuilds (mlp, or moe in an MoE model)
+    keeps its input only; backward's rebuilt interior of one layer at a time is not counted,
+    nor what layernorm and moe_act recompute save.
 
     The count follows Transformer Engine's fused norms (a norm fused into the next linear keeps
     its input and output once); the SwiGLU is megatron-core's unfused one in either
@@ -315,7 +343,7 @@ def activation_bytes_per_layer(m, p, micro_batch_size: int, seq_length: int,
     if m.qk_layernorm:
         per_token += (q + kv) / tp
     per_token += (q + 2 * kv) / tp + q / tp  # q, k, v into attention; attention output
-    if m.transformer_impl == "local" and p.recompute != "selective":
+    if m.transformer_impl == "local" and "core_attn" not in recompute_modules(m, p):
         per_token += m.num_attention_heads / tp * seq_length  # softmax probabilities
     per_token += q / tp  # output projection input
     # SwiGLU as megatron-core 0.19 builds it here (bias_activation_fusion off, mlp.py's glu):
@@ -323,7 +351,9 @@ def activation_bytes_per_layer(m, p, micro_batch_size: int, seq_length: int,
     # for offset 0) and the product, the down projection's input (f). Experts multiply the
     # product by the routing probabilities first (one f more).
     swiglu, expert_swiglu = 5, 6
-    if m.num_experts:
+    if _recomputes_mlp(m, p):
+        pass  # checkpointed: the MLP keeps its input only (counted above)
+    elif m.num_experts:
         k, fm, etp = m.moe_router_topk, m.moe_ffn_hidden_size, p.expert_tensor
         # MoE with TP > 1 runs with sequence parallelism (megatron-core raises otherwise in
         # training): the router sees this rank's tokens / tp; the dispatcher then gathers over

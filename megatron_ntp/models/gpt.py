@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_ntp.config.schema import Config
-from megatron_ntp.models.counting import padded_vocab_size
+from megatron_ntp.models.counting import padded_vocab_size, recompute_modules
 from megatron_ntp.session import local_device
 
 
@@ -81,10 +81,8 @@ def recompute_settings(config: Config) -> dict:
     scores, so under it the default recomputes nothing (parallel.recompute_modules chooses)."""
     m, p = config.model, config.parallel
     if p.recompute == "selective":
-        modules = p.recompute_modules
-        if modules is None:
-            modules = () if m.transformer_impl == "transformer_engine" else ("core_attn",)
-        return dict(recompute_granularity="selective", recompute_modules=list(modules))
+        return dict(recompute_granularity="selective",
+                    recompute_modules=list(recompute_modules(m, p)))
     if p.recompute == "full":
         return dict(recompute_granularity="full", recompute_method="uniform",
                     recompute_num_layers=p.recompute_num_layers)

@@ -8,6 +8,7 @@ from megatron_ntp.models.counting import (
     flops_per_token,
     memory_per_gpu,
     padded_vocab_size,
+    recompute_modules,
 )
 from megatron_ntp.models.gpt import fp8_settings, fusion_settings, recompute_settings
 from megatron_ntp.models.presets import NOMINAL_PARAMS, PRESETS, preset_model_config
@@ -18,12 +19,17 @@ def billions(n: float) -> str:
     return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
 
 
+def _modules(m, p) -> str:
+    """' [core_attn, mlp]': the modules selective recompute rebuilds; '' for none/full."""
+    return f" [{', '.join(recompute_modules(m, p))}]" if p.recompute == "selective" else ""
+
+
 def format_plan(config) -> str:
     """Report for a validated Config (parallel.data resolved)."""
     m, p, t = config.model, config.parallel, config.train
     seq = config.data.seq_length
     counts = count_params(m)
-    flops = flops_per_token(m, seq, p.recompute)
+    flops = flops_per_token(m, seq, p)
     vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, p.tensor)
     batch = BatchLayout(config)
     sequences, microbatches = batch.global_sequences, batch.num_microbatches
@@ -44,7 +50,8 @@ def format_plan(config) -> str:
         f"{billions(counts.total_non_embedding)}), active {billions(counts.active)} "
         f"(non-embedding {billions(counts.active_non_embedding)})",
         f"FLOPs/token  {flops.model:.3e} train (fwd+bwd; matmul {flops.matmul:.3e} + attention "
-        f"{flops.attention:.3e} at seq {seq}), {flops.hardware:.3e} with recompute={p.recompute}",
+        f"{flops.attention:.3e} at seq {seq}), {flops.hardware:.3e} executed with recompute="
+        f"{p.recompute}{_modules(m, p)}",
         f"layout       TP {p.tensor} x PP {p.pipeline}"
         f"{f' (x{p.virtual_pipeline} virtual)' if p.virtual_pipeline > 1 else ''} x DP {p.data}"
         f" = {p.tensor * p.pipeline * p.data} GPUs; EP {p.expert}, expert TP {p.expert_tensor}; "

@@ -90,7 +90,7 @@ def _train(config, stream, objects, watch) -> list[dict]:
             f.write(dump_yaml(config))
     writer = MetricsWriter(config.logging.run_dir, rank0, config.logging.tensorboard,
                            config.logging.log_interval, stream)
-    flops = flops_per_token(config.model, layout.seq_length, config.parallel.recompute).model
+    flops = flops_per_token(config.model, layout.seq_length).model
     peak = peak_flops_per_gpu()
     world = dist.get_world_size() if dist.is_initialized() else 1
     save_every = config.checkpoint.save_interval if config.checkpoint.save_dir else 0

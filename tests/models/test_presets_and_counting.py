@@ -87,7 +87,7 @@ def test_flops_per_token_is_6n_plus_attention():
     flops = flops_per_token(m, seq_length=4096)
     assert flops.matmul == 6 * (m.num_layers * layer + m.vocab_size * h)  # + output layer
     assert flops.attention == 3 * 2 * m.num_layers * q * 4096
-    full = flops_per_token(m, 4096, "full")
+    full = flops_per_token(m, 4096, ParallelConfig(recompute="full"))
     assert full.hardware - full.model == 2 * m.num_layers * layer + flops.attention // 3
     # the usual 6N approximation, N = non-embedding + output parameters, within 1%
     counts = count_params(m)
@@ -95,6 +95,32 @@ def test_flops_per_token_is_6n_plus_attention():
     moe = preset_model_config("moe-20b-a1b")
     # an MoE token pays for its active experts only
     assert flops_per_token(moe, 4096).matmul < 6 * count_params(moe).active
+
+
+def test_recompute_flops_count_the_modules_rebuilt():
+    """Selective recompute adds the forward matmuls of the modules megatron-core rebuilds: by
+    default the attention core with local layers and nothing with Transformer Engine layers."""
+    def extra(m, **parallel):
+        flops = flops_per_token(m, 4096, ParallelConfig(**parallel))
+        return flops.hardware - flops.model
+
+    local = preset_model_config("dense-1b")  # local layers
+    te = dataclasses.replace(local, transformer_impl="transformer_engine")
+    q, L = local.num_attention_heads * local.kv_channels, local.num_layers
+    attention = 2 * L * q * 4096  # causal scores and weighted sum, forward
+    mlp = 2 * L * 3 * local.hidden_size * local.ffn_hidden_size
+    assert extra(local) == extra(local, recompute="none") == 0
+    assert extra(local, recompute="selective") == attention
+    assert extra(te, recompute="selective") == 0
+    assert extra(te, recompute="selective", recompute_modules=("core_attn", "mlp")) == (
+        attention + mlp)
+    assert extra(te, recompute="selective", recompute_modules=("layernorm",)) == 0
+    moe = dataclasses.replace(preset_model_config("moe-20b-a1b"),
+                              transformer_impl="transformer_engine")
+    h, L = moe.hidden_size, moe.num_layers
+    experts = 2 * L * (moe.num_experts * h + moe.moe_router_topk * 3 * h * moe.moe_ffn_hidden_size)
+    assert extra(moe, recompute="selective", recompute_modules=("moe",)) == experts
+    assert extra(moe, recompute="selective", recompute_modules=("mlp", "moe_act")) == 0
 
 
 def _memory(name="dense-4b", **parallel):
@@ -124,6 +150,9 @@ def test_memory_rules():
     selective = activation_bytes_per_layer(m, ParallelConfig(recompute="selective"), 1, 512,
                                            act_bytes=4)
     assert local - selective == 4 * m.num_attention_heads * 512 * 512  # fp32 softmax probs
+    mlp_only = activation_bytes_per_layer(
+        m, ParallelConfig(recompute="selective", recompute_modules=("mlp",)), 1, 512, act_bytes=4)
+    assert local - mlp_only == 4 * 5 * m.ffn_hidden_size * 512  # the SwiGLU interior, 5 f
 
 
 def test_preset_loads_as_config_base():
