@@ -21,7 +21,9 @@ torch guards a build folder with a `lock` file that only the builder removes: a 
 midway (Ctrl-C, scancel, a preempted job) leaves it, and every later load waits on it forever,
 even where the library is built. Here every process that builds or loads the extension first
 takes an flock on the folder (released by the kernel when its holder dies), so a `lock` file
-found while holding it is such a leftover and is removed, with a warning.
+found while holding it is such a leftover and is removed, with a warning. The guarantee is as
+wide as the file system's flock: where it is local to a node (Lustre's localflock, NFS with
+nolock), multi-node CPU runs should point $TORCH_EXTENSIONS_DIR at a node-local folder.
 """
 
 import contextlib
@@ -77,7 +79,13 @@ def _only_builder(build_directory: str):
     """Hold an exclusive flock on `build_directory`; remove torch's build lock if one is there
     (with the flock held, no live process is building: the file outlived a killed build)."""
     with open(os.path.join(build_directory, "megatron_ntp.flock"), "a") as guard:
-        fcntl.flock(guard, fcntl.LOCK_EX)  # blocks while another process builds or loads
+        try:
+            fcntl.flock(guard, fcntl.LOCK_EX)  # blocks while another process builds or loads
+        except OSError as err:  # e.g. Lustre mounted without flock: torch's lock alone
+            warnings.warn(f"megatron_ntp: no flock on {guard.name} ({err}); a build lock left "
+                          f"there by a killed build is not cleared")
+            yield
+            return
         try:
             stale = os.path.join(build_directory, "lock")
             if os.path.exists(stale):

@@ -203,3 +203,17 @@ def test_a_build_lock_left_by_a_killed_build_does_not_hang_the_next_run(tmp_path
     assert run.returncode == 0, run.stderr
     assert f"megatron_ntp: removing {folder / 'lock'}, left by a build" in run.stderr
     assert not (folder / "lock").exists()
+
+
+def test_without_flock_the_build_lock_is_left_to_torch(tmp_path, monkeypatch):
+    """A file system without flock (e.g. Lustre without -o flock): the extension still loads
+    under torch's own lock, which is then not cleared (another node may be building)."""
+    def no_flock(*args):
+        raise OSError(38, "Function not implemented")
+
+    (tmp_path / "lock").touch()
+    monkeypatch.setattr(cpu_kernels.fcntl, "flock", no_flock)
+    with pytest.warns(UserWarning, match="no flock on .*megatron_ntp.flock"):
+        with cpu_kernels._only_builder(str(tmp_path)):
+            pass
+    assert (tmp_path / "lock").exists()
