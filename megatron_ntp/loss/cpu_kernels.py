@@ -84,17 +84,13 @@ def _only_builder(build_directory: str):
         except OSError as err:  # e.g. Lustre mounted without flock: torch's lock alone
             warnings.warn(f"megatron_ntp: no flock on {guard.name} ({err}); a build lock left "
                           f"there by a killed build is not cleared")
-            yield
-            return
-        try:
+        else:
             stale = os.path.join(build_directory, "lock")
             if os.path.exists(stale):
                 warnings.warn(f"megatron_ntp: removing {stale}, left by a build of the CPU "
                               f"kernels that did not finish")
                 os.remove(stale)
-            yield
-        finally:
-            fcntl.flock(guard, fcntl.LOCK_UN)
+        yield  # the flock goes with the file's closing
 
 
 def available_for(values: torch.Tensor) -> bool:

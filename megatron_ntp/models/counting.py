@@ -190,12 +190,12 @@ def flops_per_token(m, seq_length: int, p=None) -> FlopsPerToken:
     mlp_forward = 2 * m.num_layers * mlp
     layers_forward = 2 * m.num_layers * (h * (q + 2 * kv) + q * h) + mlp_forward
     attention_forward = 2 * m.num_layers * q * seq_length  # 2 matmuls * 2 FLOPs * s/2
-    extra = 0
     if p is not None and p.recompute == "full":
         extra = layers_forward + attention_forward
-    elif p is not None and p.recompute == "selective":
-        extra = ((attention_forward if "core_attn" in recompute_modules(m, p) else 0)
-                 + (mlp_forward if _recomputes_mlp(m, p) else 0))
+    else:  # selective (recompute_modules gives () otherwise)
+        extra = 0 if p is None else (
+            (attention_forward if "core_attn" in recompute_modules(m, p) else 0)
+            + (mlp_forward if _recomputes_mlp(m, p) else 0))
     return FlopsPerToken(matmul=3 * (layers_forward + 2 * vocab * h),
                          attention=3 * attention_forward, recompute=extra)
 

@@ -13,6 +13,7 @@ import torch
 from megatron_ntp.loss import cpu_kernels, passes
 from megatron_ntp.loss.impl import LossImpl
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 INF, NAN = float("inf"), float("nan")
 NAN_ROWS, NEG_INF_ROW, CONSTANT_ROW, ONE_LIVE_ROW = [4, 5, 8], 6, 9, 10  # rows of _rows
 
@@ -197,7 +198,7 @@ def test_a_build_lock_left_by_a_killed_build_does_not_hang_the_next_run(tmp_path
     run = subprocess.run(
         [sys.executable, "-c", "from megatron_ntp.loss import cpu_kernels\n"
          "assert cpu_kernels._extension() is not None, 'the kernels did not load'"],
-        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+        cwd=ROOT,
         env={**os.environ, "TORCH_EXTENSIONS_DIR": str(root)},
         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
