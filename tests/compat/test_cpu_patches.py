@@ -89,10 +89,14 @@ def test_no_op_in_process_with_monkeypatched_cuda(monkeypatch):
                       len(_get_current_function_mode_stack()))
 
 
+# The group is destroyed at exit, before the interpreter is torn down, as the project's
+# parallel_session does: a gloo group left to interpreter finalization can abort the process
+# ("terminate called without an active exception", rc -6) after the checks have passed.
 EXACT_NORM_SETUP = """
-    import math, tempfile, torch
+    import atexit, math, tempfile, torch
     torch.distributed.init_process_group(
         "gloo", rank=0, world_size=1, init_method=f"file://{tempfile.mktemp()}")
+    atexit.register(torch.distributed.destroy_process_group)
     from megatron_ntp.compat import cpu
     from megatron.core.optimizer import clip_grads, optimizer
     grads = [torch.randn(8192, 128, generator=torch.Generator().manual_seed(0)) * 1e-3,
