@@ -8,6 +8,8 @@ parallel size, forward+backward time and peak memory of:
   (d) fused_linear_shaped_loss (output layer + loss, hidden H)           vs output layer + (a)
   (d') fused_linear_shaped_loss_sum (gradients formed in the forward)   vs output layer + (a)
 (b) and (c) run with overwrite_logits=True, the memory behaviour of (a); (c') without it.
+--fused-chunk-mib sets the fused head's budget per token chunk (the CPU default: 64 MiB, what
+keeps (d')'s peak within the weight gradient + 96 MiB); --fused picks (d), (d') or both.
 Each variant's time per stage (the loss's torch.profiler labels, stages numbered as in
 megatron_ntp/loss/vocab_parallel.py) comes from one more, profiled step (rank 0).
 Peak memory is the process's resident-set high-water mark during the step (reset through
@@ -34,12 +36,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megatron_ntp.loss import (
+    LossImpl,
     ShapedLossConfig,
     fused_linear_shaped_loss,
     fused_linear_shaped_loss_sum,
     vocab_parallel_shaped_loss,
 )
 from megatron_ntp.loss.fused import MATMUL_LABELS
+from megatron_ntp.loss.impl import DEFAULT_FUSED_CHUNK_BYTES
 from megatron_ntp.loss.vocab_parallel import STAGE_LABELS
 from machine import cpu_model  # benchmarks/machine.py (this folder is sys.path[0])
 
@@ -74,20 +78,23 @@ def _loss_variants(group):
     }
 
 
-def _linear_variants(group):
+def _linear_variants(group, args):
+    """The output layer + loss variants: the baseline and those of --fused in args.fused."""
     from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+    impl = LossImpl(fused_chunk_bytes=(args.fused_chunk_mib << 20) or None)
 
     def output_layer_plus_ce(h, w, t):
         # megatron-core's ColumnParallelLinear: identity forward, all-reduce of grad in backward
         logits = copy_to_tensor_model_parallel_region(h, group) @ w.t()
         return _megatron_ce(logits, t, group)
 
-    return {
-        "a_linear": output_layer_plus_ce,
-        "d": lambda h, w, t: fused_linear_shaped_loss(h, w, t, SHAPED, group)[0],
+    fused = {
+        "d": lambda h, w, t: fused_linear_shaped_loss(h, w, t, SHAPED, group, impl=impl)[0],
         "d'": lambda h, w, t: fused_linear_shaped_loss_sum(h, w, t, torch.ones(t.shape),
-                                                           SHAPED, group)[0],
+                                                           SHAPED, group, impl=impl)[0],
     }
+    return {"a_linear": output_layer_plus_ce} | {name: fused[name] for name in args.fused}
 
 
 def _measure(step, make_inputs, repeats, inputs_count):
@@ -146,7 +153,7 @@ def _worker(rank, world, port, args, results):
         measured[name] = _measure(fn, make, args.repeats, inputs_count=True)
         stages[name] = _stage_seconds(fn, make())
         dist.barrier()
-    for name, fn in (_linear_variants(group) if args.linear else {}).items():
+    for name, fn in (_linear_variants(group, args) if args.linear else {}).items():
         fn(torch.randn(64, 32, requires_grad=True), torch.randn(4096, 32, requires_grad=True),
            small_t % (4096 * world)).sum().backward()
         make = lambda: (h.clone().requires_grad_(), w.clone().requires_grad_(), target)  # noqa: E731
@@ -201,10 +208,16 @@ def main():
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--linear", action=argparse.BooleanOptionalAction, default=True,
                         help="also the output-layer variants (d), (d'): minutes per step")
+    parser.add_argument("--fused", nargs="+", choices=["d", "d'"], default=["d", "d'"],
+                        help="which fused variants to run (default both)")
+    parser.add_argument("--fused-chunk-mib", type=int, default=0,
+                        help="the fused head's budget per token chunk, MiB "
+                             "(LossImpl.fused_chunk_bytes; 0: the CPU default, 64)")
     args = parser.parse_args()
     print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores)")
     print(f"tokens {args.tokens}, vocab {args.vocab}, hidden {args.hidden}, float32, "
-          f"{args.threads} threads, torch {torch.__version__}")
+          f"{args.threads} threads, torch {torch.__version__}, fused head chunks "
+          f"{args.fused_chunk_mib or DEFAULT_FUSED_CHUNK_BYTES['cpu'] >> 20} MiB")
     rows = [
         ("(a) megatron-core vocab_parallel_cross_entropy", "a", "a"),
         ("(b) shaped loss, cross-entropy settings", "b", "a"),

@@ -121,7 +121,14 @@ class ModelConfig:
 
     fused_output_loss: bool = False
     """Fuse the output layer with the shaped loss, chunked over tokens, so the [tokens, vocab]
-    logits never exist (saves memory at large vocabularies; backward recomputes the logits)."""
+    logits never exist (saves memory at large vocabularies). In training (the loss mask is
+    known in the forward) each chunk's gradients are formed in the forward; a forward without
+    a loss mask (e.g. scoring) keeps no gradients, its backward would recompute the logits."""
+
+    fused_output_chunk_mib: int = 0
+    """With fused_output_loss: the memory budget of one token chunk (its fp32 logits and their
+    bf16 copy) in MiB; larger chunks run the output layer's matmuls faster and hold more.
+    0: 64 MiB on CPU, 512 MiB on GPUs (megatron_ntp.loss.impl.DEFAULT_FUSED_CHUNK_BYTES)."""
 
     @property
     def is_moe(self) -> bool:

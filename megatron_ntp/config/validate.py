@@ -133,6 +133,12 @@ def _check_model(config: Config, errors):
         errors.append(f"model.fp8={m.fp8!r} needs model.transformer_impl='transformer_engine' "
                       f"(got {m.transformer_impl!r})")
     _positive(errors, model__fp8_amax_history_len=m.fp8_amax_history_len)
+    if m.fused_output_chunk_mib < 0:
+        errors.append(f"model.fused_output_chunk_mib={m.fused_output_chunk_mib} must be >= 0 "
+                      f"(0 = the device's default)")
+    elif m.fused_output_chunk_mib and not m.fused_output_loss:
+        errors.append(f"model.fused_output_chunk_mib={m.fused_output_chunk_mib} needs "
+                      f"model.fused_output_loss=true (it sizes the fused head's chunks)")
 
 
 def _check_parallel(config: Config, errors):

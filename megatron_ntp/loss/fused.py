@@ -3,8 +3,9 @@
 The full [N, V_local] logits never exist: each chunk of tokens gets its logits, its loss and
 stats (megatron_ntp/loss/vocab_parallel.py, stages 1-3), and the chunk's logits are dropped.
 Two ways to get the gradients, each chunk's gradient p * W - w formed in place (stage 4) and
-turned into the hidden-state gradient (matmul in the activation dtype) and the output weight's
-gradient (fp32 accumulation):
+turned into the hidden-state gradient and the output weight's gradient (matmuls in the input
+dtype, the weight gradient summed over chunks in fp32). Tokens per chunk follow from a memory
+budget (LossImpl.fused_chunk_bytes: by default 64 MiB on CPU, 512 MiB on GPUs):
 
 - fused_linear_shaped_loss: per-token loss, any per-token upstream gradient. Only per-token
   scalars and the k' candidates are kept; backward recomputes each chunk's logits (one more
@@ -15,6 +16,8 @@ gradient (fp32 accumulation):
   pattern): no recompute, three matmuls instead of four. The model uses it in training (the
   training step passes the loss mask; megatron_ntp/models/shaped_gpt.py).
 """
+
+import functools
 
 import torch
 import torch.distributed as dist
@@ -29,7 +32,6 @@ from megatron_ntp.loss.vocab_parallel import (
     wants_gradient,
 )
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MiB in fp32
 STAT_NAMES = ("loss", "ce", "entropy", "topk_mass")
 # torch.profiler labels of the matmuls (the stages' labels: vocab_parallel.STAGE_LABELS)
 MATMUL_LABELS = ("shaped_loss.logits_matmul", "shaped_loss.gradient_matmuls")
@@ -45,9 +47,43 @@ def _logits(tokens, weight, out):
         return out.copy_(tokens @ weight.t())
 
 
-def _chunks(num_tokens: int, vocab_local: int, chunk_tokens):
-    step = chunk_tokens or max(1, DEFAULT_CHUNK_ELEMENTS // vocab_local)
+def bytes_per_token(vocab_local: int, dtype: torch.dtype) -> int:
+    """A chunk's memory per token: its logits in the compute dtype and, for bf16/fp16 inputs,
+    their copy in the input dtype (the logits matmul's output, then the gradient the other two
+    matmuls read)."""
+    compute = compute_dtype_for(dtype)
+    return vocab_local * (compute.itemsize + (0 if dtype == compute else dtype.itemsize))
+
+
+def _chunks(tokens, weight, chunk_tokens, impl: LossImpl):
+    """[(start, end)] token ranges: chunk_tokens each, else as many as impl's budget allows."""
+    num_tokens = tokens.shape[0]
+    step = chunk_tokens or impl.fused_tokens_per_chunk(
+        bytes_per_token(weight.shape[0], tokens.dtype), tokens.device)
     return [(start, min(start + step, num_tokens)) for start in range(0, num_tokens, step)]
+
+
+@functools.cache
+def _has_mixed_dtype_addmm(device_type: str) -> bool:
+    """addmm with bf16/fp16 operands into an fp32 out_dtype: torch >= 2.8 on CUDA (cuBLAS)."""
+    return (device_type == "cuda" and hasattr(torch.ops.aten.addmm, "dtype_out")
+            and torch._C._dispatch_has_kernel_for_dispatch_key("aten::addmm.dtype_out", "CUDA"))
+
+
+def add_weight_gradient(accumulator, grad, tokens, grad_logits):
+    """accumulator [V_local, H] += grad^T @ tokens, summed in the accumulator's dtype (fp32).
+
+    grad [c, V_local] and tokens [c, H] are in the input dtype: the products are those of
+    megatron-core's weight-gradient GEMM (bf16 operands, fp32 accumulation and output, as with
+    its gradient-accumulation fusion). grad_logits: the chunk's [c, V_local] buffer in the
+    accumulator's dtype, free to overwrite (used where no mixed-dtype addmm exists).
+    """
+    if grad.dtype == accumulator.dtype:
+        accumulator.addmm_(grad.t(), tokens)
+    elif _has_mixed_dtype_addmm(accumulator.device.type):
+        torch.addmm(accumulator, grad.t(), tokens, out_dtype=accumulator.dtype, out=accumulator)
+    else:  # CPU, or torch < 2.8: the same bf16 operands, multiplied in fp32
+        accumulator.addmm_(grad_logits.copy_(grad).t(), tokens.to(accumulator.dtype))
 
 
 def _logits_buffer(chunks, tokens, weight):
@@ -75,10 +111,11 @@ class _Gradients:
             self._matmuls(start, end, grad_logits)
 
     def _matmuls(self, start, end, grad_logits):
+        grad = grad_logits.to(self.weight.dtype)  # [c, V_local], a copy only for bf16/fp16
         if self.hidden is not None:
-            self.hidden[start:end] = grad_logits.to(self.weight.dtype) @ self.weight
+            self.hidden[start:end] = grad @ self.weight
         if self.weight_grad is not None:
-            self.weight_grad.addmm_(grad_logits.t(), self.tokens[start:end].to(self.compute_dtype))
+            add_weight_gradient(self.weight_grad, grad, self.tokens[start:end], grad_logits)
 
     def finish(self, hidden_shape, tp_group):
         """(hidden gradient or None, weight gradient or None) in the inputs' dtypes."""
@@ -96,7 +133,7 @@ class _Gradients:
 def _forward_chunks(tokens, weight, target, cfg, tp_group, chunk_tokens, impl, on_chunk):
     """Stages 1-3 per chunk; on_chunk(start, end, shard, logits) may use the chunk's logits.
     Returns the chunks and the per-token outputs (STAT_NAMES) as [N] tensors."""
-    chunks = _chunks(tokens.shape[0], weight.shape[0], chunk_tokens)
+    chunks = _chunks(tokens, weight, chunk_tokens, impl)
     buffer = _logits_buffer(chunks, tokens, weight)
     shards = []
     for start, end in chunks:
@@ -194,7 +231,7 @@ def fused_linear_shaped_loss(
             ColumnParallelLinear weight): rank r holds global ids [r * V_local, (r + 1) * V_local).
         target: [...] int64 global token ids; ids outside [0, V) are ignored.
         cfg, tp_group: as for vocab_parallel_shaped_loss.
-        chunk_tokens: tokens per chunk; default: chunks of about 16M logits.
+        chunk_tokens: tokens per chunk; default: as many as impl.fused_chunk_bytes allows.
         impl: how to compute it (megatron_ntp.loss.LossImpl); None: the defaults.
     Returns:
         loss [...] and stats, identical to vocab_parallel_shaped_loss(hidden @ weight.T, ...).

@@ -14,6 +14,11 @@ from dataclasses import dataclass
 SELECTIONS = ("auto", "cpu_scan", "keys")
 # LossImpl.chunk_bytes when None, by device type (accelerators: the "cuda" entry)
 DEFAULT_CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 512 << 20}
+# LossImpl.fused_chunk_bytes when None, by device type. CPU: 64 MiB (~110 tokens of fp32 logits
+# at V = 151,936) keeps the fused head's peak within its fp32 weight gradient + 96 MiB
+# (benchmarks/README.md); GPUs: ~590 tokens at V = 151,936 with bf16 inputs (6 bytes a logit),
+# so the matmuls' token dimension spans several tensor-core tiles.
+DEFAULT_FUSED_CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 512 << 20}
 PASSES = ("auto", "cpu_kernel", "compiled", "eager")
 
 
@@ -39,23 +44,38 @@ class LossImpl:
     (small on CPU, where the loss must not add to megatron-core's peak; large on GPUs, where
     each chunk costs kernel launches)."""
 
+    fused_chunk_bytes: int | None = None
+    """Memory budget of one token chunk of the fused output head (megatron_ntp/loss/fused.py):
+    the chunk's logits in the compute dtype (fp32) and, for bf16/fp16 inputs, their copy in
+    the input dtype that the matmuls use; tokens per chunk follow from it and V_local. Larger
+    chunks run the three matmuls faster and hold more memory. None: DEFAULT_FUSED_CHUNK_BYTES
+    for the tensors' device."""
+
     def __post_init__(self):
         for name, allowed in (("selection", SELECTIONS), ("passes", PASSES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"LossImpl.{name} must be one of {allowed}, "
                                  f"got {getattr(self, name)!r}")
-        if self.chunk_bytes is not None and (isinstance(self.chunk_bytes, bool)
-                                             or not isinstance(self.chunk_bytes, int)
-                                             or self.chunk_bytes < 1):
-            raise ValueError(f"LossImpl.chunk_bytes must be a positive integer, "
-                             f"got {self.chunk_bytes!r}")
+        for name in ("chunk_bytes", "fused_chunk_bytes"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"LossImpl.{name} must be a positive integer, got {value!r}")
 
     def rows_per_chunk(self, bytes_per_row: int, device) -> int:
-        """Rows whose temporaries (bytes_per_row each) fit the budget; at least one."""
-        budget = self.chunk_bytes
-        if budget is None:
-            budget = DEFAULT_CHUNK_BYTES.get(torch.device(device).type, DEFAULT_CHUNK_BYTES["cuda"])
-        return max(1, budget // max(1, bytes_per_row))
+        """Rows whose temporaries (bytes_per_row each) fit chunk_bytes; at least one."""
+        return _rows(self.chunk_bytes, DEFAULT_CHUNK_BYTES, bytes_per_row, device)
+
+    def fused_tokens_per_chunk(self, bytes_per_token: int, device) -> int:
+        """Tokens of the fused head whose logits (bytes_per_token each) fit fused_chunk_bytes;
+        at least one."""
+        return _rows(self.fused_chunk_bytes, DEFAULT_FUSED_CHUNK_BYTES, bytes_per_token, device)
+
+
+def _rows(budget: int | None, defaults: dict, bytes_per_row: int, device) -> int:
+    if budget is None:
+        budget = defaults.get(torch.device(device).type, defaults["cuda"])
+    return max(1, budget // max(1, bytes_per_row))
 
 
 def choose(impl: LossImpl, switch: str, cpu_choice: str, cpu_serves, default: str,

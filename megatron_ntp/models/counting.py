@@ -13,9 +13,10 @@ V = the padded vocabulary.
 from dataclasses import dataclass
 
 GIB = 2**30
-# Logits per chunk of the fused output-layer loss: megatron_ntp/loss/fused.py's
-# DEFAULT_CHUNK_ELEMENTS, restated so that counting stays free of torch (a test checks they agree).
-FUSED_LOSS_CHUNK_ELEMENTS = 1 << 24
+# Memory budget of one token chunk of the fused output-layer loss on a GPU, when
+# model.fused_output_chunk_mib is 0: megatron_ntp/loss/impl.py's DEFAULT_FUSED_CHUNK_BYTES["cuda"],
+# restated so that counting stays free of torch (a test checks they agree).
+FUSED_LOSS_CHUNK_BYTES = 512 << 20
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int = 128, tensor: int = 1) -> int:
@@ -298,15 +299,17 @@ def output_head_bytes(m, p, tokens: int, act_bytes: int) -> float:
 
     Unfused: the logits [tokens, V/tp] in the activation dtype and the loss's fp32 copy.
     model.fused_output_loss: the logits never exist whole; the loss keeps its (gathered) input
-    [tokens, h], one chunk of fp32 logits (megatron_ntp.loss.fused.DEFAULT_CHUNK_ELEMENTS, at
-    most) and, in backward, the fp32 accumulator of the output-weight gradient [V/tp, h].
+    [tokens, h], one chunk of fp32 logits with their copy in the activation dtype
+    (model.fused_output_chunk_mib, else FUSED_LOSS_CHUNK_BYTES, at most) and the fp32
+    accumulator of the output-weight gradient [V/tp, h].
     """
     vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, p.tensor)
     vocab_local = vocab // p.tensor
     if not m.fused_output_loss:
         return tokens * vocab_local * (act_bytes + 4)
-    chunk_tokens = max(1, FUSED_LOSS_CHUNK_ELEMENTS // vocab_local)
-    chunk = min(tokens, chunk_tokens) * vocab_local * 4
+    budget = (m.fused_output_chunk_mib << 20) or FUSED_LOSS_CHUNK_BYTES
+    per_token = vocab_local * (4 + (act_bytes if act_bytes != 4 else 0))
+    chunk = min(tokens, max(1, budget // per_token)) * per_token
     return tokens * m.hidden_size * act_bytes + chunk + vocab_local * m.hidden_size * 4
 
 

@@ -18,6 +18,8 @@ Two paths, chosen by model.fused_output_loss:
   forward is skipped, so its forward pre-hooks are run by hand first: megatron-core's DDP
   finishes a parameter's all-gather there under overlap_param_gather (the weight would be last
   step's otherwise), as its fused experts do for their submodules (transformer/moe/experts.py).
+  Tokens per chunk: `fused_chunk_bytes` (model.fused_output_chunk_mib), else the device's
+  default (LossImpl.fused_chunk_bytes).
 
 Forward returns the per-token surrogate loss [b, s] (what GPTModel returns with labels), or,
 on the fused head with a loss mask, the masked sum [] (`self.loss_is_summed` says which), and
@@ -30,6 +32,8 @@ The loss knobs live in `self.loss_config` and may change between steps (train.lo
 the trainer calls `set_loss_config` before each step.
 """
 
+import dataclasses
+
 import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
@@ -40,16 +44,19 @@ from megatron_ntp.loss import (
     fused_linear_shaped_loss_sum,
     vocab_parallel_shaped_loss,
 )
+from megatron_ntp.loss.impl import default_impl
 
 
 class ShapedLossGPTModel(GPTModel):
     """GPTModel whose language-model loss is the shaped loss (cross-entropy with the defaults)."""
 
     def __init__(self, *args, loss_config: ShapedLossConfig | None = None,
-                 fused_output_loss: bool = False, **kwargs):
+                 fused_output_loss: bool = False, fused_chunk_bytes: int | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_config = loss_config or ShapedLossConfig()
         self.fused_output_loss = fused_output_loss
+        self.fused_impl = dataclasses.replace(default_impl(), fused_chunk_bytes=fused_chunk_bytes)
         self.loss_stats: dict | None = None
         self.loss_is_summed = False  # set by each forward: the output is the masked sum
 
@@ -85,11 +92,13 @@ class ShapedLossGPTModel(GPTModel):
         target = labels.transpose(0, 1).contiguous()  # [s, b]
         if loss_mask is None:
             loss, stats = fused_linear_shaped_loss(hidden_states, weight, target,
-                                                   self.loss_config, self.tp_group)
+                                                   self.loss_config, self.tp_group,
+                                                   impl=self.fused_impl)
             return self._keep_stats(loss, stats)
         mask = loss_mask.transpose(0, 1).to(torch.float32)  # [s, b]
         total, loss, stats = fused_linear_shaped_loss_sum(hidden_states, weight, target, mask,
-                                                          self.loss_config, self.tp_group)
+                                                          self.loss_config, self.tp_group,
+                                                          impl=self.fused_impl)
         self._keep_stats(loss, stats)
         self.loss_is_summed = True
         return total

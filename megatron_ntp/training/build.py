@@ -45,7 +45,8 @@ def build_model_chunks(config) -> tuple[list, object]:
         model.append(build_gpt_model(
             config, vp_stage=vp_stage if chunks > 1 else None, model_class=ShapedLossGPTModel,
             mcore_config=mcore_config, loss_config=config.loss_at(0),
-            fused_output_loss=config.model.fused_output_loss))
+            fused_output_loss=config.model.fused_output_loss,
+            fused_chunk_bytes=(config.model.fused_output_chunk_mib << 20) or None))
     return model, mcore_config
 
 

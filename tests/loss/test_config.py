@@ -57,6 +57,8 @@ def test_loss_impl_is_checked_and_the_environment_sets_only_defaults(monkeypatch
         LossImpl(selection="gpu")
     with pytest.raises(ValueError, match="LossImpl.chunk_bytes"):
         LossImpl(chunk_bytes=0)
+    with pytest.raises(ValueError, match=r"LossImpl.fused_chunk_bytes .* got 2.5"):
+        LossImpl(fused_chunk_bytes=2.5)
     with pytest.raises(TypeError, match="LossImpl"):
         vocab_parallel_shaped_loss(torch.zeros(1, 3), torch.zeros(1, dtype=torch.long),
                                    ShapedLossConfig(), impl="keys")

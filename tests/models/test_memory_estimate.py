@@ -7,7 +7,7 @@ import pytest
 
 from megatron_ntp.config import ParallelConfig
 from megatron_ntp.models.counting import (
-    FUSED_LOSS_CHUNK_ELEMENTS,
+    FUSED_LOSS_CHUNK_BYTES,
     activation_bytes_per_layer,
     memory_per_gpu,
     padded_vocab_size,
@@ -67,23 +67,25 @@ def test_full_recompute_rebuilds_one_block_at_a_time():
 
 
 def test_fused_output_loss_keeps_no_logits():
-    """model.fused_output_loss: the last stage keeps the loss's input, one fp32 chunk of logits
-    and the fp32 output-weight gradient accumulator, not the [tokens, V/tp] logits."""
-    from megatron_ntp.loss.fused import DEFAULT_CHUNK_ELEMENTS
+    """model.fused_output_loss: the last stage keeps the loss's input, one chunk of fp32 logits
+    with their bf16 copy (the GPU default budget, or model.fused_output_chunk_mib) and the fp32
+    output-weight gradient accumulator, not the [tokens, V/tp] logits."""
+    from megatron_ntp.loss.impl import DEFAULT_FUSED_CHUNK_BYTES
 
-    assert FUSED_LOSS_CHUNK_ELEMENTS == DEFAULT_CHUNK_ELEMENTS
+    assert FUSED_LOSS_CHUNK_BYTES == DEFAULT_FUSED_CHUNK_BYTES["cuda"]
     p = ParallelConfig(tensor=2, sequence_parallel=True, data=4)
     unfused_model = _model("dense-4b")
-    fused_model = _model("dense-4b", fused_output_loss=True)
     unfused = memory_per_gpu(unfused_model, p, 1, SEQ)[0].activations
-    fused = memory_per_gpu(fused_model, p, 1, SEQ)[0].activations
     h = unfused_model.hidden_size
     v_local = padded_vocab_size(unfused_model.vocab_size, 128, 2) // 2
     logits = SEQ * v_local * (2 + 4)  # bf16 logits and the loss's fp32 copy
-    chunk = (FUSED_LOSS_CHUNK_ELEMENTS // v_local) * v_local * 4
-    fused_head = SEQ * h * 2 + chunk + v_local * h * 4
-    assert unfused - fused == logits - fused_head
-    assert fused_head < logits / 2
+    assert v_local == 76032  # 151,936 padded to a multiple of 256, halved: 456,192 B a token
+    for chunk_mib, chunk_tokens in ((0, 1176), (64, 147), (10**6, SEQ)):
+        fused_model = _model("dense-4b", fused_output_loss=True, fused_output_chunk_mib=chunk_mib)
+        fused = memory_per_gpu(fused_model, p, 1, SEQ)[0].activations
+        fused_head = SEQ * h * 2 + chunk_tokens * v_local * 6 + v_local * h * 4
+        assert unfused - fused == logits - fused_head, chunk_mib
+    assert SEQ * h * 2 + 1176 * v_local * 6 + v_local * h * 4 < 0.75 * logits
 
 
 def _mlp_saved_bytes(rank, world_size, init_method, result_path):

@@ -1,7 +1,8 @@
 """ShapedLossGPTModel against megatron-core's own GPTModel on the same weights and batch (one
 gloo rank): with the default knobs its per-token loss is megatron-core's cross-entropy; the
 fused head gives the unfused head's loss, statistics and gradients, per token (backward
-recomputes the logits) and as the masked sum (gradients formed during the forward)."""
+recomputes the logits) and as the masked sum (gradients formed during the forward), in one
+chunk or in the chunks its memory budget allows."""
 
 import torch
 
@@ -35,6 +36,10 @@ def _compare(rank, world_size):
     cfg = ShapedLossConfig(beta=-0.25, topk=8, lambda_tail=-0.1)
     unfused = build(ShapedLossGPTModel, loss_config=cfg)
     fused = build(ShapedLossGPTModel, loss_config=cfg, fused_output_loss=True)
+    # 5 tokens' fp32 logits per chunk (model.fused_output_chunk_mib in training): 7 chunks
+    chunked = build(ShapedLossGPTModel, loss_config=cfg, fused_output_loss=True,
+                    fused_chunk_bytes=5 * 1024 * 4)
+    chunk_rows = _record_chunk_rows()
 
     tokens = torch.randint(0, 1000, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(0))
     inputs = (tokens[:, :-1], torch.arange(SEQ).expand(BATCH, -1),
@@ -50,8 +55,10 @@ def _compare(rank, world_size):
     mask = torch.rand(BATCH, SEQ, generator=torch.Generator().manual_seed(1)) > 0.25
     losses = {}
     for name, model, mask_kwargs in (("unfused", unfused, {}), ("fused", fused, {}),
-                                     ("fused sum", fused, {"loss_mask": mask})):
+                                     ("fused sum", fused, {"loss_mask": mask}),
+                                     ("fused sum, 5-token chunks", chunked, {"loss_mask": mask})):
         model.zero_grad()
+        chunk_rows.clear()
         output = model(*inputs, labels=labels, **mask_kwargs)
         if mask_kwargs:  # the fused head's masked sum, gradients formed during the forward
             assert model.loss_is_summed and output.shape == ()
@@ -64,9 +71,11 @@ def _compare(rank, world_size):
             loss = output.detach()
         losses[name] = (loss, dict(model.loss_stats),
                         {n: p.grad.clone() for n, p in model.named_parameters()})
+        assert chunk_rows == {"unfused": [], "fused sum, 5-token chunks": [5] * 6 + [2]}.get(
+            name, [SEQ * BATCH] * (1 + (name == "fused"))), name  # "fused": forward, backward
     loss_u, stats_u, grads_u = losses["unfused"]
     assert not torch.allclose(loss_u, stats_u["ce"])  # the knobs are in effect
-    for name in ("fused", "fused sum"):
+    for name in ("fused", "fused sum", "fused sum, 5-token chunks"):
         loss_f, stats_f, grads_f = losses[name]
         torch.testing.assert_close(loss_f, loss_u, rtol=1e-5, atol=1e-6, msg=name)
         for key in ("ce", "entropy", "topk_mass"):
@@ -75,6 +84,20 @@ def _compare(rank, world_size):
             torch.testing.assert_close(grads_f[param], grad, rtol=1e-4, atol=1e-6,
                                        msg=f"{name} {param}")
     parallel_state.destroy_model_parallel()
+
+
+def _record_chunk_rows():
+    """Tokens of each logits matmul of the fused head, appended to the returned list."""
+    from megatron_ntp.loss import fused as fused_module
+
+    rows, logits = [], fused_module._logits
+
+    def recording(tokens, weight, out):
+        rows.append(tokens.shape[0])
+        return logits(tokens, weight, out)
+
+    fused_module._logits = recording  # this test's own process (run_distributed spawns it)
+    return rows
 
 
 def test_default_knobs_are_megatron_cross_entropy_and_fused_matches_unfused():
