@@ -86,9 +86,10 @@ def _fused_head_finishes_the_param_gather(rank, world_size):
     from megatron_ntp.training import build
 
     config = tiny("model.preset=tiny-dense", "model.num_layers=2", "model.fused_output_loss=true",
-                  "parallel.distributed_optimizer=true")
+                  "model.fused_output_chunk_mib=3", "parallel.distributed_optimizer=true")
     initialize_parallel_from_config(config)
     model, mcore_config = build.build_model_chunks(config)
+    assert model[0].fused_impl.fused_chunk_bytes == 3 << 20  # model.fused_output_chunk_mib
     settings = build.ddp_config(config)
     settings.overlap_param_gather = True  # what a GPU run gets (the CPU config keeps it off)
     settings.overlap_grad_reduce = True
