@@ -98,10 +98,9 @@ class _Gradients:
 
     def __init__(self, tokens, weight, need_hidden: bool, need_weight: bool):
         self.tokens, self.weight = tokens, weight
-        self.compute_dtype = compute_dtype_for(tokens.dtype)
         self.hidden = torch.empty_like(tokens) if need_hidden else None
         # fp32 (or float64) accumulator on the weight's device
-        self.weight_grad = (torch.zeros(weight.shape, dtype=self.compute_dtype,
+        self.weight_grad = (torch.zeros(weight.shape, dtype=compute_dtype_for(tokens.dtype),
                                         device=weight.device) if need_weight else None)
 
     def add_chunk(self, start, end, shard: ShardForward, logits, scale):
