@@ -63,27 +63,88 @@ def _chunks(tokens, weight, chunk_tokens, impl: LossImpl):
     return [(start, min(start + step, num_tokens)) for start in range(0, num_tokens, step)]
 
 
+def _apex_weight_gradient():
+    """Apex's fused_weight_gradient_mlp_cuda, the module megatron-core's linear layers use for
+    their weight gradient under gradient-accumulation fusion (tensor_parallel/layers.py), or
+    None where Apex is not installed (CPU machines)."""
+    try:
+        import fused_weight_gradient_mlp_cuda
+    except ImportError:
+        return None
+    return fused_weight_gradient_mlp_cuda
+
+
+def _torch_release() -> tuple[int, int]:
+    """(major, minor) of the running torch; a pre-release such as NGC's 2.10.0a0 counts as 2.10."""
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
 @functools.cache
-def _has_mixed_dtype_addmm(device_type: str) -> bool:
-    """addmm with bf16/fp16 operands into an fp32 out_dtype: torch >= 2.8 on CUDA (cuBLAS)."""
-    return (device_type == "cuda" and hasattr(torch.ops.aten.addmm, "dtype_out")
-            and torch._C._dispatch_has_kernel_for_dispatch_key("aten::addmm.dtype_out", "CUDA"))
+def weight_gradient_gemm(device_type: str) -> str:
+    """How the fused head sums a chunk's bf16/fp16 weight gradient into its fp32 accumulator on
+    `device_type`, in order of preference on a GPU (never an fp32 GEMM of bf16 data there):
+
+    - "apex": megatron-core's GEMM under gradient-accumulation fusion, Apex's
+      wgrad_gemm_accum_fp32 (bf16 operands, fp32 accumulation into the fp32 buffer);
+    - "addmm": torch.addmm(..., out_dtype=float32, out=accumulator) (cuBLAS, the same products).
+      torch 2.8 and 2.9 have the CUDA kernel but require `self` in the operands' dtype
+      (pytorch issue 154086, relaxed in 2.10), so only torch >= 2.10;
+    - "bf16": a bf16 GEMM per chunk (fp32 accumulation inside cuBLAS, the chunk's product rounded
+      to bf16 once) added into the fp32 accumulator;
+    - "fp32": on the CPU: the same bf16 operands multiplied in fp32 (no faster mixed GEMM there).
+    """
+    if device_type != "cuda":
+        return "fp32"
+    if _apex_weight_gradient() is not None:
+        return "apex"
+    if _torch_release() >= (2, 10) and torch._C._dispatch_has_kernel_for_dispatch_key(
+            "aten::addmm.dtype_out", "CUDA"):
+        return "addmm"
+    return "bf16"
 
 
 def add_weight_gradient(accumulator, grad, tokens, grad_logits):
     """accumulator [V_local, H] += grad^T @ tokens, summed in the accumulator's dtype (fp32).
 
-    grad [c, V_local] and tokens [c, H] are in the input dtype: the products are those of
-    megatron-core's weight-gradient GEMM (bf16 operands, fp32 accumulation and output, as with
-    its gradient-accumulation fusion). grad_logits: the chunk's [c, V_local] buffer in the
-    accumulator's dtype, free to overwrite (used where no mixed-dtype addmm exists).
+    grad [c, V_local] and tokens [c, H] (contiguous) are in the input dtype: the products are
+    those of megatron-core's weight-gradient GEMM (bf16 operands, fp32 accumulation and output,
+    as with its gradient-accumulation fusion). grad_logits: the chunk's [c, V_local] buffer in the
+    accumulator's dtype, free to overwrite (used on the CPU).
     """
     if grad.dtype == accumulator.dtype:
         accumulator.addmm_(grad.t(), tokens)
-    elif _has_mixed_dtype_addmm(accumulator.device.type):
+        return
+    gemm = weight_gradient_gemm(accumulator.device.type)
+    if gemm == "apex":  # (input [c, H], d_output [c, V_local], d_weight [V_local, H] fp32)
+        _apex_weight_gradient().wgrad_gemm_accum_fp32(tokens, grad, accumulator)
+    elif gemm == "addmm":
         torch.addmm(accumulator, grad.t(), tokens, out_dtype=accumulator.dtype, out=accumulator)
-    else:  # CPU, or torch < 2.8: the same bf16 operands, multiplied in fp32
+    elif gemm == "bf16":
+        accumulator.add_(grad.t() @ tokens)  # a [V_local, H] product in the input dtype
+    else:
         accumulator.addmm_(grad_logits.copy_(grad).t(), tokens.to(accumulator.dtype))
+
+
+def holds_main_grad(weight) -> bool:
+    """megatron-core's DDP keeps this weight's gradient in weight.main_grad (its fp32 buffer with
+    grad_reduce_in_fp32) and marks it with grad_added_to_main_grad."""
+    return hasattr(weight, "main_grad") and hasattr(weight, "grad_added_to_main_grad")
+
+
+def weight_gradient_result(weight, summed):
+    """What backward returns for the output weight, given its summed gradient [V_local, H] in the
+    accumulator's dtype. Where DDP holds a main_grad, the sum is added there directly (rounded
+    once, to main_grad's dtype, not to bf16 first), and a placeholder gradient is returned as
+    megatron-core's linear layers do under gradient-accumulation fusion: grad_added_to_main_grad
+    tells DDP's hook not to add it, and it is zeros where the weight is shared with the embedding
+    on this stage (zero_out_wgrad: the hook then adds the embedding's gradient plus these zeros)."""
+    if not holds_main_grad(weight):
+        return summed.to(weight.dtype)
+    weight.main_grad.add_(summed)
+    weight.grad_added_to_main_grad = True
+    placeholder = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
+    return placeholder(weight.main_grad.shape, dtype=weight.dtype, device=weight.device)
 
 
 def _logits_buffer(chunks, tokens, weight):
@@ -117,16 +178,15 @@ class _Gradients:
             add_weight_gradient(self.weight_grad, grad, self.tokens[start:end], grad_logits)
 
     def finish(self, hidden_shape, tp_group):
-        """(hidden gradient or None, weight gradient or None) in the inputs' dtypes."""
+        """(hidden gradient or None, weight gradient or None): the hidden gradient in the input
+        dtype, the weight's in the accumulator's (weight_gradient_result converts it)."""
         grad_hidden = grad_weight = None
         if self.hidden is not None:
             if tp_group is not None and dist.get_world_size(tp_group) > 1:
                 # each rank holds d loss / d hidden through its vocabulary shard only
                 dist.all_reduce(self.hidden, group=tp_group)
             grad_hidden = self.hidden.view(hidden_shape)
-        if self.weight_grad is not None:
-            grad_weight = self.weight_grad.to(self.weight.dtype)
-        return grad_hidden, grad_weight
+        return grad_hidden, self.weight_grad
 
 
 def _forward_chunks(tokens, weight, target, cfg, tp_group, chunk_tokens, impl, on_chunk):
@@ -168,7 +228,10 @@ class _FusedLinearShapedLoss(torch.autograd.Function):
             logits = _logits(tokens[start:end], weight, buffer[: end - start])  # recomputed
             grads.add_chunk(start, end, shard, logits, grad_loss[start:end])
             del logits
-        return *grads.finish(hidden.shape, ctx.tp_group), None, None, None, None, None
+        grad_hidden, grad_weight = grads.finish(hidden.shape, ctx.tp_group)
+        if grad_weight is not None:
+            grad_weight = weight_gradient_result(weight, grad_weight)
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 class _FusedLinearShapedLossSum(torch.autograd.Function):
@@ -184,6 +247,10 @@ class _FusedLinearShapedLossSum(torch.autograd.Function):
             on_chunk=lambda start, end, shard, logits: need_grad and grads.add_chunk(
                 start, end, shard, logits, scale[start:end]))
         ctx.grads = grads.finish(hidden.shape, tp_group) if need_grad else None
+        if need_grad and ctx.grads[1] is not None and not holds_main_grad(weight):
+            # held in the input dtype until backward, as autograd would return it
+            ctx.grads = (ctx.grads[0], ctx.grads[1].to(weight.dtype))
+        ctx.save_for_backward(weight)
         total = (outputs[0] * scale.to(outputs[0].dtype)).sum()
         outputs = [value.view(target.shape) for value in outputs]
         ctx.mark_non_differentiable(*outputs)
@@ -198,6 +265,9 @@ class _FusedLinearShapedLossSum(torch.autograd.Function):
         grad_hidden, grad_weight = (None if g is None else g.mul_(grad_total.to(g.dtype))
                                     for g in ctx.grads)
         ctx.grads = None
+        if grad_weight is not None:
+            (weight,) = ctx.saved_tensors
+            grad_weight = weight_gradient_result(weight, grad_weight)
         return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 

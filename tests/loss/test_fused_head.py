@@ -2,6 +2,8 @@
 weight-gradient products (input-dtype operands, fp32 sums; the GPU's mixed-dtype addmm checked
 against torch's own rules on the meta device)."""
 
+import sys
+
 import pytest
 import torch
 
@@ -72,11 +74,63 @@ def test_weight_gradient_sums_the_input_dtype_products_in_fp32():
     torch.testing.assert_close(accumulator, start + grad32.t() @ tokens32)
 
 
+def test_gpu_weight_gradient_gemm_is_chosen_from_what_this_torch_accepts(monkeypatch):
+    """The decision on the real torch: torch 2.8/2.9 register the CUDA addmm.dtype_out kernel but
+    reject an fp32 `self` with bf16 operands (pytorch issue 154086), so there the fused head must
+    not call it (the oldest-stack lane runs this on PyPI's torch 2.9 CUDA build)."""
+    assert fused.weight_gradient_gemm("cpu") == "fp32"
+    if fused._torch_release() < (2, 10):
+        assert fused.weight_gradient_gemm("cuda") in ("apex", "bf16")
+    has_kernel = monkeypatch.setattr  # the rules, with the CUDA kernel and the version faked
+    has_kernel(torch._C, "_dispatch_has_kernel_for_dispatch_key", lambda *args: True)
+    for release, expected in (((2, 9), "bf16"), ((2, 10), "addmm"), ((3, 0), "addmm")):
+        fused.weight_gradient_gemm.cache_clear()
+        monkeypatch.setattr(fused, "_torch_release", lambda: release)
+        assert fused.weight_gradient_gemm("cuda") == expected, release
+    monkeypatch.setitem(sys.modules, "fused_weight_gradient_mlp_cuda", _FakeApex())
+    fused.weight_gradient_gemm.cache_clear()
+    assert fused.weight_gradient_gemm("cuda") == "apex"
+    fused.weight_gradient_gemm.cache_clear()
+
+
+class _FakeApex:
+    """Apex's wgrad_gemm_accum_fp32 as its C++ source states it: (input [c, H], d_output
+    [c, V], d_weight [V, H] fp32), all contiguous, d_weight += d_output^T @ input."""
+
+    def wgrad_gemm_accum_fp32(self, input, d_output, d_weight):
+        assert input.dtype == d_output.dtype == torch.bfloat16 and d_weight.dtype == torch.float32
+        assert input.is_contiguous() and d_output.is_contiguous() and d_weight.is_contiguous()
+        assert (input.shape[0], input.shape[1], d_output.shape[1]) == \
+            (d_output.shape[0], d_weight.shape[1], d_weight.shape[0])
+        d_weight += (d_output.double().t() @ input.double()).float()
+
+
+def _bf16_chunk(seed):
+    gen = torch.Generator().manual_seed(seed)
+    grad = torch.randn(7, 50, generator=gen).to(torch.bfloat16)  # [c, V_local]
+    tokens = torch.randn(7, 12, generator=gen).to(torch.bfloat16)  # [c, H]
+    return grad, tokens, torch.randn(50, 12, generator=gen)
+
+
+def test_each_gpu_weight_gradient_gemm_adds_the_bf16_products(monkeypatch):
+    """The GPU branches' arithmetic, run on CPU tensors: Apex's call (its argument order) and
+    the bf16 GEMM (bf16 product, no fp32 copy of the operands) add grad^T @ tokens."""
+    grad, tokens, start = _bf16_chunk(3)
+    exact = start.double() + grad.double().t() @ tokens.double()
+    monkeypatch.setitem(sys.modules, "fused_weight_gradient_mlp_cuda", _FakeApex())
+    for gemm in ("apex", "bf16"):
+        monkeypatch.setattr(fused, "weight_gradient_gemm", lambda device_type: gemm)
+        accumulator = start.clone()
+        fused.add_weight_gradient(accumulator, grad, tokens, None)
+        tolerance = {"rtol": 1e-6, "atol": 1e-6} if gemm == "apex" else {"rtol": 0, "atol": 0}
+        want = exact.float() if gemm == "apex" else start + (grad.t() @ tokens).float()
+        torch.testing.assert_close(accumulator, want, **tolerance)
+        torch.testing.assert_close(accumulator.double(), exact, rtol=2e-2, atol=2e-2)
+
+
 def test_gpu_mixed_dtype_addmm_branch_is_a_call_torch_accepts(monkeypatch):
-    """The CUDA branch (bf16 operands, out_dtype fp32, in place) taken with the capability faked,
-    on meta tensors: torch's own shape and dtype rules for addmm.dtype_out check the call."""
-    assert not fused._has_mixed_dtype_addmm("cpu")
-    assert not fused._has_mixed_dtype_addmm("meta")
+    """The "addmm" branch (bf16 operands, out_dtype fp32, in place), on meta tensors: torch's
+    own shape and dtype rules for addmm.dtype_out check the call."""
     calls = []
     real_addmm = torch.addmm
 
@@ -84,12 +138,18 @@ def test_gpu_mixed_dtype_addmm_branch_is_a_call_torch_accepts(monkeypatch):
         calls.append(kwargs)
         return real_addmm(*args, **kwargs)
 
-    monkeypatch.setattr(fused, "_has_mixed_dtype_addmm", lambda device_type: True)
+    monkeypatch.setattr(fused, "weight_gradient_gemm", lambda device_type: "addmm")
     monkeypatch.setattr(torch, "addmm", spy)
     accumulator = torch.empty(50, 12, device="meta")
     grad = torch.empty(7, 50, dtype=torch.bfloat16, device="meta")
     tokens = torch.empty(7, 12, dtype=torch.bfloat16, device="meta")
-    fused.add_weight_gradient(accumulator, grad, tokens, torch.empty(7, 50, device="meta"))
+    if not hasattr(torch.ops.aten.addmm, "dtype_out"):
+        pytest.skip(f"torch {torch.__version__} has no addmm.dtype_out (the branch is not taken)")
+    try:
+        fused.add_weight_gradient(accumulator, grad, tokens, torch.empty(7, 50, device="meta"))
+    except TypeError as err:  # torch 2.9's meta path: the branch is never chosen there
+        assert fused._torch_release() < (2, 10), err
+        return
     assert len(calls) == 1 and calls[0]["out_dtype"] == torch.float32
     assert calls[0]["out"] is accumulator
     # torch's meta rules see mistakes: a gradient not transposed, a bf16 out_dtype into fp32
@@ -97,3 +157,58 @@ def test_gpu_mixed_dtype_addmm_branch_is_a_call_torch_accepts(monkeypatch):
         real_addmm(accumulator, grad, tokens, out_dtype=torch.float32, out=accumulator)
     with pytest.raises(RuntimeError, match="dtype"):
         real_addmm(accumulator, grad.t(), tokens, out_dtype=torch.bfloat16, out=accumulator)
+
+
+def _bf16_head(seed, tied):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(3, 40, 16, generator=gen).to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(256, 16, generator=gen) / 4).to(torch.bfloat16).requires_grad_()
+    weight.main_grad = torch.full((256, 16), 0.5)  # as megatron-core's DDP attaches them
+    weight.grad_added_to_main_grad = False
+    if tied:
+        weight.zero_out_wgrad = True
+    target = torch.randint(0, 256, (3, 40), generator=gen)
+    return hidden, weight, target
+
+
+def _fused_backward(hidden, weight, target, summed):
+    cfg = ShapedLossConfig(beta=-0.25, topk=8, lambda_tail=-0.1)
+    impl = LossImpl(fused_chunk_bytes=4096)  # several chunks
+    if summed:
+        total, _, _ = fused_linear_shaped_loss_sum(hidden, weight, target, torch.ones(3, 40),
+                                                   cfg, impl=impl)
+        (total * 0.25).backward()
+    else:
+        loss, _ = fused.fused_linear_shaped_loss(hidden, weight, target, cfg, impl=impl)
+        (loss.float().sum() * 0.25).backward()
+
+
+@pytest.mark.parametrize("summed", [True, False])
+def test_weight_gradient_goes_to_an_fp32_main_grad_without_bf16_rounding(monkeypatch, summed):
+    """Where DDP holds an fp32 main_grad, the fused head adds its fp32 sum there (as
+    megatron-core's linear layers do under gradient-accumulation fusion) instead of returning a
+    bf16 gradient for DDP's hook to add: main_grad gains the fp32 sum itself."""
+    sums = []
+    finish = fused._Gradients.finish
+    def spy(*args):
+        result = finish(*args)
+        sums.append(result[1].clone())
+        return result
+
+    monkeypatch.setattr(fused._Gradients, "finish", spy)
+    hidden, weight, target = _bf16_head(4, tied=False)
+    del weight.main_grad, weight.grad_added_to_main_grad
+    _fused_backward(hidden, weight, target, summed)  # without DDP: a bf16 gradient
+    # the fp32 sum over the chunks; the summed form scales it by the upstream 0.25 in backward
+    fp32_sum = sums[0] * (0.25 if summed else 1.0)
+    assert sums[0].dtype == torch.float32
+    torch.testing.assert_close(weight.grad, fp32_sum.to(torch.bfloat16), rtol=0, atol=0)
+    assert not torch.equal(weight.grad.float(), fp32_sum)  # that rounding is what is avoided
+    for tied in (False, True):
+        hidden, weight, target = _bf16_head(4, tied)
+        _fused_backward(hidden, weight, target, summed)
+        torch.testing.assert_close(weight.main_grad, 0.5 + fp32_sum, rtol=0, atol=0)
+        assert weight.grad_added_to_main_grad  # DDP's hook does not add .grad again ...
+        assert weight.grad.dtype == torch.bfloat16 and weight.grad.shape == weight.shape
+        if tied:  # ... unless zero_out_wgrad: then .grad is the embedding's gradient + zeros
+            assert torch.count_nonzero(weight.grad) == 0
