@@ -7,6 +7,7 @@ values, so a bad launch fails in seconds on the login node instead of minutes in
 
 import dataclasses
 import math
+from dataclasses import dataclass
 import os
 import types
 import typing
@@ -17,10 +18,28 @@ from megatron_ntp.config.schema import Config
 from megatron_ntp.loss import ShapedLossConfig
 from megatron_ntp.models.counting import padded_vocab_size
 
-# Compute capability each FP8 recipe needs: FP8 tensor cores arrive with Ada/Hopper (8.9, 9.0),
-# MXFP8 block scaling with Blackwell (10.0).
-FP8_MIN_CAPABILITY = {"mxfp8": (10, 0)}
-FP8_DEFAULT_MIN_CAPABILITY = (8, 9)
+
+
+@dataclass(frozen=True)
+class Fp8RecipeNeeds:
+    """What one model.fp8_recipe needs of the machine."""
+
+    capability: tuple[int, int]
+    """Least compute capability: FP8 tensor cores arrive with Ada/Hopper (8.9); Transformer
+    Engine's blockwise-scaled FP8 GEMM needs Hopper (9.0); MXFP8 block scaling Blackwell (10.0)."""
+    transformer_engine: str
+    """Least Transformer Engine version with which megatron-core 0.19 builds the recipe
+    (fp8_utils.get_fp8_recipe raises otherwise, after the job has started)."""
+    cuda: tuple[int, int] = (0, 0)
+    """Least CUDA version of the torch build (Transformer Engine's blockwise GEMM: 12.9)."""
+
+
+FP8_RECIPE_NEEDS = {
+    "delayed": Fp8RecipeNeeds((8, 9), "1.0"),
+    "tensorwise": Fp8RecipeNeeds((8, 9), "2.2.0.dev0"),
+    "blockwise": Fp8RecipeNeeds((9, 0), "2.3.0.dev0", cuda=(12, 9)),
+    "mxfp8": Fp8RecipeNeeds((10, 0), "2.1.0"),
+}
 # Loss knobs that may follow a schedule: the real-valued fields of ShapedLossConfig.
 SCHEDULABLE_KNOBS = tuple(f.name for f in dataclasses.fields(ShapedLossConfig)
                           if f.type in (float, "float"))
@@ -185,6 +204,9 @@ def _check_parallel(config: Config, errors):
         # megatron-core asserts this in TransformerConfig.__post_init__.
         errors.append(f"parallel.expert={p.expert} with parallel.tensor={p.tensor} needs "
                       f"parallel.sequence_parallel=true")
+    if p.grad_reduce_in_bf16 and not m.bf16:
+        errors.append("parallel.grad_reduce_in_bf16=true needs model.bf16=true (an fp32 model's "
+                      "gradients are fp32)")
     _check_recompute_modules(config, errors)
     _positive(errors, parallel__distributed_timeout_minutes=p.distributed_timeout_minutes)
     if p.recompute == "full":
@@ -308,21 +330,49 @@ def check_environment(config: Config) -> None:
         raise ConfigError(f"{needs} needs Transformer Engine, which cannot be imported "
                           f"({type(err).__name__}: {err})") from None
     if m.fp8:
-        _check_fp8_capability(m)
+        problem = fp8_support_problem(
+            m, tuple(torch.cuda.get_device_capability()), torch.cuda.get_device_name(),
+            transformer_engine_version(), torch.version.cuda)
+        if problem:
+            raise ConfigError(problem)
 
 
-def _check_fp8_capability(m) -> None:
-    """FP8 recipes against this GPU: otherwise they fail inside Transformer Engine at the first
-    forward, after the whole job has started."""
-    import torch
+def transformer_engine_version() -> str:
+    """The installed Transformer Engine's version (its __version__, else the package's)."""
+    import importlib.metadata
 
-    needed = FP8_MIN_CAPABILITY.get(m.fp8_recipe, FP8_DEFAULT_MIN_CAPABILITY)
-    have = tuple(torch.cuda.get_device_capability())
-    if have < needed:
-        raise ConfigError(
-            f"model.fp8={m.fp8!r} with model.fp8_recipe={m.fp8_recipe!r} needs a GPU of compute "
-            f"capability >= {needed[0]}.{needed[1]}; {torch.cuda.get_device_name()} has "
-            f"{have[0]}.{have[1]}")
+    import transformer_engine
+
+    version = getattr(transformer_engine, "__version__", None)
+    if version is None:
+        try:
+            version = importlib.metadata.version("transformer-engine")
+        except importlib.metadata.PackageNotFoundError:
+            version = "0"
+    return str(version)
+
+
+def fp8_support_problem(m, capability: tuple[int, int], device_name: str, te_version: str,
+                        cuda_version: str | None) -> str | None:
+    """Why model m's FP8 recipe cannot run on this GPU and software (None if it can): checked
+    before any process group starts; otherwise it fails inside Transformer Engine or
+    megatron-core at the first forward, after the whole job has started."""
+    from packaging.version import Version
+
+    needs = FP8_RECIPE_NEEDS[m.fp8_recipe]
+    named = f"model.fp8={m.fp8!r} with model.fp8_recipe={m.fp8_recipe!r}"
+    if tuple(capability) < needs.capability:
+        return (f"{named} needs a GPU of compute capability >= {needs.capability[0]}."
+                f"{needs.capability[1]}; {device_name} has {capability[0]}.{capability[1]}")
+    if Version(te_version) < Version(needs.transformer_engine):
+        return (f"{named} needs Transformer Engine >= {needs.transformer_engine}; "
+                f"{te_version} is installed")
+    have_cuda = tuple(int(part) for part in (cuda_version or "0.0").split(".")[:2])
+    if have_cuda < needs.cuda:
+        return (f"{named} needs torch built with CUDA >= {needs.cuda[0]}.{needs.cuda[1]} "
+                f"(Transformer Engine's blockwise FP8 GEMM); this torch has CUDA "
+                f"{cuda_version}")
+    return None
 
 
 __all__ = ["check_environment", "validate_config"]

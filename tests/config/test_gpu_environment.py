@@ -1,6 +1,6 @@
-"""check_environment on a (faked) GPU: FP8 recipes are checked against the compute capability
-before any process group starts, instead of failing inside Transformer Engine at the first
-forward."""
+"""check_environment on a (faked) GPU: FP8 recipes are checked against the compute capability,
+the Transformer Engine version and torch's CUDA version before any process group starts,
+instead of failing inside Transformer Engine or megatron-core at the first forward."""
 
 import sys
 import types
@@ -12,45 +12,72 @@ from megatron_ntp.config import ConfigError, check_environment, load_config, val
 
 
 @pytest.fixture
-def gpu_with_capability(monkeypatch):
+def fake_gpu(monkeypatch):
+    """set(capability, te_version="2.8.0", cuda="12.9"): a GPU of that compute capability with
+    that Transformer Engine installed and torch built for that CUDA."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setitem(sys.modules, "transformer_engine", types.ModuleType("transformer_engine"))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Fake GPU")
 
-    def set_capability(major, minor):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (major, minor))
-    return set_capability
+    def set_gpu(capability, te_version="2.8.0", cuda="12.9"):
+        engine = types.ModuleType("transformer_engine")
+        engine.__version__ = te_version
+        monkeypatch.setitem(sys.modules, "transformer_engine", engine)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: capability)
+        monkeypatch.setattr(torch.version, "cuda", cuda)
+    return set_gpu
 
 
 def fp8_config(fp8, recipe):
     return validate_config(load_config(None, [
-        "model.transformer_impl=transformer_engine", f"model.fp8={fp8}",
-        f"model.fp8_recipe={recipe}"]))
+        "model.transformer_impl=transformer_engine", "model.bf16=true", f"model.fp8={fp8}",
+        f"model.fp8_recipe={recipe}"], cuda_available=False))
 
 
-@pytest.mark.parametrize("capability, fp8, recipe, allowed", [
-    ((8, 0), "e4m3", "delayed", False),     # A100: no FP8 tensor cores
-    ((8, 9), "hybrid", "delayed", True),    # Ada
-    ((9, 0), "hybrid", "tensorwise", True),  # H100
-    ((9, 0), "e4m3", "blockwise", True),
-    ((9, 0), "e4m3", "mxfp8", False),       # MXFP8 needs Blackwell
-    ((10, 0), "e4m3", "mxfp8", True),
+@pytest.mark.parametrize("capability, fp8, recipe, needed", [
+    ((8, 0), "e4m3", "delayed", "8.9"),      # A100: no FP8 tensor cores
+    ((8, 9), "hybrid", "delayed", None),     # Ada
+    ((9, 0), "hybrid", "tensorwise", None),  # H100
+    ((8, 9), "e4m3", "blockwise", "9.0"),    # blockwise-scaled FP8 GEMMs start with Hopper
+    ((9, 0), "e4m3", "blockwise", None),
+    ((9, 0), "hybrid", "blockwise", None),
+    ((9, 0), "e4m3", "mxfp8", "10.0"),       # MXFP8 needs Blackwell
+    ((10, 0), "e4m3", "mxfp8", None),
 ])
-def test_fp8_recipe_checked_against_the_gpu(gpu_with_capability, capability, fp8, recipe,
-                                             allowed):
-    gpu_with_capability(*capability)
+def test_fp8_recipe_checked_against_the_gpu(fake_gpu, capability, fp8, recipe, needed):
+    fake_gpu(capability)
     config = fp8_config(fp8, recipe)
-    if allowed:
+    if needed is None:
         check_environment(config)
         return
     with pytest.raises(ConfigError) as err:
         check_environment(config)
-    needed = "10.0" if recipe == "mxfp8" else "8.9"
     assert (f"model.fp8='{fp8}' with model.fp8_recipe='{recipe}' needs a GPU of compute "
             f"capability >= {needed}; Fake GPU has {capability[0]}.{capability[1]}") in str(err.value)
 
 
-def test_bf16_transformer_engine_needs_no_fp8_capability(gpu_with_capability):
-    gpu_with_capability(8, 0)
+@pytest.mark.parametrize("recipe, te_version, needed", [
+    ("blockwise", "2.2.0", "2.3.0.dev0"),   # megatron-core builds Float8BlockScaling from TE 2.3
+    ("tensorwise", "2.1.0", "2.2.0.dev0"),  # Float8CurrentScaling from TE 2.2
+])
+def test_fp8_recipe_checked_against_transformer_engine(fake_gpu, recipe, te_version, needed):
+    fake_gpu((9, 0), te_version=te_version)
+    with pytest.raises(ConfigError, match=(
+            f"model.fp8_recipe='{recipe}' needs Transformer Engine >= {needed}; {te_version} "
+            f"is installed")):
+        check_environment(fp8_config("e4m3", recipe))
+    fake_gpu((9, 0), te_version=needed)
+    check_environment(fp8_config("e4m3", recipe))
+
+
+def test_blockwise_needs_cuda_12_9(fake_gpu):
+    fake_gpu((9, 0), cuda="12.8")
+    with pytest.raises(ConfigError, match=r"model.fp8_recipe='blockwise' needs torch built with "
+                                          r"CUDA >= 12.9 .* this torch has CUDA 12.8"):
+        check_environment(fp8_config("e4m3", "blockwise"))
+    check_environment(fp8_config("e4m3", "delayed"))  # other recipes run on CUDA 12.8
+
+
+def test_bf16_transformer_engine_needs_no_fp8_capability(fake_gpu):
+    fake_gpu((8, 0))
     check_environment(validate_config(load_config(None, [
         "model.transformer_impl=transformer_engine", "model.bf16=true"])))
