@@ -1,16 +1,19 @@
 """Tokenizer files for an exported Hugging Face folder.
 
 - A Hugging Face tokenizer (data.tokenizer_type=HuggingFaceTokenizer): its folder's files are
-  copied as they are (tokenizer.json, tokenizer_config.json, special_tokens_map.json, vocab.json,
-  merges.txt, added_tokens.json, chat_template.jinja, where present).
+  copied (tokenizer.json, tokenizer_config.json, special_tokens_map.json, vocab.json,
+  merges.txt, added_tokens.json, chat_template.jinja, where present); tokenizer_config.json is
+  completed where it is silent (tokenizer class, special tokens) and gets MODEL_INPUT_NAMES,
+  its chat template kept.
 - A sentencepiece model: transformers cannot load a bare .model file through AutoTokenizer, so
   the export writes
     tokenizer.model        the sentencepiece model itself (for sentencepiece users),
     tokenizer.json         the same tokenizer in the `tokenizers` format, converted by
                            transformers' sentencepiece converter (normaliser from the model's
                            precompiled character map, BPE with byte fallback),
-    tokenizer_config.json  PreTrainedTokenizerFast, the special tokens, no BOS added (the
-                           training data has none: preprocessing appends only the EOD token),
+    tokenizer_config.json  PreTrainedTokenizerFast, the special tokens, MODEL_INPUT_NAMES, no
+                           BOS added (the training data has none: preprocessing appends only
+                           the EOD token),
   and then checks the conversion: PROBE_TEXTS are encoded by sentencepiece and by the written
   tokenizer.json, and the result (equal or the first difference) goes into the export summary.
 """
@@ -31,6 +34,10 @@ PROBE_TEXTS = (
     "line one\n\nline three\r\nwindows",
     "The quick brown fox jumps over the lazy dog.",
 )
+# What the tokenizer returns for the model. Qwen3 models take no token_type_ids, which
+# PreTrainedTokenizerFast returns by default: `model.generate(**tok(text, return_tensors="pt"))`
+# would raise "model_kwargs are not used by the model: ['token_type_ids']".
+MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]
 _HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
              "merges.txt", "added_tokens.json", "chat_template.jinja")
 
@@ -85,7 +92,11 @@ def resolve_tokenizer(config, override: str | None = None) -> TokenizerSource | 
         return TokenizerSource("sentencepiece", path, sp.get_piece_size(), ids, tokens)
     from megatron_ntp.data.tokenizer import TokenizerJsonLibrary
 
-    lib = TokenizerJsonLibrary(path)
+    try:
+        lib = TokenizerJsonLibrary(path)
+    except json.JSONDecodeError as err:  # the tokenizer_config.json beside tokenizer.json
+        raise ConfigError(f"tokenizer {path!r}: its tokenizer_config.json is not valid JSON "
+                          f"({err})") from None
     ids = {"bos": lib.bos_id, "eos": lib.eos_id, "pad": None if lib.pad_id < 0 else lib.pad_id,
            "unk": None}
     tokens = {k: (lib.tokenizer.id_to_token(v) if v is not None else None)
@@ -104,9 +115,29 @@ def write_tokenizer(source: TokenizerSource, folder: str) -> dict:
                 copied.append(name)
         if not os.path.isdir(source.path):  # a tokenizer.json file under another name
             shutil.copy2(source.path, os.path.join(folder, "tokenizer.json"))
-            copied = sorted(set(copied) | {"tokenizer.json"})
+        _complete_tokenizer_config(source, folder)
+        copied = sorted(set(copied) | {"tokenizer.json", "tokenizer_config.json"})
         return {"written": True, "kind": "huggingface", "source": source.path, "files": copied}
     return _write_sentencepiece(source, folder)
+
+
+def _complete_tokenizer_config(source: TokenizerSource, folder: str) -> None:
+    """The copied tokenizer_config.json (or a new one) with what AutoTokenizer needs to build
+    this tokenizer as trained: its class and special tokens where the file is silent (otherwise
+    the class comes from config.json's model type, whose default special tokens may not be in
+    this vocabulary), and MODEL_INPUT_NAMES."""
+    path = os.path.join(folder, "tokenizer_config.json")
+    config = {}
+    if os.path.isfile(path):  # parsed before by resolve_tokenizer
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    for name in ("bos", "eos", "pad", "unk"):
+        if source.tokens[name] is not None:
+            config.setdefault(f"{name}_token", source.tokens[name])
+    config["model_input_names"] = MODEL_INPUT_NAMES
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
 
 
 def _write_sentencepiece(source: TokenizerSource, folder: str) -> dict:
@@ -122,6 +153,7 @@ def _write_sentencepiece(source: TokenizerSource, folder: str) -> dict:
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": 1 << 30,
+        "model_input_names": MODEL_INPUT_NAMES,
     }
     for name in ("bos", "eos", "pad", "unk"):
         if source.tokens[name] is not None:

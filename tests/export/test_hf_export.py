@@ -85,3 +85,57 @@ def test_export_refuses_a_non_empty_output(trained, tmp_path):
                     str(target)], check=False)
     assert done.returncode == 2 and "--force" in done.stderr
     assert os.listdir(target) == ["keep.txt"]
+
+
+def _hf_tokenizer_with_a_chat_template(exported_folder, folder):
+    """A Hugging Face tokenizer folder as a user brings one: the exported tokenizer.json, a
+    tokenizer_config.json naming only its class and EOS token, and a chat_template.jinja."""
+    import shutil
+
+    os.makedirs(folder)
+    shutil.copy(os.path.join(exported_folder, "tokenizer.json"), folder)
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "</s>"}, f)
+    with open(os.path.join(folder, "chat_template.jinja"), "w") as f:
+        f.write("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def test_exported_folder_works_with_the_standard_transformers_calls(trained, exported,
+                                                                    tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    folder = exported["dense"]
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True,
+                                                 dtype=torch.float32)
+    text = "def count(items):\n    return"
+    encoded = tokenizer(text, return_tensors="pt")
+    assert set(encoded) == {"input_ids", "attention_mask"}  # no token_type_ids
+    greedy = {"max_new_tokens": 6, "do_sample": False}
+    out = model.generate(**encoded, **greedy)
+    assert torch.equal(out, model.generate(encoded["input_ids"], **greedy))
+
+    generator = pipeline("text-generation", model=folder,
+                         model_kwargs={"local_files_only": True, "dtype": torch.float32})
+    result = generator(text, return_tensors=True, **greedy)
+    assert result[0]["generated_token_ids"] == out[0].tolist()
+    assert generator(text, **greedy)[0]["generated_text"].startswith(text)
+
+    # a Hugging Face tokenizer with a chat template, exported through --tokenizer
+    source = str(tmp_path / "chat_tokenizer")
+    _hf_tokenizer_with_a_chat_template(folder, source)
+    chat_folder = str(tmp_path / "hf_chat")
+    run_cli(["export", "--checkpoint", trained["dense"]["checkpoint"], "--output", chat_folder,
+             "--tokenizer", source])
+    chat = AutoTokenizer.from_pretrained(chat_folder, local_files_only=True)
+    messages = [{"role": "user", "content": "Add 2 and 3."}]
+    rendered = chat.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert rendered == "user: Add 2 and 3.\nassistant:"
+    inputs = chat.apply_chat_template(messages, add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+    assert inputs["input_ids"][0].tolist() == tokenizer(rendered)["input_ids"]
+    chat_model = AutoModelForCausalLM.from_pretrained(chat_folder, local_files_only=True,
+                                                      dtype=torch.float32)
+    reply = chat_model.generate(**inputs, **greedy)
+    assert torch.equal(reply, model.generate(inputs["input_ids"], **greedy))

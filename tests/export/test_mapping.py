@@ -186,3 +186,36 @@ def test_hugging_face_tokenizer_files_are_copied(tmp_path):
     report = write_tokenizer(source, str(out))
     assert report["files"] == ["tokenizer.json", "tokenizer_config.json"]
     assert sorted(os.listdir(out)) == ["tokenizer.json", "tokenizer_config.json"]
+    written = json.loads((out / "tokenizer_config.json").read_text())
+    # completed where the source is silent; no token_type_ids for a model that takes none
+    assert written == {"eos_token": "<|endoftext|>", "tokenizer_class": "PreTrainedTokenizerFast",
+                       "model_input_names": ["input_ids", "attention_mask"]}
+
+
+def test_hugging_face_tokenizer_without_or_with_a_broken_config(tmp_path):
+    import tokenizers
+    from transformers import AutoTokenizer
+
+    from megatron_ntp.export.tokenizer import resolve_tokenizer, write_tokenizer
+
+    vocab = {"<unk>": 0, "<|endoftext|>": 1, "hello": 2, "world": 3}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "my-tokenizer.json"))  # a bare tokenizer.json, no config beside it
+    config = load_config(None, ["data.tokenizer_type=HuggingFaceTokenizer",
+                                f"data.tokenizer_model={tmp_path / 'my-tokenizer.json'}",
+                                "data.blend=x"])
+    out = tmp_path / "out"
+    out.mkdir()
+    write_tokenizer(resolve_tokenizer(config), str(out))
+    loaded = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    assert loaded("hello world") == {"input_ids": [2, 3], "attention_mask": [1, 1]}
+    assert loaded.eos_token == "<|endoftext|>" and len(loaded) == 4
+
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    (tmp_path / "tok" / "tokenizer_config.json").write_text("{not json")
+    config = load_config(None, ["data.tokenizer_type=HuggingFaceTokenizer",
+                                f"data.tokenizer_model={tmp_path / 'tok'}", "data.blend=x"])
+    with pytest.raises(ConfigError, match="tok'.*tokenizer_config.json is not valid JSON"):
+        resolve_tokenizer(config)
