@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_ntp.config import ConfigError, Config
+from megatron_ntp.files import current_umask
 
 TRANSFORMERS_VERSION = "4.57.6"
 VOCAB_CHOICES = ("model", "tokenizer", "padded")
@@ -311,8 +312,7 @@ def check_output_dir(output_dir: str, force: bool) -> None:
 
 def _umask_modes(folder: str) -> None:
     """Folder and file modes as a plain mkdir/open would give them (mkdtemp makes 0700)."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     os.chmod(folder, 0o777 & ~umask)
     for name in os.listdir(folder):
         os.chmod(os.path.join(folder, name), 0o666 & ~umask)
