@@ -5,6 +5,8 @@
         One launcher per node: torchrun (torch.distributed.run, in this process) with the node
         count, node rank and rendezvous address taken from Slurm (SLURM_JOB_NUM_NODES,
         SLURM_NODEID, $MASTER_ADDR:$MASTER_PORT), static rendezvous.
+        --shutdown-timeout=S: the workers' grace after a failure or a signal, before SIGKILL
+        (default 600 s).
     python -m megatron_ntp.jobs.launch task -- -m megatron_ntp.cli train ...
         One task per GPU: sets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE from SLURM_PROCID,
         SLURM_LOCALID, SLURM_NTASKS and execs the trainer (srun returns the largest exit code).
@@ -18,6 +20,8 @@ Why torchrun is wrapped rather than called: two of its behaviours defeat preempt
   Slurm has signalled the workers already, and a second SIGTERM that arrives after a worker
   has saved and left the trainer's signal handling would kill it (exit -15 instead of 75).
   --forward-sigterm passes it on, for launchers run outside Slurm.
+- torchrun gives the other workers 30 s after one exits non-zero before it kills them; a worker
+  still writing its part of a checkpoint needs longer (SHUTDOWN_TIMEOUT_S, --shutdown-timeout).
 - torchrun turns any non-zero worker exit into exit code 1. Here a run whose failed workers all
   exited with PREEMPTED_EXIT_CODE (checkpoint saved, stopped on request) exits with that code,
   which the batch script answers with `scontrol requeue`.
@@ -26,6 +30,7 @@ Why torchrun is wrapped rather than called: two of its behaviours defeat preempt
 import os
 import signal
 import sys
+from argparse import ArgumentParser
 
 PREEMPTED_EXIT_CODE = 75  # megatron_ntp.training.PREEMPTED_EXIT_CODE; tests check they agree
 
@@ -74,16 +79,62 @@ def run_task(command: list[str]) -> int:
     os.execve(sys.executable, [sys.executable, *command], task_environment(os.environ))
 
 
-def torchrun_arguments(nproc_per_node: int, command: list[str]) -> list[str]:
-    return [f"--nnodes={_env_int('SLURM_JOB_NUM_NODES', 1)}",
-            f"--node-rank={_env_int('SLURM_NODEID', 0)}",
-            f"--nproc-per-node={nproc_per_node}",
-            f"--master-addr={os.environ.get('MASTER_ADDR', '127.0.0.1')}",
-            f"--master-port={os.environ.get('MASTER_PORT', '29500')}",
-            "--rdzv-backend=static", "--max-restarts=0",
-            f"--signals-to-handle={TORCHRUN_SIGNALS}",
-            f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}",
-            *command]
+def parser_options(parser: ArgumentParser) -> set[str]:
+    """Every option string an argparse parser accepts (e.g. "--shutdown-timeout")."""
+    return {option for action in parser._actions for option in action.option_strings}
+
+
+def torchrun_arguments(nproc_per_node: int, command: list[str], options: set[str],
+                       shutdown_timeout_s: int = SHUTDOWN_TIMEOUT_S) -> list[str]:
+    """torchrun's command line. `options`: what the installed torchrun's parser accepts; the
+    recent --signals-to-handle and --shutdown-timeout are passed only where it has them
+    (run_torchrun does their work by other means elsewhere)."""
+    arguments = [f"--nnodes={_env_int('SLURM_JOB_NUM_NODES', 1)}",
+                 f"--node-rank={_env_int('SLURM_NODEID', 0)}",
+                 f"--nproc-per-node={nproc_per_node}",
+                 f"--master-addr={os.environ.get('MASTER_ADDR', '127.0.0.1')}",
+                 f"--master-port={os.environ.get('MASTER_PORT', '29500')}",
+                 "--rdzv-backend=static", "--max-restarts=0"]
+    if "--signals-to-handle" in options:
+        arguments.append(f"--signals-to-handle={TORCHRUN_SIGNALS}")
+    if "--shutdown-timeout" in options:
+        arguments.append(f"--shutdown-timeout={shutdown_timeout_s}")
+    return arguments + command
+
+
+def _keep_sigterm(sigterm_handler):
+    """Where torchrun's parser lacks --signals-to-handle (torch 2.9, the NGC 25.09 container's),
+    its effect by other means, in this launcher process only: torchrun's process context
+    installs one handler, api._terminate_process_handler, for SIGTERM, SIGINT, SIGHUP and
+    SIGQUIT when it starts the workers; it is replaced by one that gives SIGTERM to
+    `sigterm_handler` and the other signals to torchrun's."""
+    from torch.distributed.elastic.multiprocessing import api
+
+    torchrun_handler = api._terminate_process_handler
+
+    def handler(signum, frame):
+        if signum == signal.SIGTERM:
+            return sigterm_handler(signum, frame)
+        return torchrun_handler(signum, frame)
+
+    api._terminate_process_handler = handler
+
+
+def _give_workers_a_grace(shutdown_timeout_s: int):
+    """The workers' grace before SIGKILL, on every torch: the process context's close() gets
+    shutdown_timeout_s where its caller gives no timeout. Once one worker exits non-zero (75
+    after its part of a checkpoint, say), torchrun's poll loop closes the others with close()'s
+    default, 30 s, even where --shutdown-timeout exists (it reaches only the agent's own
+    shutdown, and torch 2.9 has no such option): a rank still writing a large checkpoint would
+    be killed mid-write."""
+    from torch.distributed.elastic.multiprocessing import api
+
+    close = api.PContext.close
+
+    def close_with_grace(self, death_sig=None, timeout=shutdown_timeout_s):
+        return close(self, death_sig, timeout)
+
+    api.PContext.close = close_with_grace
 
 
 def exit_code_of_failures(exit_codes: list[int]) -> int:
@@ -123,12 +174,20 @@ def _forward_sigterm(signum, frame):
             pass
 
 
-def run_torchrun(nproc_per_node: int, command: list[str], forward_sigterm: bool = False) -> int:
+def run_torchrun(nproc_per_node: int, command: list[str], forward_sigterm: bool = False,
+                 shutdown_timeout_s: int = SHUTDOWN_TIMEOUT_S) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
+    from torch.distributed.run import get_args_parser, run
 
-    signal.signal(signal.SIGTERM, _forward_sigterm if forward_sigterm else _note_sigterm)
-    args = parse_args(torchrun_arguments(nproc_per_node, command))
+    sigterm_handler = _forward_sigterm if forward_sigterm else _note_sigterm
+    signal.signal(signal.SIGTERM, sigterm_handler)
+    parser = get_args_parser()
+    options = parser_options(parser)
+    if "--signals-to-handle" not in options:
+        _keep_sigterm(sigterm_handler)
+    _give_workers_a_grace(shutdown_timeout_s)
+    args = parser.parse_args(torchrun_arguments(nproc_per_node, command, options,
+                                                shutdown_timeout_s))
     try:
         run(args)
     except ChildFailedError as err:
@@ -151,17 +210,19 @@ def main(argv=None) -> int:
             print(f"megatron_ntp.jobs.launch task: unexpected options {options}", file=sys.stderr)
             return 2
         return run_task(command)
-    nproc, forward = 1, False
+    nproc, forward, grace = 1, False, SHUTDOWN_TIMEOUT_S
     for option in options:
         if option.startswith("--nproc-per-node="):
             nproc = int(option.split("=", 1)[1])
+        elif option.startswith("--shutdown-timeout="):
+            grace = int(option.split("=", 1)[1])
         elif option == "--forward-sigterm":
             forward = True
         else:
             print(f"megatron_ntp.jobs.launch torchrun: unknown option {option!r}",
                   file=sys.stderr)
             return 2
-    return run_torchrun(nproc, command, forward)
+    return run_torchrun(nproc, command, forward, grace)
 
 
 if __name__ == "__main__":
