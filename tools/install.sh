@@ -11,6 +11,9 @@
 #   with --system-site-packages so it sees the container's torch, Transformer Engine and Apex,
 #   and nothing installed here may replace them (the container's torch version is passed to pip
 #   as a constraint). See slurm/README.md, "On a GPU cluster".
+#   NGC images (25.03 and newer) set PIP_CONSTRAINT to a file pinning the image's own packages
+#   (packaging 23.2, where megatron-core needs >= 24.2); it is cleared for these pip calls, as
+#   Megatron-LM's Dockerfiles do, and the container's torch is kept by a constraint of our own.
 # NTP_INSTALL=cpu|gpu forces one way.
 set -euo pipefail
 
@@ -75,6 +78,15 @@ install_cpu() {
   "${pip[@]}" install -c "$constraints" -e "$root[dev]"
 }
 
+# In a container: pip is run without the image's PIP_CONSTRAINT (see the top of this file).
+drop_container_constraint() {
+  if [ -n "${PIP_CONSTRAINT:-}" ]; then
+    echo "[install] not using the container's PIP_CONSTRAINT=$PIP_CONSTRAINT (it pins the" \
+         "image's packages); the container's torch is kept by tools/install.sh's own constraint"
+    unset PIP_CONSTRAINT
+  fi
+}
+
 install_gpu() {
   local root=$1 venv=$2; shift 2
   local pip=("$@") keep
@@ -118,6 +130,7 @@ main() {
     exit 0
   fi
   if [ "$kind" = gpu ]; then
+    drop_container_constraint
     install_gpu "$root" "$venv" "${pip[@]}"
   else
     install_cpu "$root" "${pip[@]}"

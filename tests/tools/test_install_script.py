@@ -3,6 +3,7 @@ against fake interpreters (shell scripts answering as a CUDA, CPU or missing tor
 
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -62,8 +63,8 @@ def test_cpu_pins_live_in_the_constraints_file():
 
 
 FAKE_INTERPRETER = r'''#!/bin/sh
-# Answers as a python would for what install.sh asks; logs every call.
-echo "$0 $*" >> "$INSTALL_LOG"
+# Answers as a python would for what install.sh asks; logs every call (and PIP_CONSTRAINT).
+echo "[PIP_CONSTRAINT=${PIP_CONSTRAINT:-}] $0 $*" >> "$INSTALL_LOG"
 case "$1" in
   -c) case "$2" in
         *torch.version.cuda*) echo "$FAKE_CUDA" ;;
@@ -82,7 +83,7 @@ esac
 '''
 
 
-def run_install(tmp_path, cuda):
+def run_install(tmp_path, cuda, pip_constraint=""):
     """tools/install.sh in a copy of the repository's install files, with a fake base python;
     returns the logged calls of the venv's python (pip) and the base python (venv)."""
     repo = tmp_path / "repo"
@@ -92,7 +93,8 @@ def run_install(tmp_path, cuda):
     base = fake_python(tmp_path, "python3", FAKE_INTERPRETER.split("\n", 1)[1])
     log = tmp_path / "log"
     env = {"PYTHON": base, "INSTALL_LOG": str(log), "FAKE_CUDA": cuda,
-           "FAKE_TORCH": "2.9.0a0+nv25.06", "NTP_INSTALL": "auto"}
+           "FAKE_TORCH": "2.9.0a0+nv25.06", "NTP_INSTALL": "auto",
+           "PIP_CONSTRAINT": pip_constraint}
     result = subprocess.run(["bash", str(repo / "tools" / "install.sh")], capture_output=True,
                             text=True, env={**os.environ, **env}, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -128,6 +130,51 @@ def test_container_install_keeps_the_container_torch(tmp_path):
         f"-c {keep} -e {repo}[dev]",
     ]
     assert not any(" torch" in line.split(" -e ")[0].replace(keep, "") for line in installs)
+
+
+NGC_CONSTRAINT = "packaging==23.2\ntorch==2.9.0a0+50eac811a6\n"  # as NGC 25.09's file pins
+
+
+def _wheel(folder, name, version):
+    """A minimal pure-Python wheel (metadata only) for pip to resolve against, offline."""
+    import zipfile
+
+    info = f"{name}-{version}.dist-info"
+    with zipfile.ZipFile(folder / f"{name}-{version}-py3-none-any.whl", "w") as wheel:
+        wheel.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\n"
+                                           f"Version: {version}\n")
+        wheel.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\n"
+                                        "Tag: py3-none-any\n")
+        wheel.writestr(f"{info}/RECORD", "")
+
+
+def test_container_install_runs_pip_without_the_images_constraint(tmp_path):
+    """NGC images set PIP_CONSTRAINT to a file pinning their packages: the real pip cannot then
+    resolve megatron-core's packaging>=24.2, and install.sh stopped there. Here its container
+    path runs every pip call without it (and keeps the container's torch by its own file)."""
+    constraint = tmp_path / "constraint.txt"
+    constraint.write_text(NGC_CONSTRAINT)
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _wheel(wheels, "packaging", "24.2")
+    real_pip = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed",
+                "--no-index", "--find-links", str(wheels), "--disable-pip-version-check",
+                "packaging>=24.2"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env["PIP_CONFIG_FILE"] = os.devnull
+    blocked = subprocess.run(real_pip, capture_output=True, text=True, timeout=120,
+                             env={**env, "PIP_CONSTRAINT": str(constraint)})
+    assert blocked.returncode != 0 and "packaging" in blocked.stderr  # what NGC users hit
+    command = 'source "$1"; drop_container_constraint; shift; "$@"'
+    cleared = subprocess.run(["bash", "-c", command, "x", INSTALL, *real_pip],
+                             capture_output=True, text=True, timeout=120,
+                             env={**env, "PIP_CONSTRAINT": str(constraint)})
+    assert cleared.returncode == 0, cleared.stderr
+    assert "Would install packaging-24.2" in cleared.stdout
+    assert "not using the container's PIP_CONSTRAINT" in cleared.stdout
+    repo, calls = run_install(tmp_path / "container", cuda="12.9", pip_constraint=str(constraint))
+    pip_calls = [call for call in calls if " -m pip " in call]
+    assert pip_calls and all(call.startswith("[PIP_CONSTRAINT=] ") for call in pip_calls)
 
 
 def test_container_install_refuses_a_venv_without_system_packages(tmp_path):
