@@ -2,10 +2,11 @@
 
     load_config("run.yaml", ["loss.beta=-0.25", "parallel.tensor=2"])
 
-Order of precedence (last wins): dataclass defaults < the model preset (model.preset) < the
-YAML file < the overrides. Override values are parsed as YAML ("2" is an int, "true" a bool,
-"[a, b]" a list, "null" None). Unknown keys are rejected with the closest known key suggested;
-values are checked against the field types. Cross-field checks are in validate.py.
+Order of precedence (last wins): dataclass defaults < the GPU defaults on a machine with CUDA
+(schema.GPU_DEFAULTS) < the model preset (model.preset) < the YAML file < the overrides.
+Override values are parsed as YAML ("2" is an int, "true" a bool, "[a, b]" a list, "null"
+None). Unknown keys are rejected with the closest known key suggested; values are checked
+against the field types. Cross-field checks are in validate.py.
 """
 
 import dataclasses
@@ -16,22 +17,24 @@ from pathlib import Path
 
 import yaml
 
-from megatron_ntp.config.schema import Config
+from megatron_ntp.config.schema import Config, device_defaults
 
 
 class ConfigError(ValueError):
     """An invalid config; the message names the field (dotted path) and the offending value."""
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
-    """Config from an optional YAML file plus `key.path=value` overrides (not yet validated)."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (),
+                cuda_available: bool | None = None) -> Config:
+    """Config from an optional YAML file plus `key.path=value` overrides (not yet validated).
+    cuda_available: whether the GPU defaults apply (default: whether CUDA is available here)."""
     tree = {}
     if path is not None:
         tree = load_yaml(path)
     for override in overrides:
         key, value = parse_override(override)
         set_dotted(tree, key, value)
-    return config_from_dict(tree)
+    return config_from_dict(tree, cuda_available)
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -73,8 +76,9 @@ def set_dotted(tree: dict, key: str, value) -> None:
     node[last] = value
 
 
-def config_from_dict(tree: dict) -> Config:
-    """The config tree from nested mappings; the model preset is applied first."""
+def config_from_dict(tree: dict, cuda_available: bool | None = None) -> Config:
+    """The config tree from nested mappings; the model preset is applied first, and below it
+    the GPU defaults when cuda_available (default: whether CUDA is available here)."""
     tree = dict(tree)
     model = tree.get("model")
     if isinstance(model, dict) and model.get("preset"):
@@ -85,6 +89,13 @@ def config_from_dict(tree: dict) -> Config:
         except KeyError as err:
             raise ConfigError(f"model.preset: {err.args[0]}") from None
         tree["model"] = {**base, **model}
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    for section, defaults in device_defaults(cuda_available).items():
+        if tree.get(section) is None or isinstance(tree[section], dict):
+            tree[section] = {**defaults, **(tree.get(section) or {})}
     return build(Config, tree, "")
 
 

@@ -17,6 +17,24 @@ from megatron_ntp.loss import ShapedLossConfig
 # Qwen3's vocabulary; the tokenizer that matches the real presets.
 QWEN3_VOCAB_SIZE = 151936
 
+# Section -> field -> the default on a machine with CUDA, in place of the dataclass default
+# (which is the CPU one, the path every CPU test runs): Megatron-LM's GPU numerics and
+# optimizer, so that a preset run on a GPU without an example YAML trains in bf16 on
+# Transformer Engine layers with the distributed optimizer. megatron_ntp.config.load applies
+# them below the preset, the YAML file and the overrides.
+GPU_DEFAULTS: dict[str, dict[str, object]] = {
+    "model": {"transformer_impl": "transformer_engine", "bf16": True},
+    "parallel": {"distributed_optimizer": True},
+}
+
+
+def device_defaults(cuda_available: bool) -> dict[str, dict[str, object]]:
+    """The defaults that differ from the dataclass defaults on this kind of machine: a copy of
+    GPU_DEFAULTS with CUDA, none without."""
+    if not cuda_available:
+        return {}
+    return {section: dict(fields) for section, fields in GPU_DEFAULTS.items()}
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -88,10 +106,11 @@ class ModelConfig:
 
     transformer_impl: Literal["local", "transformer_engine"] = "local"
     """Layer implementation: local (torch, runs on CPU) or transformer_engine (GPU; needed for
-    fp8)."""
+    fp8). Default transformer_engine on a machine with CUDA (GPU_DEFAULTS)."""
 
     bf16: bool = False
-    """bf16 weights and activations with fp32 master weights and gradients (mixed precision)."""
+    """bf16 weights and activations with fp32 master weights and gradients (mixed precision).
+    Default true on a machine with CUDA (GPU_DEFAULTS)."""
 
     fp8: Literal["", "e4m3", "hybrid"] = ""
     """FP8 format through Transformer Engine: "" (off), e4m3 or hybrid. Needs
@@ -162,7 +181,14 @@ class ParallelConfig:
     """Shard norms, dropout and residual activations along the sequence over the TP group."""
 
     distributed_optimizer: bool = False
-    """Shard fp32 master weights and Adam state over data-parallel ranks (ZeRO-1)."""
+    """Shard fp32 master weights and Adam state over data-parallel ranks (ZeRO-1). Default
+    true on a machine with CUDA (GPU_DEFAULTS)."""
+
+    grad_reduce_in_bf16: bool = False
+    """With model.bf16: keep the gradient buffer in bf16 and reduce(-scatter) it over the
+    data-parallel ranks in bf16 (megatron-core's grad_reduce_in_fp32=False; Megatron-LM's
+    --grad-reduce-in-bf16, as its H100 FP8 example runs): half the gradient memory and DP
+    traffic. false: fp32 buffer and reduction (Megatron-LM's default with bf16)."""
 
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation: none, selective (attention core) or full (whole layers)."""

@@ -225,14 +225,19 @@ def memory_per_gpu(m, p, micro_batch_size: int, seq_length: int,
     """Estimated memory of one GPU in each pipeline stage (Megatron mixed precision, Adam).
 
     Per parameter: bf16 weights (2 B) with fp32 gradient buffer (4 B) and fp32 master weights
-    plus Adam m, v (12 B), or fp32 throughout (4 + 4 + 8 B). The distributed optimizer divides
-    the optimizer term by the data-parallel size (expert parameters: by the expert-data-parallel
-    size); gradients stay whole, as megatron-core's buffers do. FP8 keeps bf16 weights (the FP8
-    copies are transient) and is not counted separately. Activations: see
-    `stage_activation_bytes`. Excludes the CUDA context, allocator fragmentation and
-    communication buffers (budget ~10-20%).
+    plus Adam m, v (12 B), or fp32 throughout (4 + 4 + 8 B). With parallel.grad_reduce_in_bf16
+    the gradient buffer is bf16 (2 B) and the optimizer keeps an fp32 copy of the gradient of
+    the parameters it updates (4 B more in the optimizer term: megatron-core's
+    _copy_model_grads_to_main_grads). The distributed optimizer divides the optimizer term by
+    the data-parallel size (expert parameters: by the expert-data-parallel size); gradients
+    stay whole, as megatron-core's buffers do. FP8 keeps bf16 weights (the FP8 copies are
+    transient) and is not counted separately. Activations: see `stage_activation_bytes`.
+    Excludes the CUDA context, allocator fragmentation and communication buffers (budget
+    ~10-20%).
     """
     weight_bytes, grad_bytes, optim_bytes = (2, 4, 12) if m.bf16 else (4, 4, 8)
+    if m.bf16 and p.grad_reduce_in_bf16:
+        grad_bytes, optim_bytes = 2, 16
     data = max(p.data, 1)
     expert_data = max(p.tensor * data // (p.expert * p.expert_tensor), 1)
     stages = []
@@ -313,28 +318,43 @@ def output_head_bytes(m, p, tokens: int, act_bytes: int) -> float:
     return tokens * m.hidden_size * act_bytes + chunk + vocab_local * m.hidden_size * 4
 
 
+def swiglu_kept_widths(m) -> tuple[int, int]:
+    """(dense, expert): multiples of the SwiGLU width f that the MLP interior keeps for backward
+    per token (dense MLP) and per routed copy of a token (expert), as the GPU build runs it.
+
+    With model.kernel_fusions the GPU build fuses the activation (bias_activation_fusion:
+    megatron-core's bias_swiglu_impl, and weighted_bias_swiglu_impl in experts, which multiply
+    by the routing probability inside the kernel): the kernel keeps its input, the gate/up
+    output (2 f), and the down projection keeps the product (f): 3 f. Unfused (mlp.py's glu):
+    the gate/up output (2 f), silu(gate) (f), up + glu_linear_offset (f, a new tensor even for
+    offset 0) and the product (f); experts multiply the product by the routing probability in
+    a separate step (one f more). Measured with saved-tensor hooks in
+    tests/models/test_saved_activations.py.
+    """
+    return (3, 3) if m.kernel_fusions else (5, 6)
+
+
 def activation_bytes_per_layer(m, p, micro_batch_size: int, seq_length: int,
                                act_bytes: int = 2) -> int:
     """Activations one layer keeps for backward for one micro-batch on one rank.
 
-    Counted tensor by tensor for the pre-norm SwiGLU layer (no dropout): tensors of width h
-    (norm inputs, linear inputs) are sharded by TP only under sequence parallelism; the
-    attention and MLP interiors are sharded by TP. The attention core keeps q, k, v and its
-    output; the local (unfused) attention also keeps the softmax probabilities,
-    heads * seq per token, unless selective recompute rebuilds them (core_attn). MoE layers
-    keep the router logits (fp32) of this rank's tokens and, per routed copy of a token on this
-    rank, the permuted input, the expert interior and the expert output (balanced routing
-    assumed). A layer whose MLP selective recompute rebuilds (mlp, or moe in an MoE model)
-    keeps its input only; backward's rebuilt interior of one layer at a time is not counted,
-    nor what layernorm and moe_act recompute save.
+    Counted tensor by tensor for the pre-norm SwiGLU layer (no dropout) as the GPU build keeps
+    them: tensors of width h (norm inputs, linear inputs) are sharded by TP only under sequence
+    parallelism; the attention and MLP interiors are sharded by TP. The attention core keeps
+    q, k, v and its output; the local (unfused) attention also keeps the softmax probabilities,
+    heads * seq per token, unless selective recompute rebuilds them (core_attn). The SwiGLU
+    keeps `swiglu_kept_widths` (fused with model.kernel_fusions). MoE layers keep the router
+    logits (fp32) of this rank's tokens and, per routed copy of a token on this rank, the
+    permuted input, the expert interior, the expert output and its fp32 routing probability
+    (balanced routing assumed). A layer whose MLP selective recompute rebuilds (mlp, or moe in
+    an MoE model) keeps its input only; backward's rebuilt interior of one layer at a time is
+    not counted, nor what layernorm and moe_act recompute save.
 
     The count follows Transformer Engine's fused norms (a norm fused into the next linear keeps
-    its input and output once); the SwiGLU is megatron-core's unfused one in either
-    implementation. megatron-core's local layers keep more (unfused RMSNorm intermediates,
-    the masked scores beside the softmax output): measured with saved-tensor hooks on the
-    tiny-dense preset (fp32, seq 128), a local layer kept 1.8x the estimate of the time, which
-    counted 3 f for the SwiGLU (5 f now, measured in tests/models). Local layers are the CPU
-    path, where memory is not the constraint.
+    its input and output once). megatron-core's local layers keep more (unfused RMSNorm
+    intermediates, the scores beside the softmax output): measured with saved-tensor hooks on
+    a tiny-dense layer (fp32, seq 32, the GPU's fusions that run on CPU), a local layer kept
+    1.29x this count. Local layers are the CPU path, where memory is not the constraint.
     """
     h = m.hidden_size
     tp = p.tensor
@@ -349,21 +369,29 @@ def activation_bytes_per_layer(m, p, micro_batch_size: int, seq_length: int,
     if m.transformer_impl == "local" and "core_attn" not in recompute_modules(m, p):
         per_token += m.num_attention_heads / tp * seq_length  # softmax probabilities
     per_token += q / tp  # output projection input
-    # SwiGLU as megatron-core 0.19 builds it here (bias_activation_fusion off, mlp.py's glu):
-    # the gate/up output (2 f), silu(gate) (f), up + glu_linear_offset (f, a new tensor even
-    # for offset 0) and the product, the down projection's input (f). Experts multiply the
-    # product by the routing probabilities first (one f more).
-    swiglu, expert_swiglu = 5, 6
-    if _recomputes_mlp(m, p):
-        pass  # checkpointed: the MLP keeps its input only (counted above)
-    elif m.num_experts:
-        k, fm, etp = m.moe_router_topk, m.moe_ffn_hidden_size, p.expert_tensor
-        # MoE with TP > 1 runs with sequence parallelism (megatron-core raises otherwise in
-        # training): the router sees this rank's tokens / tp; the dispatcher then gathers over
-        # the expert-TP group, so a rank holds k * tokens * etp / tp routed copies (balanced
-        # routing), each of width h going in and out and swiglu * fm / etp inside.
-        per_token += m.num_experts * 4 / act_bytes / tp  # fp32 router logits
-        per_token += k * etp / tp * (2 * h + expert_swiglu * fm / etp)
-    else:
-        per_token += swiglu * m.ffn_hidden_size / tp
+    if not _recomputes_mlp(m, p):  # checkpointed, the MLP keeps its input only (counted above)
+        per_token += _mlp_interior_per_token(m, p, act_bytes)
     return int(per_token * tokens * act_bytes)
+
+
+def _mlp_interior_per_token(m, p, act_bytes: int) -> float:
+    """Elements (of act_bytes each) the MLP keeps per token beyond its input."""
+    tp, etp = p.tensor, p.expert_tensor
+    if not m.num_experts:
+        return swiglu_kept_widths(m)[0] * m.ffn_hidden_size / tp
+    # MoE with TP > 1 runs with sequence parallelism (megatron-core raises otherwise in
+    # training): the router sees this rank's tokens / tp; the dispatcher then gathers over the
+    # expert-TP group, so a rank holds k * tokens * etp / tp routed copies (balanced routing).
+    router_logits = m.num_experts * 4 / act_bytes / tp
+    expert_output = m.hidden_size  # each copy going out, as it came in
+    per_copy = expert_bytes_per_copy(m, p, act_bytes) / act_bytes + expert_output
+    return router_logits + m.moe_router_topk * etp / tp * per_copy
+
+
+def expert_bytes_per_copy(m, p, act_bytes: int) -> float:
+    """Bytes the experts keep for backward per routed copy of a token on one rank: its permuted
+    input (h), the SwiGLU interior (swiglu_kept_widths * fm / expert_tensor) and its fp32
+    routing probability (the weight of the expert output)."""
+    _, expert_swiglu = swiglu_kept_widths(m)
+    interior = expert_swiglu * m.moe_ffn_hidden_size / p.expert_tensor
+    return (m.hidden_size + interior) * act_bytes + 4

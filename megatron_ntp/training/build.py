@@ -6,7 +6,7 @@
   gradients once by the global token count (all micro-batches, all data-parallel ranks).
 - Each chunk is on this rank's device before anything wraps it (build_gpt_model moves it).
 - bf16: Float16Module around each chunk (fp32 master weights in the optimizer), as
-  Megatron-LM does.
+  Megatron-LM does; gradients reduced in fp32, or in bf16 with parallel.grad_reduce_in_bf16.
 - On a GPU, Megatron-LM's H100 data-parallel settings: gradient reduction overlapped with the
   backward pass and, with the distributed optimizer, the parameter all-gather overlapped with
   the next forward (parallel.overlap_grad_reduce / overlap_param_gather); NaN/Inf gradients
@@ -51,12 +51,13 @@ def build_model_chunks(config) -> tuple[list, object]:
 
 
 def ddp_config(config):
-    """megatron-core DistributedDataParallelConfig of the run: fp32 gradient reduction, NaN
-    check, and on a GPU the overlapped communication of parallel.overlap_*."""
+    """megatron-core DistributedDataParallelConfig of the run: the gradient buffer and its
+    reduction in fp32, or in bf16 with parallel.grad_reduce_in_bf16 (as Megatron-LM's H100 FP8
+    example runs); NaN check, and on a GPU the overlapped communication of parallel.overlap_*."""
     from megatron.core.distributed import DistributedDataParallelConfig
 
     return DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
+        grad_reduce_in_fp32=not config.parallel.grad_reduce_in_bf16,
         use_distributed_optimizer=config.parallel.distributed_optimizer,
         check_for_nan_in_grad=True,
         **overlap_settings(config))

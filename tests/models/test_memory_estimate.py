@@ -1,5 +1,6 @@
 """`plan`'s activation estimate on layouts where an earlier formula was off: expert TP smaller
-than TP, full recompute under pipeline parallelism, and the fused output-layer loss."""
+than TP, full recompute under pipeline parallelism, and the fused output-layer loss. (What the
+SwiGLU keeps is measured in test_saved_activations.py.)"""
 
 import dataclasses
 
@@ -36,15 +37,17 @@ def test_moe_layer_split_over_tp_with_expert_tp_1():
 
 def test_moe_expert_tp_gathers_the_tokens():
     """Expert TP=2 at TP=2: the dispatcher gathers the expert-TP group's tokens, so a rank holds
-    all routed copies of the pair (2x the h-wide permuted input and output of expert TP=1) and
-    half of each expert's interior (the same interior bytes as expert TP=1)."""
+    all routed copies of the pair (2x the h-wide permuted input and output and the fp32 routing
+    probabilities of expert TP=1) and half of each expert's interior (the same interior bytes
+    as expert TP=1)."""
     m = _model("moe-5b-a0.3b")
     k, h, fm = m.moe_router_topk, m.hidden_size, m.moe_ffn_hidden_size
     layout = dict(tensor=2, sequence_parallel=True, expert=4)
     etp1 = activation_bytes_per_layer(m, ParallelConfig(**layout, expert_tensor=1), 1, SEQ)
     etp2 = activation_bytes_per_layer(m, ParallelConfig(**layout, expert_tensor=2), 1, SEQ)
-    permuted_in_out_etp1 = k * SEQ / 2 * 2 * h * 2  # copies on the rank * (in + out) * bf16
-    assert etp2 - etp1 == pytest.approx(permuted_in_out_etp1, abs=2)
+    copies_etp1 = k * SEQ / 2
+    per_copy_etp1 = 2 * h * 2 + 4  # (in + out) * bf16, fp32 probability
+    assert etp2 - etp1 == pytest.approx(copies_etp1 * per_copy_etp1, abs=2)
     assert fm % 2 == 0
 
 
@@ -86,52 +89,3 @@ def test_fused_output_loss_keeps_no_logits():
         fused_head = SEQ * h * 2 + chunk_tokens * v_local * 6 + v_local * h * 4
         assert unfused - fused == logits - fused_head, chunk_mib
     assert SEQ * h * 2 + 1176 * v_local * 6 + v_local * h * 4 < 0.75 * logits
-
-
-def _mlp_saved_bytes(rank, world_size, init_method, result_path):
-    import torch
-
-    from megatron_ntp.config import load_config, validate_config
-    from megatron_ntp.models.gpt import build_gpt_model
-    from megatron_ntp.parallel import initialize_parallel_from_config
-
-    config = validate_config(load_config(None, [
-        "model.preset=tiny-dense", "data.seq_length=32", "train.steps=1",
-        "train.lr_warmup_steps=0", "train.global_batch_tokens=64", "train.micro_batch_size=2"]),
-        world_size=world_size)
-    initialize_parallel_from_config(config, rank=rank, world_size=world_size,
-                                    init_method=init_method)
-    mlp = build_gpt_model(config).decoder.layers[0].mlp
-    params = {q.untyped_storage().data_ptr() for q in mlp.parameters()}
-    storages = {}
-
-    def keep(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    hidden = torch.randn(32, 2, config.model.hidden_size, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-        output, _ = mlp(hidden)
-    with open(result_path, "w") as f:
-        f.write(str(sum(storages.values())))
-
-
-def test_swiglu_count_is_what_megatron_core_keeps(tmp_path):
-    """The MLP as built (megatron-core's SwiGLU, bias_activation_fusion off) keeps its input
-    (h), the gate/up output (2 f), silu(gate) (f), up + offset (f) and the down projection's
-    input (f) per token: measured with saved-tensor hooks. The estimate's MLP term is the part
-    beyond the input (an earlier formula counted 3 f)."""
-    from megatron_ntp.config import ParallelConfig as Parallel
-    from tests.compat.distributed import spawn
-
-    spawn(_mlp_saved_bytes, 1, str(tmp_path / "saved"))
-    measured = int((tmp_path / "saved").read_text())
-    m = dataclasses.replace(preset_model_config("tiny-dense"), bf16=False)
-    tokens = 32 * 2
-    assert measured == tokens * (m.hidden_size + 5 * m.ffn_hidden_size) * 4
-    without_mlp = activation_bytes_per_layer(dataclasses.replace(m, ffn_hidden_size=0),
-                                             Parallel(), 2, 32, act_bytes=4)
-    with_mlp = activation_bytes_per_layer(m, Parallel(), 2, 32, act_bytes=4)
-    assert with_mlp - without_mlp == tokens * 5 * m.ffn_hidden_size * 4
