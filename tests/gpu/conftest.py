@@ -1,9 +1,15 @@
 """The GPU acceptance check (bash tools/gpu_check.sh): every test here is marked `gpu` and is
 skipped, with the reason, where CUDA is not available. Tests that need Transformer Engine skip
-with the import error where it cannot be imported."""
+with the import error where it cannot be imported. Tests here without the `gpu` mark check the
+acceptance check's own pieces on CPU (tests/gpu/test_*_cpu.py)."""
 
 import pytest
 import torch
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "quick: part of `bash tools/gpu_check.sh --quick` (the "
+                                       "tests a short GPU loan runs first)")
 
 
 def pytest_collection_modifyitems(config, items):

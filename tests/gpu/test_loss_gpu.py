@@ -26,6 +26,7 @@ def _inputs(dtype=torch.float32):
     return hidden, weight, target
 
 
+@pytest.mark.quick
 def test_unfused_and_fused_loss_equal_the_reference():
     hidden, weight, target = _inputs()
     logits = (hidden @ weight.t()).detach().requires_grad_()
@@ -76,6 +77,7 @@ def _tp_invariance(rank, world_size, group):
     torch.testing.assert_close(got.float(), expected.float(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.quick
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2+ GPUs")
 def test_tensor_parallel_invariant_on_bf16_ties():
     import torch.multiprocessing as mp

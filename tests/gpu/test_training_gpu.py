@@ -1,30 +1,47 @@
-"""Training on one GPU (the acceptance check's main part): Transformer Engine layers track the
-local layers, FP8 trains, the fused head equals the unfused one, MoE runs with grouped GEMM,
-save + resume is bitwise, and a dense-1b-shaped model at sequence 4096 reports its speed.
-Figures are printed (`[gpu] ...` lines), never asserted against a time."""
+"""Training on one GPU (the acceptance check's main part): Transformer Engine layers agree with
+the local layers from the same weights, FP8 trains, the fused head equals the unfused one, MoE
+runs with grouped GEMM, save + resume is bitwise. Figures are printed (`[gpu] ...` lines), never
+asserted against a time; speed is benchmarks/gpu_throughput.py's (tools/gpu_check.sh runs it).
+Marked `quick`: the tests of `bash tools/gpu_check.sh --quick`."""
 
 import math
-import os
 import shutil
 
 import pytest
 import torch
 
-from tests.gpu.runs import losses, tiny_overrides, train
+from megatron_ntp.training.metrics import peak_flops_per_gpu
+from tests.gpu.runs import losses, tiny_overrides, train, train_from_same_weights
 
 pytestmark = pytest.mark.gpu
 
 
-def test_te_bf16_tracks_the_local_layers(sample_data, tmp_path, transformer_engine, report):
-    local = train(tiny_overrides(sample_data, tmp_path / "local", "model.transformer_impl=local"))
-    te = train(tiny_overrides(sample_data, tmp_path / "te",
-                              "model.transformer_impl=transformer_engine"))
-    worst = max(abs(a - b) / abs(b) for a, b in zip(losses(te), losses(local)))
-    report(f"TE bf16 vs local bf16 over 10 steps: largest relative loss difference {worst:.2e}")
-    assert worst < 0.02
+@pytest.mark.quick
+def test_te_and_local_layers_agree_from_the_same_weights(sample_data, tmp_path,
+                                                         transformer_engine, report):
+    """The local model's initial weights copied into the TE model (tests/gpu/layer_names.py),
+    both bf16. Tolerances, from a CPU calibration of the tiny model in bf16 against fp32 from
+    the same weights (a comparable rounding difference): per-token cross-entropy of the first
+    micro-batch max 0.005 / mean 0.0012 nats apart (0.21 / 0.046 with two query heads of one
+    layer swapped, the kind of layout error a wrong name mapping makes), mean losses of 10 steps
+    within 2.2e-3 relative."""
+    runs = train_from_same_weights(
+        tiny_overrides(sample_data, tmp_path / "local", "model.transformer_impl=local"),
+        tiny_overrides(sample_data, tmp_path / "te", "model.transformer_impl=transformer_engine"))
+    local_ce, te_ce = runs.first_ce
+    gap = (te_ce - local_ce).abs()
+    local, te = (losses(records) for records in runs.records)
+    worst = max(abs(a - b) / abs(b) for a, b in zip(te, local))
+    report(f"TE vs local bf16 from the same weights: first micro-batch's per-token CE max "
+           f"{gap.max().item():.2e} / mean {gap.mean().item():.2e} nats apart; 10 steps' losses "
+           f"within {worst:.2e} relative")
+    assert gap.max().item() <= 0.05 and gap.mean().item() <= 0.01
+    assert worst <= 1e-2
+    if peak_flops_per_gpu() is not None:  # the trainer's MFU (the benchmark prints its own)
+        assert all(0 < record["mfu"] < 1 for record in runs.records[1])
 
 
-@pytest.mark.parametrize("fp8", ["e4m3", "hybrid"])
+@pytest.mark.parametrize("fp8", [pytest.param("e4m3", marks=pytest.mark.quick), "hybrid"])
 def test_fp8_trains(sample_data, tmp_path, transformer_engine, report, fp8):
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip(f"FP8 needs compute capability >= 8.9 ({torch.cuda.get_device_name()})")
@@ -36,6 +53,7 @@ def test_fp8_trains(sample_data, tmp_path, transformer_engine, report, fp8):
     assert sum(values[-5:]) / 5 < sum(values[:5]) / 5
 
 
+@pytest.mark.quick
 def test_fused_head_equals_unfused(sample_data, tmp_path, transformer_engine):
     def run(name, fused):
         return train(tiny_overrides(sample_data, tmp_path / name,
@@ -75,21 +93,3 @@ def test_save_and_resume_bitwise(sample_data, tmp_path, transformer_engine, monk
     assert [r["step"] for r in resumed] == [3, 4, 5]
     for key in ("loss", "grad_norm"):
         assert [r[key] for r in resumed] == [r[key] for r in straight[3:]]
-
-
-def test_dense_1b_shape_at_seq_4096_speed(sample_data, tmp_path, transformer_engine, report):
-    """dense-1b's width with 4 layers: tokens/s and MFU as the trainer computes them."""
-    prefix, tokenizer = sample_data
-    records = train([
-        "model.preset=dense-1b", "model.num_layers=4", "model.bf16=true",
-        "model.transformer_impl=transformer_engine", "model.vocab_size=1024",
-        f"data.blend={prefix}", f"data.tokenizer_model={tokenizer}", "data.seq_length=4096",
-        "train.global_batch_tokens=32768", "train.micro_batch_size=2", "train.steps=8",
-        "train.lr_warmup_steps=2", f"logging.run_dir={tmp_path}", "logging.tensorboard=false"])
-    steady = records[3:]  # first steps include compilation and allocator warm-up
-    tokens_per_s = sum(r["tokens_per_s"] for r in steady) / len(steady)
-    mfu = sum(r.get("mfu", float("nan")) for r in steady) / len(steady)
-    report(f"dense-1b shape, 4 layers, seq 4096, {torch.cuda.get_device_name()}: "
-           f"{tokens_per_s:,.0f} tokens/s, MFU {mfu:.1%} (steps 3-7)")
-    assert all(math.isfinite(r["loss"]) for r in records)
-    assert os.path.isfile(tmp_path / "metrics.jsonl")
