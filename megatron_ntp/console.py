@@ -27,6 +27,18 @@ BENIGN_WARNINGS = (
      FutureWarning,
      "torch 2.13 renamed these collectives; megatron-core 0.19.2 calls the old names, which "
      "still work (the project's own code uses the new ones)"),
+    # Every checkpoint load (resume, eval, generate, passk, export) raises the next three.
+    (r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to "
+     r"load in a single process", UserWarning,
+     "megatron-core 0.19.2 calls torch.distributed.checkpoint.load with no_dist=True "
+     "(serialization.load_common_state_dict, the torch_dist load strategy): each rank reads "
+     "its own shards and megatron-core coordinates the ranks itself"),
+    (r"The argument order of load has been changed", UserWarning,
+     "megatron-core 0.19.2's torch_dist load strategy passes the storage reader to "
+     "torch.distributed.checkpoint.load by position; torch takes it as the keyword it now is"),
+    (r"Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning,
+     "megatron-core 0.19.2's torch_dist checkpoint format is built on torch's ShardedTensor, "
+     "which torch 2.13 still reads and writes"),
 )
 
 # Only without CUDA: on a GPU the advice matters (slurm/train.sbatch sets the variable).

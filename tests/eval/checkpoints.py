@@ -105,8 +105,10 @@ def trained_checkpoints(tmp_path_factory, sample_data) -> dict:
         for name, overrides in cases}
 
 
-def run_cli(args: list[str], nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    """`megatron-ntp ARGS` in a fresh process (torchrun with nproc > 1)."""
+def run_cli(args: list[str], nproc: int = 1, check: bool = True,
+            warnings: bool = False) -> subprocess.CompletedProcess:
+    """`megatron-ntp ARGS` in a fresh process (torchrun with nproc > 1); Python warnings are
+    silenced unless `warnings` (then the process prints what a user's would)."""
     if nproc > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc_per_node={nproc}", "-m", "megatron_ntp.cli", *args]
@@ -115,6 +117,9 @@ def run_cli(args: list[str], nproc: int = 1, check: bool = True) -> subprocess.C
     # eager loss passes: torch.compile would cost seconds in every process (tested elsewhere)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
                MEGATRON_NTP_COMPILE="0")
+    if warnings:
+        for name in ("PYTHONWARNINGS", "MEGATRON_NTP_ALL_WARNINGS"):
+            env.pop(name, None)
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if check and done.returncode != 0:
         raise AssertionError(f"{' '.join(args[:1])} failed ({done.returncode}):\n"

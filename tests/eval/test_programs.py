@@ -142,3 +142,20 @@ def test_generate_is_deterministic_for_a_seed_in_any_layout(trained, tmp_path):
     assert len(runs[0]) == 6 and runs[0] == runs[1]
     # each sample has its own generator: the 3 samples of a prompt differ
     assert len({r["text"] for r in runs[0][:3]}) > 1
+
+
+def test_subcommands_print_results_and_no_library_warnings(trained, tmp_path):
+    # with Python's warnings on, as a user runs them: the torch and megatron-core warnings of a
+    # checkpoint load are filtered (megatron_ntp/console.py), as they are for train
+    checkpoint = trained["dense"]["checkpoint"]
+    tasks = tmp_path / "tasks.jsonl"
+    _arithmetic_tasks(tasks, n=2)
+    runs = {"eval": ["eval", "--checkpoint", checkpoint, *EVAL_ARGS],
+            "generate": ["generate", "--checkpoint", checkpoint, "--prompt", "def ",
+                         "--max-new-tokens", "4"],
+            "passk": ["passk", "--checkpoint", checkpoint, "--tasks", str(tasks), "-m", "2",
+                      "--max-new-tokens", "4"]}
+    for name, args in runs.items():
+        done = run_cli(args, warnings=True)
+        assert done.stdout.strip(), f"{name} printed no results"
+        assert done.stderr == "", f"{name} printed on stderr:\n{done.stderr}"

@@ -21,8 +21,17 @@ def exported(trained, tmp_path_factory):
     folders = {}
     for name, case in trained.items():
         folders[name] = str(out / name)
-        run_cli(["export", "--checkpoint", case["checkpoint"], "--output", folders[name]])
+        done = run_cli(["export", "--checkpoint", case["checkpoint"], "--output", folders[name]],
+                       warnings=True)
+        folders[f"{name} stderr"] = done.stderr
     return folders
+
+
+@pytest.mark.parametrize("name", ["dense", "moe"])
+def test_export_prints_no_library_warnings(exported, name):
+    # run with Python's warnings on: the checkpoint load's torch and megatron-core warnings are
+    # filtered (megatron_ntp/console.py); the summary alone goes to stdout
+    assert exported[f"{name} stderr"] == ""
 
 
 def _hf_logits(folder):
