@@ -114,14 +114,40 @@ def initialize_parallel(
     apply_exact_grad_norm()  # no-op where megatron-core has a fused norm (TE or apex)
     apply_torch_adam_patches()  # no-op with Apex or Transformer Engine
     init_process_group(**process_group)
+    timeout = process_group.get("timeout_minutes", DEFAULT_TIMEOUT_MINUTES)
     parallel_state.initialize_model_parallel(
+        distributed_timeout_minutes=timeout,  # megatron-core's own default is 30 minutes
         tensor_model_parallel_size=tensor,
         pipeline_model_parallel_size=pipeline,
         virtual_pipeline_model_parallel_size=virtual_pipeline if virtual_pipeline > 1 else None,
         expert_model_parallel_size=expert,
         expert_tensor_parallel_size=expert_tensor,
     )
+    set_group_timeouts(timeout)
     set_seed(seed)
+
+
+def megatron_core_groups() -> list:
+    """The process groups megatron-core keeps in parallel_state (its module globals, single or
+    in lists), each once."""
+    from megatron.core import parallel_state
+
+    groups = []
+    for value in vars(parallel_state).values():
+        for group in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(group, dist.ProcessGroup) and all(group is not g for g in groups):
+                groups.append(group)
+    return groups
+
+
+def set_group_timeouts(minutes: int) -> None:
+    """The collective timeout on every megatron-core group. initialize_model_parallel passes its
+    distributed_timeout_minutes to most groups, but megatron-core 0.19.2 creates its expert
+    data-parallel gloo groups (the distributed optimizer's CPU gathers) without it, so they kept
+    torch's default (30 minutes)."""
+    timeout = datetime.timedelta(minutes=minutes)
+    for group in megatron_core_groups():
+        dist.distributed_c10d._set_pg_timeout(timeout, group)
 
 
 def initialize_parallel_from_config(config, **kwargs) -> None:

@@ -3,6 +3,7 @@ GPU, the configurable collective timeout, and megatron-core's torch-Adam checkpo
 GPU without Apex or Transformer Engine."""
 
 import datetime
+import json
 import os
 import subprocess
 import sys
@@ -46,6 +47,34 @@ def test_timeout_comes_from_the_config(fake_nccl_join, monkeypatch):
     default = validate_config(load_config(None, []))
     parallel.initialize_parallel_from_config(default, backend="gloo", rank=0, world_size=1)
     assert fake_nccl_join["timeout"] == datetime.timedelta(minutes=60)  # the default
+
+
+def _group_timeouts(rank, world_size, out):
+    """Every process group megatron-core keeps in parallel_state, with its timeout as the
+    group's backend holds it."""
+    from megatron.core import parallel_state
+
+    parallel.initialize_parallel(tensor=2, expert=2, timeout_minutes=7)
+    timeouts = {f"{group.group_desc} {index}":
+                group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+                for index, group in enumerate(parallel.megatron_core_groups())}
+    parallel_state.destroy_model_parallel()
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(timeouts, f)
+
+
+def test_every_megatron_core_group_gets_the_configured_timeout(tmp_path):
+    """parallel.distributed_timeout_minutes reaches the groups initialize_model_parallel
+    creates (it has its own default, 30 minutes, unless given one)."""
+    from tests.distributed import run_distributed
+
+    run_distributed(2, _group_timeouts, str(tmp_path / "timeouts.json"))
+    with open(tmp_path / "timeouts.json") as f:
+        timeouts = json.load(f)
+    assert len(timeouts) >= 8, timeouts  # tensor, pipeline, data, expert, embedding, gloo ...
+    assert any("EXPERT_DATA_PARALLEL_GROUP_GLOO" in name for name in timeouts), timeouts
+    assert {name: t for name, t in timeouts.items() if t != 7 * 60.0} == {}
 
 
 def test_torch_adam_checkpoint_fixes_apply_on_a_gpu_without_apex_or_te():

@@ -25,6 +25,7 @@ LANE_TESTS=(
   tests/config
   tests/models/test_plan_cli.py
   tests/models/test_plan_gpu_settings.py
+  tests/test_parallel.py
 )
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
