@@ -30,8 +30,9 @@ def add_commands(commands) -> None:
         description="List each iteration folder in DIR (a save_dir, or one iter_XXXXXXX "
                     "folder) with its state: intact, DAMAGED (which file, what is wrong), "
                     "incomplete (a save in progress or one that crashed) or unverifiable (no "
-                    "manifest); and the checkpoint a resume would start from. Exit status 0: "
-                    "all intact; 1: one is damaged; 2: no checkpoint.")
+                    "manifest); and the checkpoint a resume would start from (for one "
+                    "folder: a resume of the save_dir holding it). Exit status 0: all intact; "
+                    "1: one is damaged; 2: no checkpoint.")
     verify.add_argument("dir", metavar="DIR")
     verify.add_argument("--sizes-only", action="store_true",
                         help="check presence and sizes only, not the CRC-32 of every file "
@@ -41,8 +42,12 @@ def add_commands(commands) -> None:
 
 def run_verify(args) -> int:
     root = args.dir.rstrip("/") or "/"
+    resumed = ""  # which save_dir the resume line is about, when DIR is not one
     if os.path.isfile(os.path.join(root, INFO_FILE)):  # one checkpoint folder
-        folders, candidates, notes = [root], [root], []
+        # a resume reads the save_dir around it, from whichever of its checkpoints is intact
+        save_dir = os.path.dirname(os.path.abspath(root))
+        folders, resumed = [root], f" of {save_dir}"
+        candidates, notes = resume_candidates(save_dir)
     elif os.path.isdir(root):
         folders = [os.path.join(root, name) for name in sorted(os.listdir(root))
                    if _LISTED.match(name) and os.path.isdir(os.path.join(root, name))]
@@ -62,7 +67,7 @@ def run_verify(args) -> int:
         print(f"note: {note}")
     resume = next((path for path in candidates if not find_problems(path, not args.sizes_only)),
                   None)
-    print("a resume starts from: "
+    print(f"a resume{resumed} starts from: "
           + (os.path.basename(resume) if resume else "nothing (no intact checkpoint)"))
     return 1 if damaged else 0
 
