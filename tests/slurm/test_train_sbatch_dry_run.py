@@ -26,10 +26,10 @@ def srun_line(lines) -> list[str]:
 
 
 def test_container_flags_on_the_srun_line():
-    words = srun_line(dry_run(NTP_CONTAINER_IMAGE="nvcr.io#nvidia/pytorch:25.06-py3",
+    words = srun_line(dry_run(NTP_CONTAINER_IMAGE="nvcr.io#nvidia/pytorch:25.09-py3",
                               NTP_CONTAINER_MOUNTS="/lustre/data:/data",
                               NTP_PYTHON=f"{ROOT}/.venv/bin/python"))
-    assert "--container-image=nvcr.io#nvidia/pytorch:25.06-py3" in words
+    assert "--container-image=nvcr.io#nvidia/pytorch:25.09-py3" in words
     assert f"--container-mounts={ROOT}:{ROOT},/lustre/data:/data" in words
     assert f"--container-workdir={ROOT}" in words
     # srun options come before the program

@@ -93,7 +93,7 @@ def run_install(tmp_path, cuda, pip_constraint=""):
     base = fake_python(tmp_path, "python3", FAKE_INTERPRETER.split("\n", 1)[1])
     log = tmp_path / "log"
     env = {"PYTHON": base, "INSTALL_LOG": str(log), "FAKE_CUDA": cuda,
-           "FAKE_TORCH": "2.9.0a0+nv25.06", "NTP_INSTALL": "auto",
+           "FAKE_TORCH": "2.9.0a0+50eac811a6", "NTP_INSTALL": "auto",
            "PIP_CONSTRAINT": pip_constraint}
     result = subprocess.run(["bash", str(repo / "tools" / "install.sh")], capture_output=True,
                             text=True, env={**os.environ, **env}, timeout=60)
@@ -122,7 +122,7 @@ def test_container_install_keeps_the_container_torch(tmp_path):
     repo, calls = run_install(tmp_path, cuda="12.9")
     assert any(call.endswith(f"-m venv --system-site-packages {repo}/.venv") for call in calls)
     keep = f"{repo}/.venv/.megatron_ntp_keep_torch.txt"
-    assert open(keep).read().strip() == "torch==2.9.0a0+nv25.06"
+    assert open(keep).read().strip() == "torch==2.9.0a0+50eac811a6"
     installs = pip_installs(calls)
     assert installs == [
         "--no-deps --ignore-requires-python megatron-core==0.19.2",
