@@ -52,7 +52,7 @@ def train_from_same_weights(source_overrides, target_overrides) -> SameWeightRun
     configs = config_of(source_overrides), config_of(target_overrides)
     for config in configs:
         check_environment(config)  # TE without a GPU fails here, naming the field
-    keys_map = _keys_map(*configs)
+    keys_map = keys_map_between(*configs)
     with parallel_session(configs[0]), open(os.devnull, "w") as quiet:
         built = [build.build_model_chunks(config) for config in configs]
         for source_chunk, target_chunk in zip(built[0][0], built[1][0]):
@@ -68,7 +68,8 @@ def train_from_same_weights(source_overrides, target_overrides) -> SameWeightRun
     return SameWeightRuns(first_ce, tuple(records))
 
 
-def _keys_map(source, target) -> dict:
+def keys_map_between(source, target) -> dict:
+    """The renaming of copy_weights from config `source`'s model to config `target`'s."""
     impls = source.model.transformer_impl, target.model.transformer_impl
     if impls == ("local", "transformer_engine"):
         return local_to_te_keys_map(source)
