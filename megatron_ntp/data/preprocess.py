@@ -313,6 +313,18 @@ def _count_bad_lines(summary: PreprocessSummary, bad, path: str, first_line: int
             examples.append(f"{where}: {what}")
 
 
+def _count_read_until_first_bad(summary: PreprocessSummary, tokens: Dict[str, int],
+                                result) -> None:
+    """--strict stops at the chunk's first bad line: count the lines read up to it (itself
+    included) and the documents before it (every line before it in the chunk is one) with
+    their tokens, for the failed run's summary."""
+    offset = result.bad[0][0]
+    summary.lines += offset + 1
+    summary.documents += offset
+    for key in tokens:
+        tokens[key] += int(result.lengths[key][:offset].sum())
+
+
 def preprocess(opts: PreprocessOptions, stream=None) -> PreprocessSummary:
     """Run the conversion; returns the summary (also written beside the output).
 
@@ -341,6 +353,8 @@ def preprocess(opts: PreprocessOptions, stream=None) -> PreprocessSummary:
         results = _results_in_order(opts, inputs, chunks, tokenizer.encoder_spec,
                                     encode_options)
         for chunk, result in results:
+            if opts.strict and result.bad:
+                _count_read_until_first_bad(summary, tokens, result)
             _count_bad_lines(summary, result.bad, inputs[chunk.file_index], chunk.first_line,
                              opts.strict)
             for writer, key in zip(writers, opts.json_keys):

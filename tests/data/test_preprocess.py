@@ -125,6 +125,23 @@ def test_strict_stops_at_first_bad_line(case, spm_model, tmp_path):
     assert json.loads(open(summary_path(str(tmp_path / "out"))).read())["status"] == "failed"
 
 
+@pytest.mark.parametrize("chunk_bytes", [1 << 18, 64], ids=["one_chunk", "small_chunks"])
+def test_strict_summary_records_what_was_read(spm_model, spm_tokenizer, tmp_path,
+                                              chunk_bytes):
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_bytes(GOOD * 5)
+    second.write_bytes(GOOD * 3 + b"oops\n" + GOOD * 2)
+    with pytest.raises(BadInputError, match=rf"^{re.escape(str(second))}:4: not_json"):
+        preprocess(options([first, second], tmp_path / "out", spm_model, strict=True,
+                           append_eod=True, chunk_bytes=chunk_bytes))
+    summary = json.loads(open(summary_path(str(tmp_path / "out"))).read())
+    assert summary["status"] == "failed" and "b.jsonl:4: not_json" in summary["error"]
+    # stopped at line 4 of the second file: 5 + 4 lines read, the 8 good ones before it
+    assert summary["lines"] == 9 and summary["documents"] == 8
+    per_document = len(spm_tokenizer.tokenize(json.loads(GOOD)["text"])) + 1  # + EOD
+    assert summary["tokens"] == {"text": 8 * per_document}
+
+
 def test_gzip_and_glob_inputs(small_corpus, spm_model, tmp_path):
     lines = small_corpus.read_bytes().splitlines(keepends=True)
     (tmp_path / "in").mkdir()
