@@ -108,7 +108,8 @@ def format_passk(results: dict) -> str:
 
 def run_generate(config, checkpoint_dir, prompts: list[str], run: SamplingRun,
                  output: str | None = None, stream=None) -> list:
-    """Sample completions of `prompts`; rank 0 prints them (or writes JSONL to `output`)."""
+    """Sample completions of `prompts`; rank 0 prints them (or writes JSONL to `output` and
+    says where, and how many samples)."""
     stream = stream or sys.stdout
 
     def body(rank0):
@@ -120,6 +121,8 @@ def run_generate(config, checkpoint_dir, prompts: list[str], run: SamplingRun,
         if rank0:
             if output:
                 write_atomic(output, "".join(json.dumps(r) + "\n" for r in records))
+                stream.write(f"generate: {len(records)} samples ({len(prompts)} prompts x "
+                             f"{run.sampling.num_samples}) written to {output}\n")
             else:
                 for r in records:
                     stream.write(f"--- prompt {r['prompt']!r} sample {r['sample']} "

@@ -159,3 +159,12 @@ def test_subcommands_print_results_and_no_library_warnings(trained, tmp_path):
         done = run_cli(args, warnings=True)
         assert done.stdout.strip(), f"{name} printed no results"
         assert done.stderr == "", f"{name} printed on stderr:\n{done.stderr}"
+
+
+def test_generate_output_says_where_the_samples_went(trained, tmp_path):
+    path = tmp_path / "samples.jsonl"
+    done = run_cli(["generate", "--checkpoint", trained["dense"]["checkpoint"], "--prompt",
+                    "def ", "--prompt", "The number", "-m", "3", "--max-new-tokens", "4",
+                    "--output", str(path)])
+    assert len(path.read_text().splitlines()) == 6
+    assert done.stdout == f"generate: 6 samples (2 prompts x 3) written to {path}\n"
