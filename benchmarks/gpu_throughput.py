@@ -81,8 +81,8 @@ def peak_bf16_flops(device_name: str, tflops: float | None = None) -> tuple[floa
         return tflops * 1e12, "--peak-tflops"
     for key, flops in PEAK_BF16_FLOPS.items():
         if key in device_name:
-            return flops, (f"the {key} entry of PEAK_BF16_FLOPS (dense bf16; the SXM figure: "
-                           f"pass --peak-tflops for PCIe/NVL cards)")
+            return flops, (f"PEAK_BF16_FLOPS[{key!r}] by device name: the dense bf16 peak of "
+                           f"the SXM card; pass --peak-tflops for a PCIe or NVL card")
     return None, f"no peak known for {device_name!r}: pass --peak-tflops"
 
 
