@@ -180,6 +180,16 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Shard norms, dropout and residual activations along the sequence over the TP group."""
 
+    moe_a2a_overlap: bool = False
+    """With expert > 1 on a GPU: hide the experts' token all-to-all behind computation, as
+    megatron-core's MoE guide sets it (overlap_moe_expert_parallel_comm with
+    delay_wgrad_compute): the forward of one micro-batch runs layer by layer beside the backward
+    of the previous one, which holds one micro-batch more of activations (plan counts it).
+    Needs model.transformer_impl=transformer_engine (TE >= 2.3), model.bf16, the alltoall
+    dispatcher, no full recompute and no 'moe' in recompute_modules, virtual_pipeline > 1 when
+    pipeline > 1, no model.fused_output_loss, and CUDA_DEVICE_MAX_CONNECTIONS > 1 (several
+    hardware queues, so that the all-to-all and the computation run at once)."""
+
     distributed_optimizer: bool = False
     """Shard fp32 master weights and Adam state over data-parallel ranks (ZeRO-1). Default
     true on a machine with CUDA (GPU_DEFAULTS)."""

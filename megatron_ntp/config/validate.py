@@ -16,7 +16,7 @@ from megatron_ntp.config.batch import BatchLayout
 from megatron_ntp.config.load import ConfigError, suggestion
 from megatron_ntp.config.schema import Config
 from megatron_ntp.loss import ShapedLossConfig
-from megatron_ntp.models.counting import padded_vocab_size
+from megatron_ntp.models.counting import padded_vocab_size, recompute_modules
 
 
 
@@ -34,6 +34,8 @@ class Fp8RecipeNeeds:
     """Least CUDA version of the torch build (Transformer Engine's blockwise GEMM: 12.9)."""
 
 
+# megatron-core's delay_wgrad_compute (extensions/transformer_engine.py) raises below this.
+EXPERT_OVERLAP_TE_VERSION = "2.3.0"
 FP8_RECIPE_NEEDS = {
     "delayed": Fp8RecipeNeeds((8, 9), "1.0"),
     "tensorwise": Fp8RecipeNeeds((8, 9), "2.2.0.dev0"),
@@ -208,6 +210,7 @@ def _check_parallel(config: Config, errors):
         errors.append("parallel.grad_reduce_in_bf16=true needs model.bf16=true (an fp32 model's "
                       "gradients are fp32)")
     _check_recompute_modules(config, errors)
+    _check_expert_overlap(config, errors)
     _positive(errors, parallel__distributed_timeout_minutes=p.distributed_timeout_minutes)
     if p.recompute == "full":
         layers_per_stage = m.num_layers // chunks
@@ -231,6 +234,35 @@ def _check_recompute_modules(config: Config, errors):
         # megatron-core supports it only with grouped GEMM, which needs Transformer Engine
         errors.append("parallel.recompute_modules 'moe_act' needs "
                       "model.transformer_impl='transformer_engine' (grouped GEMM)")
+
+
+def _check_expert_overlap(config: Config, errors):
+    """parallel.moe_a2a_overlap against what megatron-core's combined 1F1B schedule asserts
+    (TransformerConfig.__post_init__, at model build) and what this project's step supports."""
+    m, p = config.model, config.parallel
+    if not p.moe_a2a_overlap:
+        return
+    needs = []
+    if not m.num_experts or p.expert == 1:
+        needs.append(f"parallel.expert > 1 (got {p.expert}"
+                     f"{'' if m.num_experts else ' and a dense model'})")
+    if m.transformer_impl != "transformer_engine":
+        needs.append("model.transformer_impl='transformer_engine' (the delayed weight gradients "
+                     f"are Transformer Engine's; got {m.transformer_impl!r})")
+    if not m.bf16:
+        needs.append("model.bf16=true")
+    if m.moe_token_dispatcher != "alltoall":
+        needs.append(f"model.moe_token_dispatcher='alltoall' (got {m.moe_token_dispatcher!r})")
+    if p.recompute == "full":
+        needs.append("parallel.recompute other than 'full'")
+    if "moe" in recompute_modules(m, p):
+        needs.append("parallel.recompute_modules without 'moe'")
+    if p.pipeline > 1 and p.virtual_pipeline == 1:
+        needs.append(f"parallel.virtual_pipeline > 1 with parallel.pipeline={p.pipeline}")
+    if m.fused_output_loss:
+        needs.append("model.fused_output_loss=false (the combined schedule runs megatron-core's "
+                     "own output layer)")
+    errors.extend(f"parallel.moe_a2a_overlap=true needs {need}" for need in needs)
 
 
 def _check_train(config: Config, errors) -> Config:
@@ -318,6 +350,8 @@ def check_environment(config: Config) -> None:
         "transformer_engine" else []
     if m.fp8:
         wanted.insert(0, f"model.fp8={m.fp8!r}")
+    if config.parallel.moe_a2a_overlap:
+        wanted.insert(0, "parallel.moe_a2a_overlap=true")
     if not wanted:
         return
     needs = " and ".join(wanted)
@@ -335,6 +369,27 @@ def check_environment(config: Config) -> None:
             transformer_engine_version(), torch.version.cuda)
         if problem:
             raise ConfigError(problem)
+    if config.parallel.moe_a2a_overlap:
+        problem = expert_overlap_problem(transformer_engine_version(),
+                                         os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS"))
+        if problem:
+            raise ConfigError(problem)
+
+
+def expert_overlap_problem(te_version: str, max_connections: str | None) -> str | None:
+    """Why parallel.moe_a2a_overlap cannot overlap here (None if it can)."""
+    from packaging.version import Version
+
+    if Version(te_version) < Version(EXPERT_OVERLAP_TE_VERSION):
+        return (f"parallel.moe_a2a_overlap=true needs Transformer Engine >= "
+                f"{EXPERT_OVERLAP_TE_VERSION} (delay_wgrad_compute); {te_version} is installed")
+    if max_connections == "1":
+        # One hardware queue runs the all-to-all and the computation one after the other;
+        # slurm/train.sbatch sets 1 unless the environment sets it (for TP/SP ordering).
+        return ("parallel.moe_a2a_overlap=true needs CUDA_DEVICE_MAX_CONNECTIONS > 1 (it is 1: "
+                "one hardware queue serialises the all-to-all and the computation); launch with "
+                "CUDA_DEVICE_MAX_CONNECTIONS=32, or set parallel.moe_a2a_overlap=false")
+    return None
 
 
 def transformer_engine_version() -> str:

@@ -258,12 +258,15 @@ def memory_per_gpu(m, p, micro_batch_size: int, seq_length: int,
 
 def microbatches_in_flight(p, stage: int, num_microbatches: int | None = None) -> float:
     """Micro-batches whose activations a stage holds at its peak: `pipeline - stage` under 1F1B
-    (times 1 + (pp-1)/(pp*vpp) when interleaved), capped by num_microbatches; 1 without PP."""
-    if p.pipeline == 1:
-        return 1
-    in_flight = p.pipeline - stage
+    (times 1 + (pp-1)/(pp*vpp) when interleaved), 1 without PP; one more with
+    parallel.moe_a2a_overlap, whose combined 1F1B schedule runs a micro-batch's forward beside
+    the previous one's backward (megatron-core adds one warmup micro-batch when interleaved);
+    capped by num_microbatches."""
+    in_flight = 1 if p.pipeline == 1 else p.pipeline - stage
     if p.virtual_pipeline > 1:
         in_flight *= 1 + (p.pipeline - 1) / (p.pipeline * p.virtual_pipeline)
+    if p.moe_a2a_overlap:
+        in_flight += 1
     if num_microbatches:
         in_flight = min(in_flight, num_microbatches)
     return in_flight

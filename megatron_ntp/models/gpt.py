@@ -69,6 +69,7 @@ def transformer_config(config: Config, **overrides):
             moe_grouped_gemm=m.transformer_impl == "transformer_engine",
         )
     kwargs.update(recompute_settings(config))
+    kwargs.update(expert_overlap_settings(config))
     kwargs.update(fp8_settings(config))
     kwargs.update(fusion_settings(config))
     kwargs.update(overrides)
@@ -87,6 +88,15 @@ def recompute_settings(config: Config) -> dict:
         return dict(recompute_granularity="full", recompute_method="uniform",
                     recompute_num_layers=p.recompute_num_layers)
     return {}
+
+
+def expert_overlap_settings(config: Config) -> dict:
+    """TransformerConfig fields of parallel.moe_a2a_overlap: megatron-core's EP all-to-all
+    overlap as its MoE guide sets it (the combined 1F1B schedule, and the weight gradients
+    delayed so that they fill the time of the other micro-batch's all-to-all)."""
+    if not config.parallel.moe_a2a_overlap:
+        return {}
+    return dict(overlap_moe_expert_parallel_comm=True, delay_wgrad_compute=True)
 
 
 def fp8_settings(config: Config) -> dict:

@@ -39,12 +39,15 @@ def loss_function(loss_mask, module, output_tensor):
     return loss_sum, mask.sum().to(torch.int), {"sums": sums}
 
 
-def forward_step(data_iterator, chunk, module):
+def forward_step(data_iterator, chunk, module, return_schedule_plan=False):
     batch = next(data_iterator)
     # the fused head takes the loss mask, to form its gradients during the forward
     mask = {"loss_mask": batch["loss_mask"]} if module.fused_output_loss else {}
-    output = chunk(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
-                   labels=batch["labels"], **mask)
+    # parallel.moe_a2a_overlap: megatron-core's combined 1F1B schedule asks for the model's
+    # schedule plan, which it runs layer by layer beside another micro-batch's backward
+    run = chunk.build_schedule_plan if return_schedule_plan else chunk
+    output = run(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
+                 labels=batch["labels"], **mask)
     return output, partial(loss_function, batch["loss_mask"], module)
 
 
@@ -58,9 +61,12 @@ def run_schedule(objects, iterators, num_microbatches: int, micro_batch_size: in
     modules = loss_modules(model)
     step_funcs = {id(chunk): partial(forward_step, module=module)
                   for chunk, module in zip(model, modules)}
+    # the combined 1F1B schedule (parallel.moe_a2a_overlap) passes the unwrapped model
+    step_funcs.update({id(module): partial(forward_step, module=module) for module in modules})
 
-    def dispatch(data_iterator, chunk):
-        return step_funcs[id(chunk)](data_iterator, chunk)
+    def dispatch(data_iterator, chunk, return_schedule_plan=False):
+        return step_funcs[id(chunk)](data_iterator, chunk,
+                                     return_schedule_plan=return_schedule_plan)
 
     schedule = get_forward_backward_func()
     return schedule(

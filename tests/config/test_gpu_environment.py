@@ -81,3 +81,29 @@ def test_bf16_transformer_engine_needs_no_fp8_capability(fake_gpu):
     fake_gpu((8, 0))
     check_environment(validate_config(load_config(None, [
         "model.transformer_impl=transformer_engine", "model.bf16=true"])))
+
+
+def overlap_config():
+    return validate_config(load_config(None, [
+        "model.preset=tiny-moe", "parallel.expert=2", "model.transformer_impl=transformer_engine",
+        "model.bf16=true", "parallel.moe_a2a_overlap=true"], cuda_available=False), world_size=2)
+
+
+def test_expert_overlap_needs_a_gpu_te_2_3_and_several_connections(fake_gpu, monkeypatch):
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32")
+    fake_gpu((9, 0), te_version="2.2.0")
+    with pytest.raises(ConfigError, match=r"parallel.moe_a2a_overlap=true needs Transformer "
+                                          r"Engine >= 2.3.0 \(delay_wgrad_compute\); 2.2.0"):
+        check_environment(overlap_config())
+    fake_gpu((9, 0), te_version="2.3.0")
+    check_environment(overlap_config())
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # slurm/train.sbatch's default
+    with pytest.raises(ConfigError, match=r"needs CUDA_DEVICE_MAX_CONNECTIONS > 1 \(it is 1"):
+        check_environment(overlap_config())
+
+
+def test_expert_overlap_is_refused_on_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="parallel.moe_a2a_overlap=true and model."
+                                          "transformer_impl='transformer_engine' needs a CUDA GPU"):
+        check_environment(overlap_config())
