@@ -36,7 +36,8 @@ def test_full_mode_runs_every_gpu_test_then_the_benchmark():
     assert list(commands) == ["tests", "bench"]
     assert commands["tests"] == ("/opt/fake/python -m pytest tests/gpu -m gpu -v -rs "
                                  "-p no:cacheprovider")
-    assert commands["bench"] == "/opt/fake/python benchmarks/gpu_throughput.py --warmup 2 --rounds 10"
+    assert commands["bench"] == ("/opt/fake/python benchmarks/gpu_throughput.py --warmup 2 "
+                                 "--rounds 10")
     assert "full check" in result.stdout and expected_minutes(result) > 0
 
 
