@@ -100,3 +100,34 @@ def test_quick_marker_selects_the_quick_tests():
                      "test_te_and_local_layers_agree_from_the_same_weights",
                      "test_tensor_parallel_invariant_on_bf16_ties",
                      "test_unfused_and_fused_loss_equal_the_reference"]
+
+
+def fake_gpu_python(folder, tests_status, bench_status):
+    """An interpreter that reports a CUDA GPU, logs each call and ends pytest and the benchmark
+    with the given statuses."""
+    python = folder / "python"
+    python.write_text(f"""#!/bin/sh
+echo "$*" >> "{folder}/calls"
+case "$1" in
+  -m) exit {tests_status} ;;
+  benchmarks/gpu_throughput.py) exit {bench_status} ;;
+  -) cat > /dev/null; echo "torch fake" ;;
+esac
+exit 0
+""")
+    python.chmod(0o755)
+    return str(python)
+
+
+@pytest.mark.parametrize("tests_status, bench_status, status", [(0, 0, 0), (1, 0, 1), (0, 3, 3)])
+def test_both_parts_run_and_the_first_failure_decides(tmp_path, tests_status, bench_status,
+                                                      status):
+    result = gpu_check("--quick", python=fake_gpu_python(tmp_path, tests_status, bench_status))
+    assert result.returncode == status, result.stdout + result.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert [call.split()[0] for call in calls[2:]] == ["-m", "benchmarks/gpu_throughput.py"]
+    summary = result.stdout.strip().splitlines()[-1]
+    for part, code in (("tests", tests_status), ("bench", bench_status)):
+        assert (f"{part} passed in" if code == 0 else
+                f"{part} failed (exit status {code}) in") in summary
+    assert "quick check" in summary and "expected about 3.5 minutes" in summary
