@@ -127,16 +127,25 @@ main() {
           | sha256sum | cut -d' ' -f1)"
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     echo "[install] $venv is up to date"
-    exit 0
-  fi
-  if [ "$kind" = gpu ]; then
-    drop_container_constraint
-    install_gpu "$root" "$venv" "${pip[@]}"
   else
-    install_cpu "$root" "${pip[@]}"
+    if [ "$kind" = gpu ]; then
+      drop_container_constraint
+      install_gpu "$root" "$venv" "${pip[@]}"
+    else
+      install_cpu "$root" "${pip[@]}"
+    fi
+    echo "$want" > "$stamp"
+    echo "[install] done: $venv"
   fi
-  echo "$want" > "$stamp"
-  echo "[install] done: $venv"
+  if [ "$kind" = cpu ]; then
+    build_cpu_kernels "$venv/bin/python"
+  fi
+}
+
+# The shaped loss's CPU kernels (megatron_ntp/loss/cpu_kernels.py), built now rather than in
+# the first training step: once per source and compiler, a load of about a second afterwards.
+build_cpu_kernels() {
+  "$1" -c 'from megatron_ntp.loss import cpu_kernels; cpu_kernels.build()'
 }
 
 # Sourcing this file (tests/slurm/test_install_script.py) defines the functions only.

@@ -12,8 +12,13 @@
   runs the scan's block search on each row while the row is in cache (shard_stage).
 Together they keep the shaped loss near the cost of cross-entropy on CPU.
 
-The extension is built with the C++ compiler torch.compile already needs and ninja (a
-dependency; about 30 s, cached under torch's extension folder, $TORCH_EXTENSIONS_DIR).
+The extension is built with the C++ compiler torch.compile already needs and the ninja installed
+beside this interpreter (a dependency), whatever ninja comes first on PATH: ninja versions hash
+command lines differently (1.13 changed the hash), so a build folder written by one looks
+out of date to another, and switching between an activated venv and a plain shell rebuilt the
+kernels each time. Built once per source and compiler (about 100 s on 2 cores; tools/install.sh
+builds them), cached under torch's extension folder ($TORCH_EXTENSIONS_DIR); a build says so on
+stderr, with the time it took.
 LossImpl(selection="keys") and LossImpl(passes="compiled") use the torch paths on CPU too; if
 the build fails, those are used with a warning.
 
@@ -33,6 +38,7 @@ import hashlib
 import os
 import shutil
 import sys
+import time
 import warnings
 
 import torch
@@ -52,22 +58,52 @@ def extension_name() -> str:
     return f"megatron_ntp_cpu_kernels_{digest.hexdigest()[:12]}"
 
 
+@contextlib.contextmanager
+def _interpreters_ninja():
+    """PATH with this interpreter's folder first while torch builds, where a ninja is installed
+    there (the venv's: torch runs the first `ninja` on PATH)."""
+    here = os.path.dirname(sys.executable)
+    if shutil.which("ninja", path=here) is None:
+        yield
+        return
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = here + os.pathsep + path
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
+
+
+def _needs_build(build_directory: str, name: str) -> bool:
+    """No library yet, or one older than a source or header (ninja would rebuild it)."""
+    library = os.path.join(build_directory, f"{name}.so")
+    if not os.path.exists(library):
+        return True
+    return os.path.getmtime(library) < max(map(os.path.getmtime, _SOURCES + _HEADERS))
+
+
 @functools.cache
 def _extension():
     from torch.utils.cpp_extension import _get_build_directory, load
 
-    # torch runs `ninja` from PATH; the pip-installed one sits beside this interpreter, which is
-    # not on PATH when the venv is used without activating it (.venv/bin/python -m pytest).
-    venv_bin = os.path.dirname(sys.executable)
-    if shutil.which("ninja") is None and shutil.which("ninja", path=venv_bin):
-        os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
     name = extension_name()
     try:
         build_directory = _get_build_directory(name, verbose=False)  # created if absent
-        with _only_builder(build_directory):
-            return load(name=name, sources=_SOURCES, build_directory=build_directory,
-                        extra_include_paths=[_CSRC], extra_cflags=["-O3", "-fopenmp"],
-                        extra_ldflags=["-fopenmp"])
+        with _only_builder(build_directory), _interpreters_ninja():
+            building = _needs_build(build_directory, name)
+            if building:
+                print(f"megatron_ntp: compiling the CPU loss kernels into {build_directory} "
+                      f"(once per source and compiler, about 100 s on 2 cores)", file=sys.stderr,
+                      flush=True)
+            start = time.perf_counter()
+            module = load(name=name, sources=_SOURCES, build_directory=build_directory,
+                          extra_include_paths=[_CSRC], extra_cflags=["-O3", "-fopenmp"],
+                          extra_ldflags=["-fopenmp"])
+            if building:
+                seconds = time.perf_counter() - start
+                print(f"megatron_ntp: CPU loss kernels built in {seconds:.0f} s",
+                      file=sys.stderr, flush=True)
+            return module
     except Exception as err:  # no compiler, headers, ...: the torch paths still work
         warnings.warn(f"megatron_ntp: building the CPU kernels ({_CSRC}) failed, using "
                       f"torch.topk and torch.compile instead (slower): {err}")
@@ -91,6 +127,11 @@ def _only_builder(build_directory: str):
                               f"kernels that did not finish")
                 os.remove(stale)
         yield  # the flock goes with the file's closing
+
+
+def build() -> bool:
+    """Build (or load) the kernels now; False where they cannot be built (tools/install.sh)."""
+    return _extension() is not None
 
 
 def available_for(values: torch.Tensor) -> bool:

@@ -3,6 +3,7 @@ loops (AVX2 + FMA, and the plain loop that CPUs without them run), edge rows inc
 choice of passes; a build lock left by a killed build."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -204,6 +205,63 @@ def test_a_build_lock_left_by_a_killed_build_does_not_hang_the_next_run(tmp_path
     assert run.returncode == 0, run.stderr
     assert f"megatron_ntp: removing {folder / 'lock'}, left by a build" in run.stderr
     assert not (folder / "lock").exists()
+
+
+def _load_in_subprocess(root, path):
+    return subprocess.run(
+        [sys.executable, "-c", "from megatron_ntp.loss import cpu_kernels\n"
+         "assert cpu_kernels._extension() is not None, 'the kernels did not load'"],
+        cwd=ROOT, env={**os.environ, "TORCH_EXTENSIONS_DIR": str(root), "PATH": path},
+        capture_output=True, text=True, timeout=900)
+
+
+def test_the_build_is_reused_whatever_ninja_comes_first_on_path(tmp_path):
+    """Another ninja first on PATH (a system ninja outside the venv, whose command hashes differ:
+    ninja 1.13 changed them) must not rebuild the kernels: the interpreter's own ninja builds
+    and checks them. The other ninja here only records that it was run."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    assert cpu_kernels._extension() is not None
+    name = cpu_kernels.extension_name()
+    root = tmp_path / "torch_extensions"
+    folder = shutil.copytree(_get_build_directory(name, verbose=False), root / name)
+    library = folder / f"{name}.so"
+    built = library.stat().st_mtime_ns
+    other = tmp_path / "other_bin"
+    other.mkdir()
+    (other / "ninja").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/other_ninja_ran\n"
+                                 f"exit 1\n")
+    (other / "ninja").chmod(0o755)
+    venv_first = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
+    for path in (str(other) + os.pathsep + os.environ["PATH"], venv_first):
+        run = _load_in_subprocess(root, path)
+        assert run.returncode == 0, run.stderr
+        assert "compiling the CPU loss kernels" not in run.stderr
+    assert not (tmp_path / "other_ninja_ran").exists()
+    assert library.stat().st_mtime_ns == built  # not rebuilt
+
+
+def test_a_build_says_so_with_its_time(tmp_path, monkeypatch, capsys):
+    """A build (no library yet, or one older than its sources) is announced before it starts
+    and timed; a load of a fresh library prints nothing. torch's build is stubbed: this checks
+    the decision and the messages, the real build is the other tests'."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    loads = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: loads.append(kwargs) or "module")
+    assert cpu_kernels._extension.__wrapped__() == "module"
+    err = capsys.readouterr().err
+    folder = tmp_path / cpu_kernels.extension_name()
+    assert f"megatron_ntp: compiling the CPU loss kernels into {folder}" in err
+    assert re.search(r"megatron_ntp: CPU loss kernels built in \d+ s", err), err
+    library = folder / f"{cpu_kernels.extension_name()}.so"
+    library.touch()  # newer than the sources: nothing to build
+    assert cpu_kernels._extension.__wrapped__() == "module" and len(loads) == 2
+    assert capsys.readouterr().err == ""
+    os.utime(library, (0, 0))  # older than the sources: ninja would rebuild it
+    cpu_kernels._extension.__wrapped__()
+    assert "compiling the CPU loss kernels" in capsys.readouterr().err
 
 
 def test_without_flock_the_build_lock_is_left_to_torch(tmp_path, monkeypatch):
