@@ -60,6 +60,24 @@ def _options_from_args(args):
                         sbatch_args=list(args.sbatch_arg))
 
 
+def _data_parallel_from_allocation(config, path, overrides, world_size) -> list[str]:
+    """The overrides, with parallel.data set from the allocation (nodes x GPUs / (tensor x
+    pipeline)) where the config file fixes another value and the command line does not: a
+    file written for one cluster size is submitted at another's. A value given on the command
+    line is kept (and checked against the allocation)."""
+    p = config.parallel
+    model_parallel = p.tensor * p.pipeline
+    if any(o.startswith("parallel.data=") for o in overrides) or world_size % model_parallel:
+        return list(overrides)
+    derived = world_size // model_parallel
+    if p.data in (0, derived):
+        return list(overrides)
+    print(f"megatron-ntp submit: parallel.data={p.data} of {path} replaced by the allocation's "
+          f"{world_size} GPUs / (parallel.tensor * parallel.pipeline = {model_parallel}) = "
+          f"{derived} (give parallel.data on the command line to keep a value)", file=sys.stderr)
+    return [*overrides, f"parallel.data={derived}"]
+
+
 def _run_submit(args):
     from megatron_ntp.config import load_config, validate_config
     from megatron_ntp.jobs.slurm import (
@@ -74,10 +92,11 @@ def _run_submit(args):
         options = _options_from_args(args)
     except ValueError as err:
         return _fail("submit", err)
-    config = validate_config(load_config(args.config, args.overrides),
-                             world_size=options.world_size)
+    overrides = _data_parallel_from_allocation(load_config(args.config, args.overrides),
+                                               args.config, args.overrides, options.world_size)
+    config = validate_config(load_config(args.config, overrides), world_size=options.world_size)
     run_dir = os.path.abspath(config.logging.run_dir)
-    train_args = ["--config", os.path.abspath(args.config), *args.overrides]
+    train_args = ["--config", os.path.abspath(args.config), *overrides]
     name = args.job_name or os.path.basename(run_dir)
     if not config.checkpoint.save_dir:
         print("megatron-ntp submit: warning: checkpoint.save_dir is not set: a requeued job "

@@ -56,6 +56,24 @@ def test_submit_dry_run(tmp_path):
     assert "world size 3 must be a multiple of parallel.tensor" in bad.stderr
 
 
+def test_submit_derives_the_data_parallel_size_from_the_allocation(tmp_path):
+    """dense_1b.yaml fixes parallel.data=64 (a 64-GPU layout); submitted on 4 x 8 GPUs it runs
+    at data 32, saying so; a value on the command line is the user's and is checked."""
+    base = [sys.executable, "-m", "megatron_ntp.cli", "submit", "--dry-run", "--nodes", "4",
+            "--gpus-per-node", "8", "--time", "24:00:00", "--config",
+            "examples/configs/dense_1b.yaml", f"checkpoint.save_dir={tmp_path}/ckpt",
+            f"logging.run_dir={tmp_path}/run"]
+    result = subprocess.run(base, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "parallel.data=64 of examples/configs/dense_1b.yaml replaced by the allocation's " \
+           "32 GPUs" in result.stderr
+    assert result.stdout.strip().endswith("parallel.data=32")
+    fixed = subprocess.run(base + ["parallel.data=16"], capture_output=True, text=True, cwd=ROOT,
+                           timeout=120)
+    assert fixed.returncode == 2 and "parallel.data=16 disagrees with world size 32" in \
+        fixed.stderr
+
+
 def _script_dry_run(env, *args):
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NCCL_"))}
     return subprocess.run(["bash", BATCH_SCRIPT, *args], capture_output=True, text=True,
