@@ -10,8 +10,15 @@ from megatron_ntp.models.counting import (
     padded_vocab_size,
     recompute_modules,
 )
-from megatron_ntp.models.gpt import fp8_settings, fusion_settings, recompute_settings
+from megatron_ntp.models.gpt import (
+    expert_overlap_settings,
+    fp8_settings,
+    fusion_settings,
+    kernel_installed,
+    recompute_settings,
+)
 from megatron_ntp.models.presets import NOMINAL_PARAMS, PRESETS, preset_model_config
+from megatron_ntp.models.recipe import NVLINK_DOMAIN_GPUS, recipe_departures
 from megatron_ntp.parallel import overlap_settings
 
 
@@ -52,15 +59,12 @@ def format_plan(config) -> str:
         f"FLOPs/token  {flops.model:.3e} train (fwd+bwd; matmul {flops.matmul:.3e} + attention "
         f"{flops.attention:.3e} at seq {seq}), {flops.hardware:.3e} executed with recompute="
         f"{p.recompute}{_modules(m, p)}",
-        f"layout       TP {p.tensor} x PP {p.pipeline}"
-        f"{f' (x{p.virtual_pipeline} virtual)' if p.virtual_pipeline > 1 else ''} x DP {p.data}"
-        f" = {p.tensor * p.pipeline * p.data} GPUs; EP {p.expert}, expert TP {p.expert_tensor}; "
-        f"sequence parallel {'on' if p.sequence_parallel else 'off'}, distributed optimizer "
-        f"{'on' if p.distributed_optimizer else 'off'}, recompute {p.recompute}",
+        layout_line(config),
         f"batch        {t.global_batch_tokens:,} tokens = {sequences} sequences of {seq}; "
         f"micro-batch {t.micro_batch_size} -> {microbatches} micro-batches per DP rank per step",
     ]
     lines += gpu_settings_lines(config)
+    lines += recipe_lines(config)
     loss = config.loss
     knobs = (f"beta={loss.beta:g} topk={loss.topk} lambda_topk={loss.lambda_topk:g} "
              f"lambda_tail={loss.lambda_tail:g}")
@@ -84,6 +88,23 @@ def format_plan(config) -> str:
     return "\n".join(lines) + "\n"
 
 
+def layout_line(config) -> str:
+    """TP x PP x DP = GPUs, and with experts EP x TP against one node's NVLink domain."""
+    p = config.parallel
+    gpus = p.tensor * p.pipeline * p.data
+    virtual = f" (x{p.virtual_pipeline} virtual)" if p.virtual_pipeline > 1 else ""
+    line = (f"layout       TP {p.tensor} x PP {p.pipeline}{virtual} x DP {p.data} = {gpus} "
+            f"GPU{'s' if gpus != 1 else ''}; ")
+    if config.model.num_experts:
+        span = p.expert * p.tensor
+        within = "within" if span <= NVLINK_DOMAIN_GPUS else "beyond"
+        line += (f"EP {p.expert} x TP {p.tensor} = {span} ({within} one {NVLINK_DOMAIN_GPUS}-GPU "
+                 f"node), expert TP {p.expert_tensor}; ")
+    return line + (f"sequence parallel {'on' if p.sequence_parallel else 'off'}, distributed "
+                   f"optimizer {'on' if p.distributed_optimizer else 'off'}, recompute "
+                   f"{p.recompute}")
+
+
 def on_names(settings: dict) -> str:
     return ", ".join(name for name, value in settings.items() if value is True) or "none"
 
@@ -92,20 +113,51 @@ def gpu_settings_lines(config) -> list[str]:
     """What a GPU run of `config` gets (megatron-core field names), whatever machine plans it."""
     m, p = config.model, config.parallel
     recompute = recompute_settings(config)
+    fusions = fusion_settings(config, gpu=True)
+    overlaps = {**overlap_settings(config, gpu=True), **expert_overlap_settings(config)}
+    reduction = "bf16" if p.grad_reduce_in_bf16 else ("fp32" if m.bf16 else "fp32 (fp32 model)")
     lines = [
-        f"on GPU       fusions: {on_names(fusion_settings(config, gpu=True))}"
-        + ("; with Apex also gradient_accumulation_fusion (and masked_softmax_fusion for local"
-           " layers); moe_router_fusion with TE >= 2.7"
-           if m.kernel_fusions else ""),
-        f"             overlap: {on_names(overlap_settings(config, gpu=True))}; "
+        f"on GPU       fusions: {on_names(fusions)}{_kernels_decided_at_start(config, fusions)}",
+        f"             overlap: {on_names(overlaps)}; gradients reduced in {reduction}; "
         f"recompute_modules: {recompute.get('recompute_modules', '-')}; "
         f"distributed timeout {p.distributed_timeout_minutes} min",
     ]
     fp8 = fp8_settings(config)
     if fp8:
-        lines.append(f"             fp8: amax history {fp8['fp8_amax_history_len']} "
-                     f"({fp8['fp8_amax_compute_algo']}), fp8_param "
-                     f"{'on' if fp8['fp8_param'] else 'off'}")
+        lines.append(f"             fp8: {fp8['fp8']}, {fp8['fp8_recipe']} scaling"
+                     + (f", amax history {fp8['fp8_amax_history_len']} "
+                        f"({fp8['fp8_amax_compute_algo']})" if fp8['fp8_recipe'] == "delayed"
+                        else "")
+                     + f", fp8_param {'on' if fp8['fp8_param'] else 'off'}")
+    return lines
+
+
+def _kernels_decided_at_start(config, fusions: dict) -> str:
+    """The fused kernels a GPU run gets only where their library is installed (not found where
+    this plan runs): Apex's, and Transformer Engine's router fusion (MoE)."""
+    m = config.model
+    if not m.kernel_fusions:
+        return ""
+    pending = [] if fusions.get("gradient_accumulation_fusion") else [
+        "gradient_accumulation_fusion"]
+    if m.transformer_impl == "local" and not kernel_installed(
+            "scaled_upper_triang_masked_softmax_cuda"):
+        pending.append("masked_softmax_fusion")
+    notes = [f"with Apex also {' and '.join(pending)}"] if pending else []
+    if m.num_experts and m.transformer_impl == "transformer_engine" and not fusions.get(
+            "moe_router_fusion"):
+        notes.append("moe_router_fusion with TE >= 2.7")
+    return "".join(f"; {note}" for note in notes)
+
+
+def recipe_lines(config) -> list[str]:
+    """The settings of Megatron-LM's H100 recipe (megatron_ntp.models.recipe) that this config
+    departs from, each with its reason."""
+    departures = recipe_departures(config)
+    lines = [f"vs recipe    {len(departures)} settings differ from Megatron-LM's H100 recipe "
+             f"(megatron_ntp/models/recipe.py):"]
+    for d in departures:
+        lines.append(f"             - {d.setting}: {d.ours} (recipe: {d.recipe}): {d.reason}")
     return lines
 
 

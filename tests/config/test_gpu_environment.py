@@ -52,7 +52,8 @@ def test_fp8_recipe_checked_against_the_gpu(fake_gpu, capability, fp8, recipe, n
     with pytest.raises(ConfigError) as err:
         check_environment(config)
     assert (f"model.fp8='{fp8}' with model.fp8_recipe='{recipe}' needs a GPU of compute "
-            f"capability >= {needed}; Fake GPU has {capability[0]}.{capability[1]}") in str(err.value)
+            f"capability >= {needed}; Fake GPU has {capability[0]}.{capability[1]}"
+            ) in str(err.value)
 
 
 @pytest.mark.parametrize("recipe, te_version, needed", [

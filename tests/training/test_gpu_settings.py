@@ -84,7 +84,9 @@ def test_ddp_and_optimizer_configs_of_the_h100_examples_overlap(fake_gpu, path):
     config = example(path)
     ddp = build.ddp_config(config)
     assert ddp.overlap_grad_reduce and ddp.overlap_param_gather and ddp.use_distributed_optimizer
-    assert ddp.check_for_nan_in_grad and ddp.grad_reduce_in_fp32
+    assert ddp.check_for_nan_in_grad
+    assert not ddp.grad_reduce_in_fp32  # parallel.grad_reduce_in_bf16, as Megatron-LM's example
+    assert build.ddp_config(example(path, "parallel.grad_reduce_in_bf16=false")).grad_reduce_in_fp32
     assert not ddp.align_param_gather  # no interleaved pipeline
     optimizer = build.optimizer_config(config, ddp)
     assert optimizer.overlap_param_gather and optimizer.use_distributed_optimizer
@@ -96,7 +98,8 @@ def test_ddp_and_optimizer_configs_of_the_h100_examples_overlap(fake_gpu, path):
 
 
 def test_cpu_gets_no_gpu_only_settings():
-    config = example(H100_EXAMPLES[1], "model.transformer_impl=local")
+    config = example(H100_EXAMPLES[1], "model.transformer_impl=local",
+                     "parallel.moe_a2a_overlap=false")  # the overlap needs TE layers
     mcore = gpt.transformer_config(config)
     assert mcore.use_cpu_initialization
     assert not (mcore.bias_activation_fusion or mcore.masked_softmax_fusion
