@@ -10,8 +10,10 @@ def add_commands(commands) -> None:
         help="print parameters, FLOPs/token and per-GPU memory of a config",
         description="Validate a config and print total/active parameters, training FLOPs per "
                     "token and the estimated per-GPU memory (weights, gradients, optimizer "
-                    "state, activations) of its parallel layout, per pipeline stage. The "
-                    "data-parallel size is parallel.data, else $WORLD_SIZE / (TP * PP), else 1.")
+                    "state, activations) of its parallel layout, per pipeline stage, and every "
+                    "setting where a GPU run of it departs from Megatron-LM's H100 recipe, with "
+                    "the reason. The data-parallel size is parallel.data, else $WORLD_SIZE / "
+                    "(TP * PP), else 1.")
     presets = commands.add_parser(
         "presets", help="list the model presets and their counted parameters")
     presets.set_defaults(run=_run_presets)

@@ -174,6 +174,9 @@ def _missing_kernel_reason(name: str, m, te: bool) -> str:
     if name == "moe_router_fusion":
         return ("needs Transformer Engine >= 2.7, not found where this plan ran (decided again "
                 "at start-up)")
+    if name == "gradient_accumulation_fusion":
+        return ("needs Apex's kernel (megatron-core's own output layer raises without it), not "
+                "importable where this plan ran (decided again at start-up)")
     return ("needs Apex's kernel, not importable where this plan ran (decided again at "
             "start-up)")
 
