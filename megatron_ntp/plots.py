@@ -2,8 +2,9 @@
 
     python -m megatron_ntp.plots RUN_DIR [RUN_DIR ...] --out curves.png [--labels A B ...]
 
-Reads each run's metrics.jsonl (megatron_ntp/training/loop.py writes it). Used by the
-quickstart and the loss-settings sweep under examples/.
+Reads each run's metrics.jsonl (megatron_ntp/training/loop.py writes it); the x axis is the
+step number of its records, 1..train.steps (optimizer steps complete), as on the console and in
+the checkpoint names. Used by the quickstart and the loss-settings sweep under examples/.
 """
 
 import argparse

@@ -6,6 +6,13 @@ A run is *complete* when `<logging.run_dir>/COMPLETE` exists. slurm/train.sbatch
 metrics.jsonl holds the run's last step; the trainer has then saved its final checkpoint. Nothing
 else writes it, so "complete" never means "the metrics happen to look finished".
 
+Steps are numbered as Megatron-LM numbers its iterations: a step's number is how many optimizer
+steps are complete after it, 1..train.steps. The record of the first step is step 1, a
+validation after step 25 is step 25, and the checkpoint saved after step 50 is iter_0000050
+(megatron_ntp/training/README.md, "Step numbering"). Run folders written before this numbering
+began at step 0 (metrics.jsonl) and logged validations one lower; `read_metrics` reads them in
+today's numbering and a resume rewrites them (`renumber_from_zero`).
+
 metrics.jsonl may hold a step more than once: a run stopped between two checkpoints re-runs (and
 re-logs) the steps after the checkpoint it resumes from. `read_jsonl_by_step` keeps the last
 record of each step, i.e. the one that belongs to the surviving trajectory.
@@ -53,24 +60,57 @@ def read_jsonl_by_step(path: str) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def read_metrics(run_dir: str, name: str = METRICS_FILE) -> list[dict]:
+def read_metrics(run_dir: str, name: str = METRICS_FILE, missing_ok: bool = False) -> list[dict]:
     """The step records of run_dir/<name> (metrics.jsonl or valid.jsonl), the last record of
-    each step kept; a missing file is an error naming it."""
+    each step kept, in today's step numbering (a folder numbered from 0 is shifted by one); a
+    missing file is an error naming it, or no records with missing_ok."""
     path = os.path.join(run_dir, name)
-    if not os.path.exists(path):
+    if not missing_ok and not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no metrics (has the run started?)")
-    return read_jsonl_by_step(path)
+    records = read_jsonl_by_step(path)
+    if numbered_from_zero(run_dir):
+        records = [{**record, "step": record["step"] + 1} for record in records]
+    return records
 
 
-def truncate_records(path: str, first_step: int) -> int:
-    """Drop the records with step >= first_step from a JSONL file (a resumed run redoes those
-    steps), and a last line cut short by a kill; returns how many lines were dropped. The file
-    is replaced atomically."""
+def numbered_from_zero(run_dir: str) -> bool:
+    """Whether the run folder was written before steps were numbered from 1: its metrics.jsonl
+    starts at step 0, which today's trainer never writes (both of its files are then one low)."""
+    path = os.path.join(run_dir, METRICS_FILE)
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        first = next((line for line in f if line.strip()), "")
+    return _step(first) == 0  # records are appended in step order: the first is the lowest
+
+
+def renumber_from_zero(run_dir: str) -> bool:
+    """Rewrite a folder numbered from 0 (`numbered_from_zero`) in today's numbering, so that a
+    resumed run appends to records of one numbering; False when there was nothing to do."""
+    if not numbered_from_zero(run_dir):
+        return False
+    # metrics.jsonl's step 0 is what marks the folder, so it is rewritten last: a kill between
+    # the two atomic replaces would otherwise leave valid.jsonl one low with nothing to show it
+    for name in (VALID_FILE, METRICS_FILE):
+        path = os.path.join(run_dir, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                lines = [line for line in f if line.strip() and line.endswith("\n")]
+            shifted = [{**record, "step": record["step"] + 1}
+                       for record in map(json.loads, lines)]
+            write_atomic(path, "".join(json.dumps(record) + "\n" for record in shifted))
+    return True
+
+
+def truncate_records(path: str, completed: int) -> int:
+    """Drop the records of the steps after `completed` from a JSONL file (a run resumed from the
+    checkpoint iter_<completed> redoes them), and a last line cut short by a kill; returns how
+    many lines were dropped. The file is replaced atomically."""
     if not os.path.isfile(path):
         return 0
     with open(path) as f:
         lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if line.endswith("\n") and _step(line) < first_step]
+    kept = [line for line in lines if line.endswith("\n") and _step(line) <= completed]
     if len(kept) < len(lines):
         write_atomic(path, "".join(kept))
     return len(lines) - len(kept)
@@ -88,17 +128,18 @@ def is_complete(run_dir: str) -> bool:
 
 
 def last_step(run_dir: str) -> int:
-    """The largest step in <run_dir>/metrics.jsonl, -1 when none."""
-    records = read_jsonl_by_step(os.path.join(run_dir, METRICS_FILE))
-    return records[-1]["step"] if records else -1
+    """The largest step in <run_dir>/metrics.jsonl: how many steps are complete (0 when none)."""
+    records = read_metrics(run_dir, missing_ok=True)
+    return records[-1]["step"] if records else 0
 
 
 def mark_complete(run_dir: str, steps: int, job_id: str = "") -> None:
-    """Write the COMPLETE marker after checking that metrics.jsonl reached step `steps - 1`."""
+    """Write the COMPLETE marker after checking that metrics.jsonl reached the last step,
+    `steps`."""
     reached = last_step(run_dir)
-    if reached < steps - 1:
+    if reached < steps:
         raise RuntimeError(f"{run_dir}: the trainer exited 0 but metrics.jsonl ends at step "
-                           f"{reached}, not at the last step {steps - 1}; not marking it complete")
+                           f"{reached}, not at the last step {steps}; not marking it complete")
     record = {"job_id": job_id, "steps": steps, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                         time.gmtime())}
     write_atomic(os.path.join(run_dir, COMPLETE_MARKER), json.dumps(record) + "\n")

@@ -130,12 +130,14 @@ def fit_points(rows: list[dict], metric: str = "auto", params: str = "params_non
         steps = int(first["steps"])
         smooth = not metric.startswith("valid_")
         means = _trailing_mean(run_rows, metric, max(1, steps // 20)) if smooth else None
+        # steps are numbered 1..steps; a table collected before that numbering starts at 0
+        shift = int(min(row["step"] for row in run_rows) == 0)
         for row in run_rows:
             if row.get(metric) is None:
                 continue
             if points == "final" and row.get("final") != 1:
                 continue
-            if points == "curve" and row["step"] + 1 < min_fraction * steps:
+            if points == "curve" and row["step"] + shift < min_fraction * steps:
                 continue
             value = means[int(row["step"])] if smooth else row[metric]
             p = out.setdefault(first["setting"], {"n": [], "d": [], "c": [], "loss": [],

@@ -3,9 +3,11 @@
 One row per (run, step) of each run's metrics.jsonl (the last record of a step that was re-run
 after a resume), with the run's parameters from the sweep manifest and:
 
+    step         the step's number, 1..train.steps: optimizer steps complete after it (as in
+                 metrics.jsonl; a run folder numbered from 0 is read in this numbering)
     complete     1 when the run is complete (its COMPLETE marker exists)
-    final        1 on the row of the run's last planned step (train.steps - 1)
-    tokens_seen  (step + 1) x train.global_batch_tokens
+    final        1 on the row of the run's last planned step (step = train.steps)
+    tokens_seen  step x train.global_batch_tokens
     flops_seen   tokens_seen x flops_per_token
     valid_<key>  the validation metrics (valid.jsonl) logged at that step, else empty
 
@@ -19,7 +21,7 @@ import io
 import os
 
 from megatron_ntp.files import write_atomic
-from megatron_ntp.jobs.run_folder import is_complete, read_jsonl_by_step
+from megatron_ntp.jobs.run_folder import METRICS_FILE, VALID_FILE, is_complete, read_metrics
 from megatron_ntp.sweep.plan import load_manifest
 
 RUN_COLUMNS = ("run", "model", "setting", "budget_kind", "budget", "params_total",
@@ -36,8 +38,8 @@ def collect_rows(root: str) -> tuple[list[dict], list[str]]:
     rows, missing = [], []
     for run in manifest["runs"]:
         run_dir = os.path.join(root, run["dir"])
-        records = read_jsonl_by_step(os.path.join(run_dir, "metrics.jsonl"))
-        valid = {r["step"]: r for r in read_jsonl_by_step(os.path.join(run_dir, "valid.jsonl"))}
+        records = read_metrics(run_dir, METRICS_FILE, missing_ok=True)
+        valid = {r["step"]: r for r in read_metrics(run_dir, VALID_FILE, missing_ok=True)}
         if not records:
             missing.append(run["name"])
             continue
@@ -45,10 +47,10 @@ def collect_rows(root: str) -> tuple[list[dict], list[str]]:
         base = {key: run[key] for key in RUN_COLUMNS if key != "run"}
         for record in records:
             step = int(record["step"])
-            tokens = (step + 1) * run["global_batch_tokens"]
+            tokens = step * run["global_batch_tokens"]
             row = {"run": run["name"], **base, "complete": complete, "step": step,
                    "tokens_seen": tokens, "flops_seen": float(tokens * run["flops_per_token"]),
-                   "final": int(step == run["steps"] - 1)}
+                   "final": int(step == run["steps"])}
             row.update({k: v for k, v in record.items() if k != "step"})
             row.update({f"valid_{k}": v for k, v in valid.get(step, {}).items() if k != "step"})
             rows.append(row)

@@ -6,6 +6,10 @@
     step, metrics (and validation every train.eval_interval steps), a checkpoint every
     checkpoint.save_interval steps and at the end.
 
+Steps are numbered 1..train.steps, Megatron-LM's `iteration`: the number of optimizer steps
+complete after the step. Every output uses that number: the console, metrics.jsonl, valid.jsonl,
+TensorBoard, the checkpoint iter_<step> saved after it, and the loss schedule's steps.
+
 SIGTERM (preemption.py): the current step finishes, a checkpoint is saved, and
 TrainingPreempted (SystemExit with code 75) is raised; running the same command again resumes.
 """
@@ -23,7 +27,12 @@ from megatron_ntp.session import is_rank0, parallel_session
 from megatron_ntp.training import checkpoint as checkpoint_lib
 from megatron_ntp.training import data as data_lib
 from megatron_ntp.training.build import build_training_objects, force_param_sync, loss_modules
-from megatron_ntp.jobs.run_folder import METRICS_FILE, VALID_FILE, truncate_records
+from megatron_ntp.jobs.run_folder import (
+    METRICS_FILE,
+    VALID_FILE,
+    renumber_from_zero,
+    truncate_records,
+)
 from megatron_ntp.training.metrics import (
     MetricsWriter,
     clear_moe_metrics,
@@ -45,14 +54,14 @@ def run_training(config, stream=None) -> list[dict]:
         return train(config, stream=stream)
 
 
-def micro_batch_iterators(config, dataset, layout, step, sample_offset=0):
-    """Micro-batch iterators of global batch `step`, which starts at sample
-    step * global_sequences + sample_offset (the offset moves the data position of a resumed
-    run whose global batch size changed; 0 otherwise)."""
+def micro_batch_iterators(config, dataset, layout, batch, sample_offset=0):
+    """Micro-batch iterators of global batch `batch` (0-based: step `batch + 1` trains on it),
+    which starts at sample batch * global_sequences + sample_offset (the offset moves the data
+    position of a resumed run whose global batch size changed; 0 otherwise)."""
     from megatron.core import parallel_state
 
     first = sample_offset + data_lib.rank_first_sample(
-        step, layout.global_sequences, parallel_state.get_data_parallel_rank(),
+        batch, layout.global_sequences, parallel_state.get_data_parallel_rank(),
         parallel_state.get_data_parallel_world_size())
     # one iterator per model chunk: with interleaving every chunk consumes every micro-batch
     return [data_lib.micro_batches(dataset, first, layout.num_microbatches,
@@ -96,13 +105,15 @@ def _train(config, stream, objects, watch) -> list[dict]:
     save_every = config.checkpoint.save_interval if config.checkpoint.save_dir else 0
     records = []
     try:
-        for step in range(start.step, steps):
+        # `step` is the step's number: how many optimizer steps are complete after it
+        for step in range(start.step + 1, steps + 1):
             knobs = config.loss_at(step)
             for module in loss_modules(objects.model):
                 module.set_loss_config(knobs)
             begin = time.perf_counter()
             sums, grad_norm, ok = train_step(
-                objects, micro_batch_iterators(config, train_data, layout, step, sample_offset),
+                objects, micro_batch_iterators(config, train_data, layout, step - 1,
+                                               sample_offset),
                 layout.num_microbatches, layout.micro_batch_size, layout.seq_length)
             elapsed = time.perf_counter() - begin
             record = {"step": step, **per_token_metrics(sums),
@@ -119,33 +130,36 @@ def _train(config, stream, objects, watch) -> list[dict]:
             records.append(record)
             writer.train(record, steps)
             interval = config.train.eval_interval
-            if interval and ((step + 1) % interval == 0 or step + 1 == steps):
+            if interval and (step % interval == 0 or step == steps):
                 force_param_sync(objects)
                 writer.valid({"step": step, **evaluate(config, objects, valid_data, layout)})
-            done = step + 1
             # collective, every step: all ranks leave after the same step
-            preempted = watch.requested() and done < steps
-            if save_every and (done % save_every == 0 or done == steps or preempted):
-                consumed = start.consumed_samples + (done - start.step) * batch
+            preempted = watch.requested() and step < steps
+            if save_every and (step % save_every == 0 or step == steps or preempted):
+                consumed = start.consumed_samples + (step - start.step) * batch
                 force_param_sync(objects)
-                path = checkpoint_lib.save_checkpoint(config, objects, done, consumed)
+                path = checkpoint_lib.save_checkpoint(config, objects, step, consumed)
                 if rank0:
                     print(f"saved checkpoint {path}", file=stream, flush=True)
             if preempted:
                 if rank0:
-                    print(f"preempted (SIGTERM) after step {done}/{steps}: "
-                          + ("checkpoint saved; run the same command to resume"
-                             if save_every else "checkpoint.save_dir is not set, nothing "
-                             "was saved") + f"; exit code {PREEMPTED_EXIT_CODE}",
-                          file=stream, flush=True)
-                raise TrainingPreempted(done)
+                    _announce_preemption(step, steps, bool(save_every), stream)
+                raise TrainingPreempted(step)
     finally:
         writer.close()
     return records
 
 
+def _announce_preemption(step, steps, saved, stream) -> None:
+    print(f"preempted (SIGTERM) after step {step}/{steps}: "
+          + ("checkpoint saved; run the same command to resume" if saved
+             else "checkpoint.save_dir is not set, nothing was saved")
+          + f"; exit code {PREEMPTED_EXIT_CODE}", file=stream, flush=True)
+
+
 def _announce_start(config, start, stream) -> None:
-    """Rank 0: say where the run starts; drop metric records a resumed run will redo."""
+    """Rank 0: say where the run starts; drop metric records a resumed run will redo (those
+    after step start.step, the checkpoint's)."""
     run_dir = config.logging.run_dir
     if start.finetune:
         print(f"starting a new phase from the weights of {start.checkpoint}"
@@ -157,10 +171,13 @@ def _announce_start(config, start, stream) -> None:
         if start.step >= config.train.steps:
             print(f"train.steps={config.train.steps} is reached already: nothing to train "
                   f"(raise train.steps to continue)", file=stream, flush=True)
+    if renumber_from_zero(run_dir):
+        print(f"{METRICS_FILE}, {VALID_FILE}: renumbered from step 1 (written by a version that "
+              f"numbered steps from 0)", file=stream, flush=True)
     for name in (METRICS_FILE, VALID_FILE):
         dropped = truncate_records(os.path.join(run_dir, name), start.step)
         if dropped:
-            print(f"{name}: dropped {dropped} records of steps >= {start.step} (redone now)",
+            print(f"{name}: dropped {dropped} records of steps > {start.step} (redone now)",
                   file=stream, flush=True)
 
 

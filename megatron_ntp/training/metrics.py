@@ -1,6 +1,8 @@
 """Step metrics: the console line, <run_dir>/metrics.jsonl and valid.jsonl, TensorBoard.
 
 Written by global rank 0 only; the values it writes are already global (see step.reduce_sums).
+A record's step is the step's number, 1..train.steps (loop.py): the console, both files and
+TensorBoard print it as it is, so they agree with each other and with the checkpoint names.
 Every training record has at least: step, ce, ppl, entropy, topk_mass, loss, lr, grad_norm,
 tokens_per_s; MoE runs add moe_lb_loss; GPU runs add mfu.
 """
@@ -73,8 +75,9 @@ class MetricsWriter:
             return
         self._write(self.train_file, record, "train")
         step = record["step"]
-        if step % self.log_interval == 0 or step == total_steps - 1:
-            line = (f"step {step + 1}/{total_steps} | loss {record['loss']:.4f} | "
+        # step 1 too: the first line shows the run is going (compilation makes it the slowest)
+        if step % self.log_interval == 0 or step in (1, total_steps):
+            line = (f"step {step}/{total_steps} | loss {record['loss']:.4f} | "
                     f"ce {record['ce']:.4f} | ppl {record['ppl']:.2f} | "
                     f"entropy {record['entropy']:.3f} | topk_mass {record['topk_mass']:.3f} | "
                     f"lr {record['lr']:.3e} | grad_norm {record['grad_norm']:.3f} | "
@@ -89,7 +92,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         self._write(self.valid_file, record, "valid")
-        print(f"validation at step {record['step'] + 1} | ce {record['ce']:.4f} | "
+        print(f"validation at step {record['step']} | ce {record['ce']:.4f} | "
               f"ppl {record['ppl']:.2f} | entropy {record['entropy']:.3f} | "
               f"topk_mass {record['topk_mass']:.3f}", file=self.stream, flush=True)
 

@@ -35,12 +35,12 @@ def _table(noise=0.004, seed=0, sizes=8, budgets=6):
             for d in np.geomspace(4e8, 4e11, budgets):
                 steps = 10
                 run = f"{setting}-{n:.3g}-{d:.3g}"
-                for step in range(steps):
-                    tokens = d * (step + 1) / steps
+                for step in range(1, steps + 1):  # numbered as in metrics.jsonl
+                    tokens = d * step / steps
                     loss = _law(p, n, tokens) * np.exp(rng.normal(0, noise))
                     rows.append({"run": run, "model": f"{n:.3g}", "setting": setting,
                                  "budget_kind": "tokens", "budget": d, "steps": steps,
-                                 "final": int(step == steps - 1), "complete": 1, "step": step,
+                                 "final": int(step == steps), "complete": 1, "step": step,
                                  "tokens_seen": tokens, "flops_seen": 6 * n * tokens,
                                  "params_non_embedding": n, "params_active": n,
                                  "params_total": n, "ce": loss, "valid_ce": loss,
@@ -71,6 +71,10 @@ def test_comparison_table_json_and_plots(tmp_path):
 
     curve = fit_points(table, "auto", points="curve", min_fraction=0.5)
     assert len(curve["steeper"].loss) == 20 * 6  # steps 5..10 of 20 runs
+    # a table collected before steps were numbered from 1 (steps 0..9) gives the same points
+    numbered_from_zero = [{**row, "step": row["step"] - 1} for row in table]
+    old = fit_points(numbered_from_zero, "auto", points="curve", min_fraction=0.5)
+    assert old["steeper"].loss.tolist() == curve["steeper"].loss.tolist()
     final = fit_points(table, "auto", points="final")
     fits = fit_settings(curve, bootstrap=10, final_points=final)
     text = format_comparison(fits, "valid_ce", "params_non_embedding", budgets=[1e21],
@@ -115,7 +119,7 @@ def test_isoflop_groups_by_planned_flop_budget():
         for n in np.geomspace(1e7, 1e10, 7):
             d = c / (6 * n) * (1 + 0.01 * np.log10(n))  # step rounding: FLOPs off by ~1-10%
             rows.append({"run": f"{c}-{n}", "setting": "s", "budget_kind": "flops", "budget": c,
-                         "steps": 1, "final": 1, "step": 0, "tokens_seen": d,
+                         "steps": 1, "final": 1, "step": 1, "tokens_seen": d,
                          "flops_seen": 6 * n * d, "params_non_embedding": n,
                          "ce": _law(LAW, n, d)})
     fits = fit_settings(fit_points(rows, "ce"), bootstrap=0)

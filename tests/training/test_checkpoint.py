@@ -249,8 +249,8 @@ def test_crash_during_save_and_mid_training_start(base, sample_data, tmp_path):
     assert r["after_crash"]["tracker"] == "2" and r["after_crash"]["complete"] == [2]
     assert r["after_crash"]["latest"] == "iter_0000002"
     assert "iter_0000004.tmp" in r["after_crash"]["entries"]
-    # rerun: resumes at step 2, redoes steps 2 and 3 exactly, cleans up, publishes step 4
-    assert [x["step"] for x in r["resumed_records"]] == [2, 3]
+    # rerun: resumes from iter_0000002, redoes steps 3 and 4 exactly, cleans up, publishes 4
+    assert [x["step"] for x in r["resumed_records"]] == [3, 4]
     assert_same(r["resumed_metrics"], r["crashed_metrics"])
     assert r["after_resume"]["tracker"] == "4"
     assert r["after_resume"]["entries"] == ["iter_0000002", "iter_0000004",
@@ -261,7 +261,7 @@ def test_crash_during_save_and_mid_training_start(base, sample_data, tmp_path):
     assert r["finetune_weights_equal"] and r["finetune_adam_equal"]
     assert r["finetune_adam_steps"] == [4.0] and r["finetune_adam_steps_distinct"]
     steps = r["finetune_records"]
-    assert [x["step"] for x in steps] == [0, 1]
+    assert [x["step"] for x in steps] == [1, 2]  # the step count starts afresh
     assert steps[0]["lr"] <= 1e-3 and steps[-1]["lr"] == pytest.approx(1e-4)  # the new WSD
     assert all(x["tokens"] > 128 for x in steps)  # 4 sequences of 64 tokens
     prefix = sample_data[0]
@@ -312,16 +312,6 @@ def test_checkpoint_fields_are_validated(overrides, message):
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate_config(load_config(None, ["train.steps=1"] + overrides), world_size=1)
-
-
-def test_resumed_run_drops_redone_and_cut_records(tmp_path):
-    from megatron_ntp.jobs.run_folder import truncate_records
-
-    path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 0}\n{"step": 1}\n{"step": 2}\n{"step": 3, "lo')  # killed mid-line
-    assert truncate_records(str(path), 2) == 2
-    assert path.read_text() == '{"step": 0}\n{"step": 1}\n'
-    assert truncate_records(str(tmp_path / "absent.jsonl"), 0) == 0
 
 
 def test_where_a_run_starts(tmp_path):

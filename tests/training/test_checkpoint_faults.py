@@ -53,8 +53,8 @@ def test_a_damaged_latest_checkpoint_is_skipped(faults, fault, what):
     # one loud warning naming the checkpoint, the file and what is wrong
     assert f"WARNING: checkpoint {damaged} is damaged: {got['file']} {what}" in got["warnings"]
     assert got["warnings"].count(" is damaged: ") == 1
-    # resumed from iter_0000002: steps 2..5 redone, equal to the uninterrupted run
-    assert [x["step"] for x in got["metrics"]] == list(range(6))
+    # resumed from iter_0000002: steps 3..6 redone, equal to the uninterrupted run
+    assert [x["step"] for x in got["metrics"]] == [1, 2, 3, 4, 5, 6]
     assert_same(got["metrics"], r["reference"])
     # the damaged folder is kept (set aside by the new save of step 4), nothing complete lost
     assert f"WARNING: the damaged {damaged} was renamed to {damaged}.damaged" in got["warnings"]

@@ -1,8 +1,9 @@
 """`megatron-ntp train` end to end: torchrun with two gloo ranks on the built-in offline sample
-data, and the FP8 error on a machine without a GPU."""
+data, one step numbering in every output, and the FP8 error on a machine without a GPU."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -53,7 +54,7 @@ def test_torchrun_two_ranks_on_the_sample_data(tmp_path):
 
     with open(run_dir / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
-    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]  # optimizer steps complete
     for record in records:
         assert REQUIRED_KEYS <= record.keys()
         assert record["ppl"] == pytest.approx(2.718281828 ** record["ce"], rel=1e-6)
@@ -65,7 +66,7 @@ def test_torchrun_two_ranks_on_the_sample_data(tmp_path):
 
     with open(run_dir / "valid.jsonl") as f:
         valid = [json.loads(line) for line in f]
-    assert [v["step"] for v in valid] == [1, 3]
+    assert [v["step"] for v in valid] == [2, 4]  # after steps 2 and 4
     assert all({"ce", "ppl", "entropy", "topk_mass"} <= v.keys() for v in valid)
     events = os.listdir(run_dir / "tensorboard")
     assert any(name.startswith("events.out.tfevents") for name in events)
@@ -85,10 +86,70 @@ def test_single_process_on_a_preprocessed_prefix(tmp_path, sample_data):
     assert result.returncode == 0, result.stderr[-4000:]
     with open(run_dir / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
-    assert [r["step"] for r in records] == [0, 1] and records[0]["tokens"] == 128
+    assert [r["step"] for r in records] == [1, 2] and records[0]["tokens"] == 128
     assert not (run_dir / "tensorboard").exists()
     with open(run_dir / "valid.jsonl") as f:
         assert f.read() == ""  # no validation without train.eval_interval
+
+
+def _plotted_steps(run_dir, monkeypatch) -> list:
+    """The x values of the cross-entropy curve megatron_ntp.plots draws for run_dir."""
+    import matplotlib.pyplot as plt
+
+    from megatron_ntp.plots import plot_runs
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure plot_runs closes
+    plot_runs([str(run_dir)], str(run_dir / "curves.png"))
+    (line,) = figures[0].axes[0].lines
+    return [int(x) for x in line.get_xdata()]
+
+
+def _tensorboard_steps(run_dir, tag) -> list:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return [event.step for event in events.Scalars(tag)]
+
+
+def test_every_output_numbers_the_steps_alike(tmp_path, sample_data, monkeypatch):
+    """Step n is the step after which n optimizer steps are complete (Megatron-LM's iteration):
+    4 steps validating and saving every 2 give steps 1..4 everywhere, validations and
+    checkpoints at 2 and 4, on the console, in both files, TensorBoard, the plot and the
+    checkpoint folders."""
+    prefix, tokenizer = sample_data
+    run_dir, ckpt = tmp_path / "run", tmp_path / "ckpt"
+    result = subprocess.run(
+        CLI + ["--config", "examples/configs/tiny_dense.yaml", f"data.blend={prefix}",
+               f"data.tokenizer_model={tokenizer}", "model.vocab_size=1024",
+               "data.seq_length=32", "train.global_batch_tokens=128", "train.micro_batch_size=2",
+               "train.steps=4", "train.lr_warmup_steps=1", "train.lr_decay_steps=0",
+               "train.eval_interval=2", "train.eval_steps=1", "logging.log_interval=1",
+               f"logging.run_dir={run_dir}", f"checkpoint.save_dir={ckpt}",
+               "checkpoint.save_interval=2", "checkpoint.keep_last=2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    console = result.stdout
+    assert [int(n) for n in re.findall(r"^step (\d+)/4 \| loss", console, re.M)] == [1, 2, 3, 4]
+    assert [int(n) for n in re.findall(r"^validation at step (\d+) \|", console, re.M)] == [2, 4]
+    assert re.findall(r"^saved checkpoint \S+/(iter_\d+)$", console, re.M) == \
+        ["iter_0000002", "iter_0000004"]
+
+    with open(run_dir / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4]
+    with open(run_dir / "valid.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [2, 4]
+    assert _tensorboard_steps(run_dir, "train/ce") == [1, 2, 3, 4]
+    assert _tensorboard_steps(run_dir, "valid/ce") == [2, 4]
+    assert _plotted_steps(run_dir, monkeypatch) == [1, 2, 3, 4]
+
+    assert sorted(os.listdir(ckpt)) == ["iter_0000002", "iter_0000004",
+                                        "latest_checkpointed_iteration.txt"]
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    for step in (2, 4):
+        with open(ckpt / f"iter_{step:07d}" / "checkpoint.json") as f:
+            assert json.load(f)["step"] == step
 
 
 def test_missing_dataset_prefix_is_a_config_error(tmp_path):
