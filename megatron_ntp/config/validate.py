@@ -376,6 +376,15 @@ def check_environment(config: Config) -> None:
             raise ConfigError(problem)
 
 
+def cuda_device_max_connections(config: Config) -> str:
+    """CUDA_DEVICE_MAX_CONNECTIONS for a run of `config` where the environment does not set it
+    (the training program sets it before CUDA starts): 32 with parallel.moe_a2a_overlap (the
+    expert all-to-all runs on its own stream beside the computation, as megatron-core's MoE
+    guide asks), else 1 (tensor/sequence-parallel communication issued in order with the
+    computation, as Megatron-LM's scripts set)."""
+    return "32" if config.parallel.moe_a2a_overlap else "1"
+
+
 def expert_overlap_problem(te_version: str, max_connections: str | None) -> str | None:
     """Why parallel.moe_a2a_overlap cannot overlap here (None if it can)."""
     from packaging.version import Version
@@ -384,8 +393,8 @@ def expert_overlap_problem(te_version: str, max_connections: str | None) -> str 
         return (f"parallel.moe_a2a_overlap=true needs Transformer Engine >= "
                 f"{EXPERT_OVERLAP_TE_VERSION} (delay_wgrad_compute); {te_version} is installed")
     if max_connections == "1":
-        # One hardware queue runs the all-to-all and the computation one after the other;
-        # slurm/train.sbatch sets 1 unless the environment sets it (for TP/SP ordering).
+        # One hardware queue runs the all-to-all and the computation one after the other
+        # (set so by hand: the trainer's own default for this config is 32).
         return ("parallel.moe_a2a_overlap=true needs CUDA_DEVICE_MAX_CONNECTIONS > 1 (it is 1: "
                 "one hardware queue serialises the all-to-all and the computation); launch with "
                 "CUDA_DEVICE_MAX_CONNECTIONS=32, or set parallel.moe_a2a_overlap=false")

@@ -2,6 +2,7 @@
 the Transformer Engine version and torch's CUDA version before any process group starts,
 instead of failing inside Transformer Engine or megatron-core at the first forward."""
 
+import os
 import sys
 import types
 
@@ -98,9 +99,37 @@ def test_expert_overlap_needs_a_gpu_te_2_3_and_several_connections(fake_gpu, mon
         check_environment(overlap_config())
     fake_gpu((9, 0), te_version="2.3.0")
     check_environment(overlap_config())
-    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # slurm/train.sbatch's default
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # exported by hand
     with pytest.raises(ConfigError, match=r"needs CUDA_DEVICE_MAX_CONNECTIONS > 1 \(it is 1"):
         check_environment(overlap_config())
+
+
+def test_the_trainer_sets_cuda_connections_from_the_config(monkeypatch):
+    """Unless the environment sets it, `train` sets CUDA_DEVICE_MAX_CONNECTIONS before CUDA
+    starts: 32 for the expert all-to-all overlap, 1 otherwise (slurm/train.sbatch no longer
+    exports 1, which stopped the MoE examples)."""
+    import argparse
+
+    from megatron_ntp import config as config_package
+    from megatron_ntp import training
+    from megatron_ntp.training import cli
+
+    seen = []
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "")  # restored (to absent) afterwards
+    monkeypatch.setattr(config_package, "check_environment", lambda config: seen.append(
+        os.environ["CUDA_DEVICE_MAX_CONNECTIONS"]))
+    monkeypatch.setattr(training, "run_training", lambda config: None)
+    short = ["train.steps=1", "train.lr_warmup_steps=0"]
+    overlap = ["model.preset=tiny-moe", "parallel.expert=2", "parallel.moe_a2a_overlap=true",
+               "model.transformer_impl=transformer_engine", "model.bf16=true"]
+    for overrides, expected in ((short, "1"), (short + overlap, "32")):
+        monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        cli._run_train(argparse.Namespace(config=None, overrides=overrides))
+        assert seen[-1] == expected
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "8")  # the user's value wins
+    cli._run_train(argparse.Namespace(config=None, overrides=short))
+    assert seen[-1] == "8"
 
 
 def test_expert_overlap_is_refused_on_cpu(monkeypatch):
