@@ -101,8 +101,8 @@ def _check_communication(failures, group, rank, world):
         cpu_exchange = vocab_parallel._exchange
         if gpu_branch:
             vocab_parallel._exchange = _gpu_exchange
-        if old_torch:
-            del dist.all_gather_single
+        if old_torch and "all_gather_single" in originals:
+            del dist.all_gather_single  # as torch < 2.13 (the oldest-stack lane's 2.9) has none
         try:
             loss, _ = vocab_parallel_shaped_loss(shard, target, SETTINGS[name], group)
             forward_log = list(log)
