@@ -12,7 +12,7 @@
 # changes (an environment of an older hash is then removed). A build goes to a temporary folder first and is moved into
 # place when complete, so an interrupted build is never used.
 #
-# Without pytest arguments it runs LANE_TESTS: the default Slurm launcher path end to end
+# Unless the pytest arguments name test files or folders, it runs LANE_TESTS: the default Slurm launcher path end to end
 # (python -m megatron_ntp.jobs.launch torchrun, 2 ranks, TP 2), the loss package with the fused
 # head, checkpoint save and resume, config and `plan`.
 # Python 3.12: $NTP_OLDEST_PYTHON, else python3.12 on PATH, else pyenv's newest 3.12.
@@ -91,8 +91,12 @@ main() {
       f"[oldest-stack] Python {sys.version.split()[0]}, torch {md.version("torch")},",
       f"megatron-core {md.version("megatron-core")}")'
   cd "$root"
-  if [ $# -eq 0 ]; then
-    set -- "${LANE_TESTS[@]}"
+  local arg named=0
+  for arg in "$@"; do
+    [ -e "${arg%%::*}" ] && named=1  # a test file or folder (tests/x.py::test_y too)
+  done
+  if [ "$named" = 0 ]; then
+    set -- "$@" "${LANE_TESTS[@]}"
   fi
   PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" exec "$env/bin/python" -m pytest "$@"
 }
