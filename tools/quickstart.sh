@@ -44,7 +44,7 @@ while :; do
   fi
   n=$((n + 1))
 done
-echo "== 4/5 training (TP=2 on 2 ranks): $RUN"
+echo "== 4/5 training on 2 ranks: $RUN"
 # One thread per rank (2 ranks on 2 cores): what torchrun would choose, said here so that it does
 # not print its multi-line notice about choosing it.
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} .venv/bin/torchrun --nproc_per_node=2 -m megatron_ntp.cli train \
@@ -56,6 +56,5 @@ OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} .venv/bin/torchrun --nproc_per_node=2 -m m
     checkpoint.save_dir="$RUN/checkpoints" checkpoint.save_interval=50 \
     logging.run_dir="$RUN" "$@"
 echo "== 5/5 plot"
-$PY -m megatron_ntp.plots "$RUN" --out "$RUN/curves.png" \
-    --title "tiny-dense, beta=-0.25 k=100 lambda_tail=-0.1, TP=2"
-echo "done: metrics $RUN/metrics.jsonl, validation $RUN/valid.jsonl, checkpoints $RUN/checkpoints, plot $RUN/curves.png"
+$PY -m megatron_ntp.plots "$RUN" --out "$RUN/curves.png"  # titled from $RUN/config.yaml
+echo "done ($($PY -m megatron_ntp.plots "$RUN" --describe)): metrics $RUN/metrics.jsonl, validation $RUN/valid.jsonl, checkpoints $RUN/checkpoints, plot $RUN/curves.png"
