@@ -16,7 +16,7 @@ The extension is built with the C++ compiler torch.compile already needs and the
 beside this interpreter (a dependency), whatever ninja comes first on PATH: ninja versions hash
 command lines differently (1.13 changed the hash), so a build folder written by one looks
 out of date to another, and switching between an activated venv and a plain shell rebuilt the
-kernels each time. Built once per source and compiler (about 100 s on 2 cores; tools/install.sh
+kernels each time. Built once per source and compiler (44 s on 2 idle AMD EPYC cores; tools/install.sh
 builds them), cached under torch's extension folder ($TORCH_EXTENSIONS_DIR); a build says so on
 stderr, with the time it took.
 LossImpl(selection="keys") and LossImpl(passes="compiled") use the torch paths on CPU too; if
@@ -93,7 +93,7 @@ def _extension():
             building = _needs_build(build_directory, name)
             if building:
                 print(f"megatron_ntp: compiling the CPU loss kernels into {build_directory} "
-                      f"(once per source and compiler, about 100 s on 2 cores)", file=sys.stderr,
+                      f"(once per source and compiler, about a minute on 2 cores)", file=sys.stderr,
                       flush=True)
             start = time.perf_counter()
             module = load(name=name, sources=_SOURCES, build_directory=build_directory,
