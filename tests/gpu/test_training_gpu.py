@@ -76,7 +76,7 @@ def test_moe_with_grouped_gemm(sample_data, tmp_path, transformer_engine, report
 
 def test_save_and_resume_bitwise(sample_data, tmp_path, transformer_engine, monkeypatch):
     """Six steps saving at 3 and 6; then the step-6 checkpoint is dropped and the same command
-    resumes from step 3: steps 3-5 must repeat bit for bit."""
+    resumes from iter_0000003: steps 4-6 must repeat bit for bit."""
     from megatron_ntp.training.checkpoint_files import TRACKER_FILE, iteration_dir_name
 
     monkeypatch.setenv("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "0")  # deterministic attention bwd
@@ -90,6 +90,6 @@ def test_save_and_resume_bitwise(sample_data, tmp_path, transformer_engine, monk
     shutil.rmtree(save_dir / iteration_dir_name(6))
     (save_dir / TRACKER_FILE).write_text("3\n")
     resumed = train(overrides)
-    assert [r["step"] for r in resumed] == [3, 4, 5]
+    assert [r["step"] for r in resumed] == [4, 5, 6]
     for key in ("loss", "grad_norm"):
         assert [r[key] for r in resumed] == [r[key] for r in straight[3:]]

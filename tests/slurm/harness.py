@@ -113,7 +113,8 @@ def read_log(run_dir: str, job_id: str) -> str:
 
 
 def wait_for_step(run_dir: str, step: int, slurm, job_id: str, timeout=600) -> None:
-    """Wait until <run_dir>/metrics.jsonl holds `step` (the job must still be running)."""
+    """Wait until <run_dir>/metrics.jsonl holds `step`, i.e. `step` optimizer steps are done
+    (the job must still be running)."""
     from megatron_ntp.jobs.run_folder import last_step
 
     deadline = time.monotonic() + timeout

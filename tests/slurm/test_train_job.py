@@ -61,7 +61,7 @@ def _finished_reference(slurm, reference):
     fields = slurm.wait_finished([job])[job]
     assert fields["JobState"] == "COMPLETED", read_log(run_dir, job)[-3000:]
     steps, losses, ces = _losses(run_dir)
-    assert steps == list(range(STEPS))
+    assert steps == list(range(1, STEPS + 1))
     return losses, ces
 
 
@@ -78,7 +78,7 @@ def test_scontrol_requeue_resumes_from_the_checkpoint(slurm, tiny_data, tmp_path
     assert "restart 0:" in log and "restart 1:" in log  # one log per job, appended
     resumed = re.search(r"resuming from \S+ at step (\d+)/", log)
     assert resumed, log[-3000:]
-    # the trainer had passed step 25: the latest periodic checkpoint (20 or later), or the one
+    # the trainer had passed step 45: the latest periodic checkpoint (40 or later), or the one
     # it saved on the SIGTERM of the requeue when that save beat srun's SIGKILL
     assert int(resumed.group(1)) >= 2 * SAVE_INTERVAL
     assert os.path.isfile(os.path.join(run_dir, COMPLETE_MARKER))
@@ -86,7 +86,7 @@ def test_scontrol_requeue_resumes_from_the_checkpoint(slurm, tiny_data, tmp_path
         assert json.load(f)["job_id"] == job
 
     steps, losses, ces = _losses(run_dir)
-    assert steps == list(range(STEPS))  # every step once: redone steps replaced their records
+    assert steps == list(range(1, STEPS + 1))  # every step once: redone steps replaced their records
     ref_losses, ref_ces = _finished_reference(slurm, reference)
     assert losses[-1] == pytest.approx(ref_losses[-1], rel=1e-6, abs=0)
     assert losses == pytest.approx(ref_losses, rel=1e-6, abs=0)
@@ -115,7 +115,7 @@ def test_sigterm_checkpoints_exits_75_and_the_job_requeues_itself(slurm, tiny_da
         log[-3000:]
 
     steps, losses, _ = _losses(run_dir)
-    assert steps == list(range(STEPS))
+    assert steps == list(range(1, STEPS + 1))
     ref_losses, _ = _finished_reference(slurm, reference)
     assert losses == pytest.approx(ref_losses, rel=1e-6, abs=0)
 
@@ -140,7 +140,7 @@ def test_one_task_per_rank_in_a_chain_of_two_jobs(slurm, tiny_data, tmp_path):
     with open(os.path.join(run_dir, "config.yaml")) as f:
         assert yaml.safe_load(f)["parallel"]["data"] == 2  # the trainer saw two ranks
     steps, _, _ = _losses(run_dir)
-    assert steps == list(range(6))
+    assert steps == list(range(1, 7))
 
     assert fields[second]["JobState"] == "COMPLETED"
     assert fields[second]["StartTime"] >= fields[first]["EndTime"]

@@ -62,7 +62,7 @@ MOE_LAYOUTS = {
 # bf16 weights and activations (Float16Module, fp32 master weights): close, not equal
 BF16_LAYOUT = ["parallel.tensor=2", "model.bf16=true"]
 SCHEDULE = ["loss.beta=0", "loss.topk=0", "loss.lambda_topk=0", "loss.lambda_tail=0",
-            "train.loss_schedule={beta: {start: 0.0, end: -0.25, begin_step: 0, end_step: 1}}"]
+            "train.loss_schedule={beta: {start: 0.0, end: -0.25, begin_step: 1, end_step: 2}}"]
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,9 @@ def test_reference_learns_and_reports_the_shaped_loss(results):
 
 def test_loss_schedule_takes_effect(results):
     before, *after = results["schedule"]
-    # beta = 0 (cross-entropy) at step 0, -0.25 from step 1: the surrogate leaves the ce
+    assert [r["step"] for r in results["schedule"]] == [1, 2, 3]
+    # beta = 0 (cross-entropy) at step 1, -0.25 from step 2 (the schedule's steps are the
+    # records' steps, 1..train.steps): the surrogate leaves the ce
     assert before["beta"] == 0.0 and before["loss"] == pytest.approx(before["ce"], rel=1e-6)
     for record in after:
         assert record["beta"] == -0.25
