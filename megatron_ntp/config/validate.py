@@ -300,7 +300,8 @@ def _check_train(config: Config, errors) -> Config:
         steps = math.ceil(t.token_budget / t.global_batch_tokens)
     if steps and t.lr_warmup_steps + t.lr_decay_steps > steps:
         errors.append(f"train.lr_warmup_steps={t.lr_warmup_steps} + train.lr_decay_steps="
-                      f"{t.lr_decay_steps} exceed the {steps} training steps")
+                      f"{t.lr_decay_steps} exceed the {steps} training steps: lower "
+                      f"train.lr_warmup_steps or train.lr_decay_steps, or raise train.steps")
     return dataclasses.replace(config, train=dataclasses.replace(t, steps=steps))
 
 

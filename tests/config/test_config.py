@@ -267,3 +267,14 @@ def test_dump_round_trip(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(dump_yaml(config))
     assert validate_config(load_config(path)) == config
+
+
+def test_a_schedule_longer_than_the_run_says_what_to_change():
+    """`train.steps=20` on tiny_dense.yaml (10 warmup + 20 decay steps): the error names both
+    fields, the run's length and the three ways out."""
+    with pytest.raises(ConfigError) as error:
+        validate_config(load_config("examples/configs/tiny_dense.yaml", ["train.steps=20"]))
+    assert ("train.lr_warmup_steps=10 + train.lr_decay_steps=20 exceed the 20 training steps: "
+            "lower train.lr_warmup_steps or train.lr_decay_steps, or raise train.steps"
+            ) in str(error.value)
+    validate_config(load_config("examples/configs/tiny_dense.yaml", ["train.steps=30"]))
