@@ -2,7 +2,9 @@
 
 validate_config() resolves what is derived (the data-parallel size, the step count) and
 raises one ConfigError listing every problem found; each line names the fields and their
-values, so a bad launch fails in seconds on the login node instead of minutes into a job.
+values and says what to change, so a bad launch fails in seconds on the login node instead of
+minutes into a job. A config from load_config has each line prefixed with where the first
+field it names was set (`run.yaml:12:` or `override 'parallel.tensor=3':`).
 """
 
 import dataclasses
@@ -13,7 +15,7 @@ import types
 import typing
 
 from megatron_ntp.config.batch import BatchLayout
-from megatron_ntp.config.load import ConfigError, suggestion
+from megatron_ntp.config.load import ConfigError, Problems, origins_of, suggestion
 from megatron_ntp.config.schema import Config
 from megatron_ntp.loss import ShapedLossConfig
 from megatron_ntp.models.counting import padded_vocab_size, recompute_modules
@@ -55,6 +57,7 @@ def validate_config(config: Config, world_size: int | None = None) -> Config:
     with it otherwise. Without either, the data-parallel size is taken as 1.
     """
     errors: list[str] = []
+    origins = origins_of(config)  # before dataclasses.replace below makes new configs
     if world_size is None and os.environ.get("WORLD_SIZE"):
         world_size = int(os.environ["WORLD_SIZE"])
     config = _resolve_data_parallel(config, world_size, errors)
@@ -65,8 +68,23 @@ def validate_config(config: Config, world_size: int | None = None) -> Config:
     _check_loss_schedule(config, errors)
     _check_checkpoint(config, errors)
     if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+        problems = Problems(origins)
+        for message in errors:
+            problems.add_cross_field(message)
+        problems.raise_any()
     return config
+
+
+def _divisors(n: int, limit: int = 64) -> str:
+    """"1, 2, 4" for n=4: the sizes that divide n (up to `limit`: larger parallel sizes or
+    group counts are never what a hint should offer)."""
+    return ", ".join(str(d) for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def _near_multiples(value: int, step: int) -> str:
+    """"256 or 512" for 500 and 256: the multiples of `step` on either side of `value`."""
+    lower = value // step * step
+    return f"{lower} or {lower + step}" if lower else str(step)
 
 
 def _positive(errors, **named):
@@ -120,12 +138,17 @@ def _resolve_data_parallel(config: Config, world_size, errors) -> Config:
     if world_size is not None:
         if world_size % model_parallel:
             errors.append(f"world size {world_size} must be a multiple of parallel.tensor * "
-                          f"parallel.pipeline = {p.tensor} * {p.pipeline} = {model_parallel}")
+                          f"parallel.pipeline = {p.tensor} * {p.pipeline} = {model_parallel}: "
+                          f"launch a multiple of {model_parallel} ranks, or choose "
+                          f"parallel.tensor and parallel.pipeline whose product divides "
+                          f"{world_size}")
             return config
         derived = world_size // model_parallel
         if data and data != derived:
             errors.append(f"parallel.data={data} disagrees with world size {world_size} / "
-                          f"(parallel.tensor * parallel.pipeline = {model_parallel}) = {derived}")
+                          f"(parallel.tensor * parallel.pipeline = {model_parallel}) = {derived}: "
+                          f"set parallel.data={derived} (or 0: derived from the world size), or "
+                          f"launch {data * model_parallel} ranks")
         data = derived
     return dataclasses.replace(config, parallel=dataclasses.replace(p, data=data or 1))
 
@@ -139,7 +162,8 @@ def _check_model(config: Config, errors):
               model__make_vocab_size_divisible_by=m.make_vocab_size_divisible_by)
     if m.num_query_groups > 0 and m.num_attention_heads % m.num_query_groups:
         errors.append(f"model.num_query_groups={m.num_query_groups} must divide "
-                      f"model.num_attention_heads={m.num_attention_heads}")
+                      f"model.num_attention_heads={m.num_attention_heads}: use one of "
+                      f"{_divisors(m.num_attention_heads, m.num_attention_heads)}")
     if m.num_experts < 0:
         errors.append(f"model.num_experts={m.num_experts} must be >= 0 (0 = dense)")
     if m.num_experts > 0:
@@ -147,19 +171,21 @@ def _check_model(config: Config, errors):
                   model__moe_router_topk=m.moe_router_topk)
         if m.moe_router_topk > m.num_experts:
             errors.append(f"model.moe_router_topk={m.moe_router_topk} must be <= "
-                          f"model.num_experts={m.num_experts}")
+                          f"model.num_experts={m.num_experts}: lower model.moe_router_topk or "
+                          f"raise model.num_experts")
     else:
         _positive(errors, model__ffn_hidden_size=m.ffn_hidden_size)
     if m.fp8 and m.transformer_impl != "transformer_engine":
         errors.append(f"model.fp8={m.fp8!r} needs model.transformer_impl='transformer_engine' "
-                      f"(got {m.transformer_impl!r})")
+                      f"(got {m.transformer_impl!r}); otherwise set model.fp8=null")
     _positive(errors, model__fp8_amax_history_len=m.fp8_amax_history_len)
     if m.fused_output_chunk_mib < 0:
         errors.append(f"model.fused_output_chunk_mib={m.fused_output_chunk_mib} must be >= 0 "
                       f"(0 = the device's default)")
     elif m.fused_output_chunk_mib and not m.fused_output_loss:
         errors.append(f"model.fused_output_chunk_mib={m.fused_output_chunk_mib} needs "
-                      f"model.fused_output_loss=true (it sizes the fused head's chunks)")
+                      f"model.fused_output_loss=true (it sizes the fused head's chunks); "
+                      f"otherwise set model.fused_output_chunk_mib=0")
 
 
 def _check_parallel(config: Config, errors):
@@ -169,46 +195,48 @@ def _check_parallel(config: Config, errors):
              p.expert, p.expert_tensor, p.data)
     if min(sizes) <= 0:  # reported already; the divisibility checks below need positive sizes
         return
-    for name, value in (("num_attention_heads", m.num_attention_heads),
-                        ("num_query_groups", m.num_query_groups)):
-        if value % p.tensor:
-            errors.append(f"parallel.tensor={p.tensor} must divide model.{name}={value}")
-    if m.num_experts == 0 and m.ffn_hidden_size % p.tensor:
-        errors.append(f"parallel.tensor={p.tensor} must divide "
-                      f"model.ffn_hidden_size={m.ffn_hidden_size}")
+    _check_tensor_split(config, errors)
     padded = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, p.tensor)
     if padded % p.tensor:  # holds by construction; kept as the stated invariant
         errors.append(f"parallel.tensor={p.tensor} must divide the padded vocabulary {padded}")
     chunks = p.pipeline * p.virtual_pipeline
     if m.num_layers % chunks:
         errors.append(f"model.num_layers={m.num_layers} must be a multiple of parallel.pipeline "
-                      f"* parallel.virtual_pipeline = {p.pipeline} * {p.virtual_pipeline}")
+                      f"* parallel.virtual_pipeline = {p.pipeline} * {p.virtual_pipeline}: "
+                      f"choose a product among {_divisors(m.num_layers, m.num_layers)}")
     if p.virtual_pipeline > 1 and p.pipeline == 1:
-        errors.append(f"parallel.virtual_pipeline={p.virtual_pipeline} needs parallel.pipeline > 1")
+        errors.append(f"parallel.virtual_pipeline={p.virtual_pipeline} needs parallel.pipeline > 1;"
+                      f" otherwise set parallel.virtual_pipeline=1")
     if p.expert > 1 or p.expert_tensor > 1:
         if m.num_experts == 0:
             errors.append(f"parallel.expert={p.expert} / parallel.expert_tensor={p.expert_tensor}"
-                          f" need an MoE model (model.num_experts=0)")
+                          f" need an MoE model (model.num_experts=0): set parallel.expert=1 and "
+                          f"parallel.expert_tensor=1, or use an MoE model (e.g. "
+                          f"model.preset=tiny-moe)")
         elif m.num_experts % p.expert:
             errors.append(f"parallel.expert={p.expert} must divide "
-                          f"model.num_experts={m.num_experts}")
+                          f"model.num_experts={m.num_experts}: use one of "
+                          f"{_divisors(m.num_experts)}")
         # megatron-core forms expert groups inside each pipeline stage's tensor*data ranks.
         if (p.tensor * p.data) % (p.expert * p.expert_tensor):
             errors.append(f"parallel.expert * parallel.expert_tensor = {p.expert} * "
                           f"{p.expert_tensor} must divide parallel.tensor * parallel.data = "
-                          f"{p.tensor} * {p.data}")
+                          f"{p.tensor} * {p.data}: lower parallel.expert or "
+                          f"parallel.expert_tensor, or launch more data-parallel ranks")
     if m.num_experts and p.expert_tensor > 1 and m.moe_ffn_hidden_size % p.expert_tensor:
         errors.append(f"parallel.expert_tensor={p.expert_tensor} must divide "
-                      f"model.moe_ffn_hidden_size={m.moe_ffn_hidden_size}")
+                      f"model.moe_ffn_hidden_size={m.moe_ffn_hidden_size}: use one of "
+                      f"{_divisors(m.moe_ffn_hidden_size)}")
     if p.sequence_parallel and p.tensor == 1:
-        errors.append("parallel.sequence_parallel=true needs parallel.tensor > 1")
+        errors.append("parallel.sequence_parallel=true needs parallel.tensor > 1; otherwise set "
+                      "parallel.sequence_parallel=false")
     if m.num_experts and p.expert > 1 and p.tensor > 1 and not p.sequence_parallel:
         # megatron-core asserts this in TransformerConfig.__post_init__.
         errors.append(f"parallel.expert={p.expert} with parallel.tensor={p.tensor} needs "
-                      f"parallel.sequence_parallel=true")
+                      f"parallel.sequence_parallel=true (or parallel.tensor=1)")
     if p.grad_reduce_in_bf16 and not m.bf16:
         errors.append("parallel.grad_reduce_in_bf16=true needs model.bf16=true (an fp32 model's "
-                      "gradients are fp32)")
+                      "gradients are fp32); otherwise set parallel.grad_reduce_in_bf16=false")
     _check_recompute_modules(config, errors)
     _check_expert_overlap(config, errors)
     _positive(errors, parallel__distributed_timeout_minutes=p.distributed_timeout_minutes)
@@ -216,7 +244,23 @@ def _check_parallel(config: Config, errors):
         layers_per_stage = m.num_layers // chunks
         if not 1 <= p.recompute_num_layers <= layers_per_stage:
             errors.append(f"parallel.recompute_num_layers={p.recompute_num_layers} must be "
-                          f"between 1 and the layers per pipeline chunk ({layers_per_stage})")
+                          f"between 1 and the layers per pipeline chunk ({layers_per_stage} = "
+                          f"model.num_layers / (parallel.pipeline * parallel.virtual_pipeline))")
+
+
+def _check_tensor_split(config: Config, errors):
+    """parallel.tensor against the sizes it splits: the heads, the query groups and (dense)
+    the MLP; one error naming every size it misses and the tensor-parallel sizes that fit."""
+    m, p = config.model, config.parallel
+    split = {"model.num_attention_heads": m.num_attention_heads,
+             "model.num_query_groups": m.num_query_groups}
+    if m.num_experts == 0:
+        split["model.ffn_hidden_size"] = m.ffn_hidden_size
+    missed = [f"{name}={value}" for name, value in split.items() if value % p.tensor]
+    if missed:
+        errors.append(f"parallel.tensor={p.tensor} must divide {' and '.join(missed)}: use one "
+                      f"of {_divisors(math.gcd(*split.values()))} (the sizes that divide "
+                      f"{', '.join(split)})")
 
 
 def _check_recompute_modules(config: Config, errors):
@@ -225,15 +269,17 @@ def _check_recompute_modules(config: Config, errors):
         return
     if p.recompute != "selective":
         errors.append(f"parallel.recompute_modules={list(p.recompute_modules)} needs "
-                      f"parallel.recompute='selective' (got {p.recompute!r})")
+                      f"parallel.recompute='selective' (got {p.recompute!r}); otherwise set "
+                      f"parallel.recompute_modules=null")
     moe_only = sorted({"moe", "moe_act", "shared_experts"} & set(p.recompute_modules))
     if moe_only and not m.num_experts:
         errors.append(f"parallel.recompute_modules {moe_only} need an MoE model "
-                      f"(model.num_experts=0)")
+                      f"(model.num_experts=0): remove them from parallel.recompute_modules")
     if "moe_act" in p.recompute_modules and m.transformer_impl != "transformer_engine":
         # megatron-core supports it only with grouped GEMM, which needs Transformer Engine
         errors.append("parallel.recompute_modules 'moe_act' needs "
-                      "model.transformer_impl='transformer_engine' (grouped GEMM)")
+                      "model.transformer_impl='transformer_engine' (grouped GEMM); otherwise "
+                      "remove it from parallel.recompute_modules")
 
 
 def _check_expert_overlap(config: Config, errors):
@@ -262,6 +308,7 @@ def _check_expert_overlap(config: Config, errors):
     if m.fused_output_loss:
         needs.append("model.fused_output_loss=false (the combined schedule runs megatron-core's "
                      "own output layer)")
+    # Each need names its own fix; parallel.moe_a2a_overlap=false is the way out of all.
     errors.extend(f"parallel.moe_a2a_overlap=true needs {need}" for need in needs)
 
 
@@ -271,7 +318,8 @@ def _check_train(config: Config, errors) -> Config:
     _positive(errors, train__lr=t.lr, train__global_batch_tokens=t.global_batch_tokens,
               train__micro_batch_size=t.micro_batch_size)
     if t.min_lr < 0 or t.min_lr > t.lr:
-        errors.append(f"train.min_lr={t.min_lr} must be between 0 and train.lr={t.lr}")
+        errors.append(f"train.min_lr={t.min_lr} must be between 0 and train.lr={t.lr}"
+                      + (": lower train.min_lr or raise train.lr" if t.min_lr > 0 else ""))
     for name in ("lr_warmup_steps", "lr_decay_steps", "steps", "token_budget", "eval_interval",
                  "eval_steps", "clip_grad", "weight_decay"):
         if getattr(t, name) < 0:
@@ -283,19 +331,24 @@ def _check_train(config: Config, errors) -> Config:
         errors.append(
             f"train.global_batch_tokens={t.global_batch_tokens} must be a multiple of "
             f"train.micro_batch_size * data.seq_length * parallel.data = {t.micro_batch_size} * "
-            f"{seq} * {p.data} = {layout.tokens_per_round}")
+            f"{seq} * {p.data} = {layout.tokens_per_round}: e.g. train.global_batch_tokens="
+            f"{_near_multiples(t.global_batch_tokens, layout.tokens_per_round)}, or change "
+            f"train.micro_batch_size or data.seq_length")
     elif p.virtual_pipeline > 1:
         # pipeline_parallel/schedules.py forward_backward_pipelining_with_interleaving groups
         # micro-batches by `pipeline` per model chunk and rejects a partial last group.
         if layout.num_microbatches % p.pipeline:
+            whole_groups = _near_multiples(t.global_batch_tokens,
+                                           layout.tokens_per_round * p.pipeline)
             errors.append(f"parallel.virtual_pipeline={p.virtual_pipeline} needs the "
                           f"micro-batches per step ({layout.num_microbatches} = "
                           f"train.global_batch_tokens / {layout.tokens_per_round}) to be a "
-                          f"multiple of parallel.pipeline={p.pipeline}")
+                          f"multiple of parallel.pipeline={p.pipeline}: e.g. "
+                          f"train.global_batch_tokens={whole_groups}")
     steps = t.steps
     if t.steps and t.token_budget:
         errors.append(f"set train.steps={t.steps} or train.token_budget={t.token_budget}, "
-                      f"not both")
+                      f"not both (the other to 0)")
     elif not t.steps and t.token_budget:
         steps = math.ceil(t.token_budget / t.global_batch_tokens)
     if steps and t.lr_warmup_steps + t.lr_decay_steps > steps:
