@@ -416,7 +416,8 @@ def check_environment(config: Config) -> None:
         import transformer_engine  # noqa: F401
     except Exception as err:  # ImportError, or OSError when libcuda is missing
         raise ConfigError(f"{needs} needs Transformer Engine, which cannot be imported "
-                          f"({type(err).__name__}: {err})") from None
+                          f"({type(err).__name__}: {err}); install it, or use "
+                          f"model.transformer_impl='local' without model.fp8") from None
     if m.fp8:
         problem = fp8_support_problem(
             m, tuple(torch.cuda.get_device_capability()), torch.cuda.get_device_name(),
@@ -445,7 +446,8 @@ def expert_overlap_problem(te_version: str, max_connections: str | None) -> str 
 
     if Version(te_version) < Version(EXPERT_OVERLAP_TE_VERSION):
         return (f"parallel.moe_a2a_overlap=true needs Transformer Engine >= "
-                f"{EXPERT_OVERLAP_TE_VERSION} (delay_wgrad_compute); {te_version} is installed")
+                f"{EXPERT_OVERLAP_TE_VERSION} (delay_wgrad_compute); {te_version} is installed: "
+                f"upgrade it, or set parallel.moe_a2a_overlap=false")
     if max_connections == "1":
         # One hardware queue runs the all-to-all and the computation one after the other
         # (set so by hand: the trainer's own default for this config is 32).
@@ -472,24 +474,35 @@ def transformer_engine_version() -> str:
 
 def fp8_support_problem(m, capability: tuple[int, int], device_name: str, te_version: str,
                         cuda_version: str | None) -> str | None:
-    """Why model m's FP8 recipe cannot run on this GPU and software (None if it can): checked
-    before any process group starts; otherwise it fails inside Transformer Engine or
-    megatron-core at the first forward, after the whole job has started."""
+    """Why model m's FP8 recipe cannot run on this GPU and software (None if it can), with the
+    recipes that can: checked before any process group starts; otherwise it fails inside
+    Transformer Engine or megatron-core at the first forward, after the whole job has started."""
+    machine = (capability, device_name, te_version, cuda_version)
+    problem = _fp8_recipe_problem(m.fp8_recipe, *machine)
+    if problem is None:
+        return None
+    runs_here = [repr(r) for r in FP8_RECIPE_NEEDS if _fp8_recipe_problem(r, *machine) is None]
+    other = f"model.fp8_recipe={' or '.join(runs_here)} (these run here), or " if runs_here \
+        else ""
+    return (f"model.fp8={m.fp8!r} with model.fp8_recipe={m.fp8_recipe!r} needs {problem}: use "
+            f"{other}model.fp8=null")
+
+
+def _fp8_recipe_problem(recipe: str, capability: tuple[int, int], device_name: str,
+                        te_version: str, cuda_version: str | None) -> str | None:
+    """What FP8 recipe `recipe` needs that this machine lacks (None if nothing)."""
     from packaging.version import Version
 
-    needs = FP8_RECIPE_NEEDS[m.fp8_recipe]
-    named = f"model.fp8={m.fp8!r} with model.fp8_recipe={m.fp8_recipe!r}"
+    needs = FP8_RECIPE_NEEDS[recipe]
     if tuple(capability) < needs.capability:
-        return (f"{named} needs a GPU of compute capability >= {needs.capability[0]}."
-                f"{needs.capability[1]}; {device_name} has {capability[0]}.{capability[1]}")
+        return (f"a GPU of compute capability >= {needs.capability[0]}.{needs.capability[1]}; "
+                f"{device_name} has {capability[0]}.{capability[1]}")
     if Version(te_version) < Version(needs.transformer_engine):
-        return (f"{named} needs Transformer Engine >= {needs.transformer_engine}; "
-                f"{te_version} is installed")
+        return f"Transformer Engine >= {needs.transformer_engine}; {te_version} is installed"
     have_cuda = tuple(int(part) for part in (cuda_version or "0.0").split(".")[:2])
     if have_cuda < needs.cuda:
-        return (f"{named} needs torch built with CUDA >= {needs.cuda[0]}.{needs.cuda[1]} "
-                f"(Transformer Engine's blockwise FP8 GEMM); this torch has CUDA "
-                f"{cuda_version}")
+        return (f"torch built with CUDA >= {needs.cuda[0]}.{needs.cuda[1]} (Transformer "
+                f"Engine's blockwise FP8 GEMM); this torch has CUDA {cuda_version}")
     return None
 
 
