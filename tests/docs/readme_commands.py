@@ -1,4 +1,4 @@
-"""The shell commands shown in the READMEs: found, split and run (tests/docs/test_readme_commands.py).
+"""The shell commands shown in the READMEs, found and split (tests/docs/test_readme_commands.py).
 
 A command is one complete shell command of a fenced block tagged bash, sh or shell (every line),
 or a `$ `-prompted line of a console transcript (a block tagged console, or an untagged block
@@ -128,9 +128,14 @@ def transcript_commands(lines: list[str], first_line: int) -> list[tuple[int, st
 
 
 def readme_commands(readme: str) -> tuple[list[Command], list[str]]:
-    """The commands of one README, and the problems found (untagged command blocks)."""
+    """The commands of one README (a path relative to the repository root), and the problems
+    found (untagged command blocks)."""
     with open(os.path.join(ROOT, readme)) as f:
-        text = f.read()
+        return commands_in(readme, f.read())
+
+
+def commands_in(readme: str, text: str) -> tuple[list[Command], list[str]]:
+    """The commands of a README's text, and the problems found."""
     commands, problems = [], []
     for tag, first, body in fenced_blocks(text):
         content = [line for line in body if line.strip()]

@@ -28,22 +28,26 @@ The environment of every command: `.venv/bin` first on PATH and VIRTUAL_ENV set 
 READMEs' `source .venv/bin/activate` does; that line itself is sourced, to check it), a
 temporary HOME (TORCH_EXTENSIONS_DIR kept where the CPU loss kernels are already built, so they
 are not rebuilt), MEGATRON_NTP_SAMPLE_DIR a session folder (the built-in sample dataset, built
-by the first training command and reused, as the training README says), and PET_MASTER_PORT a
+by the first training command and reused, as the training README says), PET_MASTER_PORT a
 free port (torchrun's --master-port from the environment: the commands' default 29500 would
-collide with other runs on the machine).
+collide with other runs on the machine), and MEGATRON_NTP_COMPILE=0: the shaped loss's eager
+passes where its CPU kernels do not serve (eval's statistics) instead of torch.compile's, the same
+numbers (megatron_ntp/loss/README.md) without ~2 minutes of compiling in every eval process.
 """
 
 import dataclasses
 import json
 import os
 import re
+import resource
 import shlex
 import subprocess
+import time
 
 import pytest
 
 from tests.distributed import free_port
-from tests.docs.readme_commands import ROOT, readme_commands, readmes, workspace
+from tests.docs.readme_commands import ROOT, commands_in, readme_commands, readmes, workspace
 
 # The documented small size of a training run: 2 steps, no warmup or decay steps (the tiny
 # configs' 10 + 20 would not fit in 2 steps); README.md and the training README name the fields.
@@ -53,18 +57,19 @@ BENCHMARK = ("a benchmark, run by hand per machine (its figures name it), not a 
              "minutes of CPU even at the smallest size the script takes (loss_bench.py --tokens 64 "
              "--vocab 2048: 1 min 43 s of CPU), beyond this test's budget; no test runs it")
 SUITE = "the test suite itself: CI (.ci/run) runs `bash tools/test.sh`, this test among its tests"
-SUBMIT_ARGS = ("--nodes 4 --gpus-per-node 8 --time 24:00:00 --config examples/configs/dense_1b.yaml "
-               "loss.beta=-0.25 checkpoint.save_dir=/ckpt/dense1b-precision "
-               "logging.run_dir=runs/dense1b-precision")
+SUBMIT_ARGS = ("--nodes 4 --gpus-per-node 8 --time 24:00:00 "
+               "--config examples/configs/dense_1b.yaml loss.beta=-0.25 "
+               "checkpoint.save_dir=/ckpt/dense1b-precision logging.run_dir=runs/dense1b-precision")
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    match: str              # a regular expression found in exactly one command of the README
+    match: str              # a regular expression found in one command of the README (or in
+    #                         several identical ones)
     how: str = "run"        # run | sbatch | skip
     why: str = ""           # the reason for anything but running the command as written
     append: str = ""        # arguments appended
-    subs: tuple = ()        # (placeholder, value): a value "@name" is a fixture's (VALUES)
+    subs: tuple = ()        # (placeholder, value): a value "@name" is made by Values
     expect: int = 0         # the exit status the README documents
     output: bool = False    # the transcript's output lines must appear in the command's output
     env: tuple = ()         # (name, value) set for this command; "@tmp" is a temporary folder
@@ -213,7 +218,8 @@ COMMANDS = {
     ],
 }
 # The task file given for the passk example's gsm8k_test.jsonl.
-TASKS = [{"prompt": "Q: 2 + 3 = ?\nA:", "answer": "5"}, {"prompt": "Q: 7 - 4 = ?\nA:", "answer": "3"}]
+TASKS = [{"prompt": "Q: 2 + 3 = ?\nA:", "answer": "5"},
+         {"prompt": "Q: 7 - 4 = ?\nA:", "answer": "3"}]
 
 
 def rows_of(commands, readme: str):
@@ -234,12 +240,51 @@ def rows_of(commands, readme: str):
     return found, problems
 
 
+def test_blocks_are_split_into_the_commands_bash_reads():
+    text = "\n".join([
+        "```bash",
+        "# a comment line",
+        "megatron-ntp plan --config a.yaml \\",
+        "    x.y=1   # a comment after a continuation",
+        "srun --container-image=nvcr.io#nvidia/pytorch:25.09-py3 echo '# kept' \"a  b\"",
+        "for i in 1 2; do",
+        "  echo $i",
+        "done",
+        "```",
+        "```",
+        "$ megatron-ntp train --config x.yaml \\",
+        "    a.b=1",
+        "error: one",
+        "$ megatron-ntp presets",
+        "```",
+        "```python",
+        "python = 1",
+        "```",
+        "```",
+        "python tools/x.py",
+        "```"])
+    commands, problems = commands_in("R.md", text)
+    assert [(c.line, c.text, c.output) for c in commands] == [
+        (3, "megatron-ntp plan --config a.yaml x.y=1", ()),
+        (5, "srun --container-image=nvcr.io#nvidia/pytorch:25.09-py3 echo '# kept' \"a  b\"", ()),
+        (6, "for i in 1 2; do\n  echo $i\ndone", ()),
+        (11, "megatron-ntp train --config x.yaml a.b=1", ("error: one",)),
+        (14, "megatron-ntp presets", ())]
+    assert problems == ["R.md:19: an untagged block of commands: tag it ```bash (or show it as a "
+                        "`$ ` transcript)"]
+
+
 def test_every_command_has_exactly_one_row():
     problems = []
     for readme in readmes():
         commands, untagged = readme_commands(readme)
         problems += untagged + rows_of(commands, readme)[1]
-    problems += [f"{readme}: in COMMANDS but not in git" for readme in set(COMMANDS) - set(readmes())]
+    problems += [f"{readme}: the row {row.match!r} changes or skips its command without a reason"
+                 for readme, rows in COMMANDS.items() for row in rows
+                 if not row.why and (row.how != "run" or row.append or row.subs or row.env
+                                     or row.cwd != "workspace")]
+    problems += [f"{readme}: in COMMANDS but not in git"
+                 for readme in sorted(set(COMMANDS) - set(readmes()))]
     assert problems == [], "\n".join(problems)
 
 
@@ -312,8 +357,13 @@ def base_environment(tmp_path_factory):
         extensions = os.path.dirname(_get_build_directory(extension_name(), verbose=False))
     venv = os.path.join(ROOT, ".venv")
     return dict(os.environ, PATH=os.path.join(venv, "bin") + os.pathsep + os.environ["PATH"],
-                VIRTUAL_ENV=venv, TORCH_EXTENSIONS_DIR=extensions,
+                VIRTUAL_ENV=venv, TORCH_EXTENSIONS_DIR=extensions, MEGATRON_NTP_COMPILE="0",
                 MEGATRON_NTP_SAMPLE_DIR=str(tmp_path_factory.mktemp("builtin_sample")))
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_command(command, row: Row, folder: str, environment: dict, values: Values):
@@ -321,8 +371,11 @@ def run_command(command, row: Row, folder: str, environment: dict, values: Value
     text, expected = command_line(command, row, values)
     env = dict(environment, PET_MASTER_PORT=str(free_port()),
                **{name: resolve(value, values) for name, value in row.env})
+    start, cpu = time.monotonic(), _children_cpu()
     done = subprocess.run(["bash", "-c", text], cwd=ROOT if row.cwd == "root" else folder,
                           env=env, capture_output=True, text=True, errors="replace")
+    print(f"{time.monotonic() - start:6.1f} s ({_children_cpu() - cpu:5.1f} s CPU)  "
+          f"{command.readme}:{command.line}: {text}")  # shown with pytest -rP
     output = done.stdout + done.stderr
     wrong = []
     if done.returncode != row.expect:
